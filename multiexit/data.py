@@ -1,0 +1,288 @@
+"""CIFAR-10/100 from the python-version pickles, subsets as in the original, and a loader that
+keeps the images on the training device as uint8 and augments whole batches there.
+"""
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+from .losses import IGNORE
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    folder: str
+    train_files: tuple
+    test_files: tuple
+    label_key: str
+    names_file: str
+    names_key: str
+    n_classes: int
+    mean: tuple  # the original's normalisation constants
+    std: tuple
+    torchvision_class: str
+
+
+DATASETS = {
+    'Cifar100': CifarSpec('cifar-100-python', ('train',), ('test',), 'fine_labels', 'meta',
+                          'fine_label_names', 100, (0.507, 0.487, 0.441), (0.267, 0.256, 0.276),
+                          'CIFAR100'),
+    'Cifar10': CifarSpec('cifar-10-batches-py', tuple(f'data_batch_{i}' for i in range(1, 6)),
+                         ('test_batch',), 'labels', 'batches.meta', 'label_names', 10,
+                         (0.491, 0.482, 0.447), (0.247, 0.244, 0.262), 'CIFAR10'),
+}
+
+
+def dataset_spec(call):
+    if call not in DATASETS:
+        raise ConfigError(f"unknown data set call={call!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[call]
+
+
+def _unpickle(path):
+    with open(path, 'rb') as f:
+        d = pickle.load(f, encoding='latin1')
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _download(spec, data_dir):
+    """Fetch the archive through torchvision; any failure becomes one DataError line."""
+    import torchvision  # only needed here
+
+    try:
+        getattr(torchvision.datasets, spec.torchvision_class)(str(data_dir), download=True)
+    except Exception as e:
+        raise DataError(
+            f'no {spec.folder}/ in {data_dir} and the download failed ({type(e).__name__}: {e}); '
+            f'download it where there is network with: python -c "import torchvision; '
+            f"torchvision.datasets.{spec.torchvision_class}('{data_dir}', download=True)\"") from None
+
+
+def load_cifar(call, data_dir, train, download=True):
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of a split of the original files.
+
+    The pickles are read directly (no checksum), so any file in the right format loads.
+    """
+    spec = dataset_spec(call)
+    folder = Path(data_dir) / spec.folder
+    files = spec.train_files if train else spec.test_files
+    if not all((folder / f).is_file() for f in files):
+        if not download:
+            raise DataError(f'missing {folder}/ ({", ".join(files)})')
+        _download(spec, Path(data_dir))
+    images, labels = [], []
+    for f in files:
+        try:
+            d = _unpickle(folder / f)
+            images.append(np.asarray(d['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(d[spec.label_key], dtype=np.int64))
+        except Exception as e:
+            raise DataError(f'cannot read {folder / f} as a CIFAR pickle ({type(e).__name__}: {e}); '
+                            f'delete {folder} and download it again') from None
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def subset_indices(labels, split, n_per_class=None, nval_per_class=None, seed=0, n_classes=None):
+    """Indices of a split and the label map, exactly as the original's SubsetSampler.
+
+    ``rs = RandomState(seed)``; the classes are permuted (label k becomes its position in the
+    permutation, ``label_map[k]``); per class in that order, ``n_per_class`` images are drawn
+    (all if None), of which ``nval_per_class`` form the validation split and the rest the
+    training split ('test' takes all of them). Labelled -100 images are never selected.
+    Returns (sorted int64 indices, int64 label_map).
+    """
+    labels = np.asarray(labels)
+    if split not in ('train', 'val', 'test'):
+        raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split != 'test' and not nval_per_class:
+        raise ConfigError(f'the {split} split needs nval_per_class > 0')
+    n_classes = n_classes or int(labels.max()) + 1
+    rs = np.random.RandomState(seed)
+    classes = rs.choice(n_classes, n_classes, replace=False)
+    chosen = []
+    for k in classes:
+        ind = np.where(labels == k)[0]
+        if n_per_class:
+            ind = rs.choice(ind, n_per_class, replace=False)
+        if split == 'test':
+            chosen.append(ind)
+            continue
+        val = rs.choice(ind, int(nval_per_class), replace=False)
+        chosen.append(val if split == 'val' else np.setdiff1d(ind, val))
+    label_map = np.argsort(classes)
+    return np.sort(np.concatenate(chosen)).astype(np.int64), label_map.astype(np.int64)
+
+
+def unlabelled_indices(labels, n_unl_per_class, seed, n_classes):
+    """Images the semi-supervised setting treats as unlabelled (the original's dataset2semisup)."""
+    rs = np.random.RandomState(seed)
+    labels = np.asarray(labels)
+    out = [rs.choice(np.where(labels == k)[0], n_unl_per_class, replace=False)
+           for k in range(n_classes)]
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+class DeviceLoader:
+    """Batches from a uint8 copy of the split that lives on ``device``.
+
+    Each epoch is one permutation (from a generator seeded with (seed, epoch), so a run resumed
+    at an epoch boundary sees the same data) cut into slices; augmentation (horizontal flip,
+    normalisation, shift by up to ``pad`` pixels filled with 0 after normalisation, i.e. with the
+    mean colour) runs on whole batches. With unlabelled examples (label -100) and
+    ``lab_unl_ratio=(r_lab, r_unl)``, epochs interleave r_lab labelled and r_unl unlabelled
+    examples as the original did.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, device, augment=False,
+                 shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0):
+        self.device = torch.device(device)
+        self.images = torch.as_tensor(images, dtype=torch.uint8).to(self.device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
+        self.batch_size = int(batch_size)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.augment, self.shuffle, self.drop_last, self.pad = augment, shuffle, drop_last, pad
+        self.seed = seed
+        self.epoch = 0
+        unl = (torch.as_tensor(labels) == IGNORE).numpy()
+        self._lab_pos = np.where(~unl)[0]
+        self._unl_pos = np.where(unl)[0]
+        self.r_lab, self.r_unl = lab_unl_ratio
+        if len(self._unl_pos) and not (self.r_lab or self.r_unl):
+            raise ConfigError('unlabelled examples need lab_unl_ratio=(r_lab, r_unl), e.g. (1, 1)')
+        self.generator = torch.Generator(device=self.device)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _epoch_positions(self):
+        """Order of the examples in this epoch (CPU; one small copy to the device per epoch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        lab, unl = torch.from_numpy(self._lab_pos), torch.from_numpy(self._unl_pos)
+        perm = lambda idx: idx[torch.randperm(len(idx), generator=g)] if self.shuffle else idx
+        if not len(unl) or self.r_unl == 0:
+            return perm(lab)
+        if self.r_lab == 0:
+            return perm(unl)
+        n_tup = min(len(lab) // self.r_lab, len(unl) // self.r_unl)
+        rows = torch.cat([perm(lab)[:n_tup * self.r_lab].view(self.r_lab, n_tup),
+                          perm(unl)[:n_tup * self.r_unl].view(self.r_unl, n_tup)])
+        return rows.T.reshape(-1)
+
+    def __len__(self):
+        n = len(self._epoch_positions())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def normalize(self, x):
+        return (x.float().div_(255) - self.mean) / self.std
+
+    def augment_batch(self, x):
+        """Flip, normalise and shift a uint8 batch, drawing from ``self.generator``."""
+        b, _, h, w = x.shape
+        g, dev = self.generator, self.device
+        flip = torch.rand(b, generator=g, device=dev) < 0.5
+        x = self.normalize(torch.where(flip[:, None, None, None], x.flip(3), x))
+        shift = torch.randint(-self.pad, self.pad + 1, (2, b, 1), generator=g, device=dev)
+        x = F.pad(x, (self.pad,) * 4)  # zeros after normalisation: the mean colour
+        rows = torch.arange(h, device=dev) + self.pad + shift[0]  # (b, h)
+        cols = torch.arange(w, device=dev) + self.pad + shift[1]
+        batch = torch.arange(b, device=dev)[:, None, None]
+        # advanced indices around a slice: the result is (b, h, w, c), i.e. channels-last memory
+        return x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+    def __iter__(self):
+        pos = self._epoch_positions().to(self.device)
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
+        for start in range(0, n, self.batch_size):
+            idx = pos[start:start + self.batch_size]
+            x, y = self.images[idx], self.labels[idx]
+            yield (self.augment_batch(x) if self.augment else self.normalize(x)), y
+
+
+def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=True):
+    """DeviceLoader for 'train', 'val' or 'test' from a config dict such as ``cf_trn``.
+
+    Keys: ``call`` ('Cifar100' | 'Cifar10'), ``n_per_class``, ``nval_per_class``, ``augment``,
+    ``seed`` (the subset seed), ``n_unl_per_class``, ``lab_unl_ratio``. ``seed`` here is the
+    run's seed for the epoch order and augmentation. Returns (loader, n_classes).
+    """
+    cf = dict(cf_data)
+    call = cf.pop('call', None)
+    spec = dataset_spec(call)
+    n_per_class = cf.pop('n_per_class', None)
+    nval_per_class = cf.pop('nval_per_class', None)
+    augment = bool(cf.pop('augment', False))
+    subset_seed = cf.pop('seed', 0)
+    n_unl = cf.pop('n_unl_per_class', 0) or 0
+    lab_unl_ratio = tuple(cf.pop('lab_unl_ratio', (0, 0)))
+    if cf:
+        raise ConfigError(f'unknown data keys {sorted(cf)}; known: call, n_per_class, '
+                          'nval_per_class, augment, seed, n_unl_per_class, lab_unl_ratio')
+    if split != 'test' and not nval_per_class:
+        raise ConfigError('nval_per_class must be > 0 (the validation split is carved from train)')
+    if n_per_class is not None and (n_per_class <= 0 or nval_per_class >= n_per_class):
+        raise ConfigError(f'need 0 < nval_per_class < n_per_class, got nval_per_class='
+                          f'{nval_per_class}, n_per_class={n_per_class}')
+    images, labels = load_cifar(call, data_dir, train=split != 'test', download=download)
+    if labels.max() >= spec.n_classes:
+        raise DataError(f'labels up to {labels.max()} in {data_dir}/{spec.folder} but '
+                        f'{spec.n_classes} classes expected')
+    labels = labels.copy()
+    unl = np.empty(0, dtype=np.int64)
+    if n_unl and split != 'test':
+        unl = unlabelled_indices(labels, n_unl, subset_seed, spec.n_classes)
+        labels[unl] = IGNORE
+    idx, label_map = subset_indices(labels, split, n_per_class if split != 'test' else None,
+                                    nval_per_class, subset_seed, spec.n_classes)
+    mapped = label_map[labels[idx]]
+    if split == 'train' and len(unl):
+        idx = np.concatenate([idx, unl])
+        mapped = np.concatenate([mapped, np.full(len(unl), IGNORE)])
+    train = split == 'train'
+    loader = DeviceLoader(images[idx], mapped, batch_size, spec.mean, spec.std, device,
+                          augment=augment and train, shuffle=train, drop_last=train,
+                          lab_unl_ratio=lab_unl_ratio, seed=seed)
+    return loader, spec.n_classes
+
+
+def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per_class=4, seed=0):
+    """Write a small learnable data set in the exact format of the python-version pickles.
+
+    Each class is a smooth random colour pattern plus noise, so a tiny network learns it.
+    """
+    spec = dataset_spec(call)
+    folder = Path(data_dir) / spec.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rs = np.random.RandomState(seed)
+    protos = rs.uniform(40, 215, size=(spec.n_classes, 3, 4, 4))
+    protos = protos.repeat(8, axis=2).repeat(8, axis=3)  # (classes, 3, 32, 32)
+
+    def make(n_per_class):
+        labels = np.repeat(np.arange(spec.n_classes), n_per_class)
+        rs.shuffle(labels)
+        noise = rs.normal(0, 25, size=(len(labels), 3, 32, 32))
+        data = np.clip(protos[labels] + noise, 0, 255).astype(np.uint8).reshape(len(labels), -1)
+        return data, labels
+
+    def dump(name, data, labels):
+        d = {'data': data, spec.label_key: labels.tolist(),
+             'filenames': [f'fake_{i}.png' for i in range(len(labels))]}
+        if call == 'Cifar100':
+            d['coarse_labels'] = (labels // 5).tolist()
+        with open(folder / name, 'wb') as f:
+            pickle.dump(d, f, protocol=2)
+
+    train_data, train_labels = make(n_train_per_class)
+    chunks = np.array_split(np.arange(len(train_labels)), len(spec.train_files))
+    for name, part in zip(spec.train_files, chunks):
+        dump(name, train_data[part], train_labels[part])
+    dump(spec.test_files[0], *make(n_test_per_class))
+    names = {spec.names_key: [f'class{k}' for k in range(spec.n_classes)]}
+    with open(folder / spec.names_file, 'wb') as f:
+        pickle.dump(names, f, protocol=2)
+    return folder

@@ -1,0 +1,42 @@
+"""Errors caused by the user's input (data, configuration, snapshots).
+
+Scripts report them as one line and exit non-zero instead of printing a traceback.
+"""
+import contextlib
+import os
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid."""
+
+
+class DataError(UserError):
+    """The data set is missing or unreadable."""
+
+
+class SnapshotError(UserError):
+    """A snapshot or checkpoint cannot be found or loaded."""
+
+
+class NonFiniteLossError(UserError):
+    """Training produced a NaN or infinite loss."""
+
+
+EXIT_CODE = 2
+
+
+@contextlib.contextmanager
+def reported_as_one_line():
+    """Turn a UserError into one line on stderr and exit code 2 (MULTIEXIT_DEBUG=1: traceback)."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get('MULTIEXIT_DEBUG'):
+            raise
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CODE) from None

@@ -1,0 +1,122 @@
+"""The three training losses of the original code, called as ``loss(logits_list, y)``.
+
+Unlabelled examples carry the label -100: they add no cross-entropy, only distillation terms.
+"""
+import inspect
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+IGNORE = -100
+
+
+def cross_entropy(logits, y):
+    """Mean cross-entropy over the labelled examples; 0 (not NaN) when there are none."""
+    total = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction='sum')
+    return total / (y != IGNORE).sum().clamp(min=1)
+
+
+def soft_cross_entropy(teacher_prob, student_logits, T):
+    """H(p, q) = -mean_batch sum_k p_k log q_k, with q = softmax(student / T)."""
+    return -(teacher_prob * F.log_softmax(student_logits / T, dim=1)).sum(dim=1).mean()
+
+
+def teacher_confidence(logits, T):
+    """Mean max-probability of softmax(logits / T): the quantity DBT drives down to `maxprob`."""
+    return F.softmax(logits.detach().float() / T, dim=1).amax(dim=1).mean()
+
+
+class ClassificationOnlyLoss(nn.Module):
+    """Sum of the exits' cross-entropies (standard multi-exit training)."""
+
+    def __init__(self, n_exits, acc_tops=(1,)):
+        super().__init__()
+        self.n_exits = n_exits
+        self.acc_tops = tuple(acc_tops)
+
+    def forward(self, logits_list, y):
+        return sum(cross_entropy(z, y) for z in logits_list)
+
+
+class DistillationLossConstTemp(nn.Module):
+    """global_scale * [(1-C) sum_m CE(z_m, y) + C T^2 sum_{m<M} H(softmax(z_M/T), softmax(z_m/T))]."""
+
+    def __init__(self, C, T, n_exits, acc_tops=(1,), global_scale=1.0):
+        super().__init__()
+        self.n_exits = n_exits
+        self.acc_tops = tuple(acc_tops)
+        self.C = C
+        self.global_scale = global_scale
+        self.register_buffer('temperature', torch.tensor(float(T), dtype=torch.float64))
+
+    @property
+    def T(self):
+        return float(self.temperature)  # host sync: for logs and tests, not the training step
+
+    def distillation_loss(self, logits_list, y, T):
+        teacher = logits_list[-1]
+        total = (1.0 - self.C) * cross_entropy(teacher, y)
+        prob_t = F.softmax(teacher.detach() / T, dim=1)
+        for z in logits_list[:-1]:
+            if self.C != 1.0:  # with C == 1 the early exits see no labels at all
+                total = total + (1.0 - self.C) * cross_entropy(z, y)
+            total = total + T ** 2 * self.C * soft_cross_entropy(prob_t, z, T)
+        return total * self.global_scale
+
+    def forward(self, logits_list, y):
+        return self.distillation_loss(logits_list, y, self.temperature.float())
+
+
+class DistillationBasedLoss(DistillationLossConstTemp):
+    """DBT: as DistillationLossConstTemp, with T annealed upwards during training.
+
+    After each training call, if the teacher's mean max-probability at the current T exceeds
+    `maxprob`, T is multiplied by `Tmult`. T is a float64 buffer on the loss's device, updated
+    without a host sync, and part of ``state_dict()`` so that a resumed run keeps it.
+    """
+
+    def __init__(self, C, maxprob, n_exits, acc_tops=(1,), Tmult=1.05, global_scale=1.0):
+        super().__init__(C, 1.0, n_exits, acc_tops, global_scale)
+        self.maxprob = maxprob
+        self.Tmult = Tmult
+
+    def forward(self, logits_list, y):
+        T = self.temperature  # float64, so that 1.05**n follows the original's Python float
+        loss = self.distillation_loss(logits_list, y, T.float())
+        if self.training:
+            hot = teacher_confidence(logits_list[-1], T.float()) > self.maxprob
+            self.temperature.copy_(torch.where(hot, T * self.Tmult, T))
+        return loss
+
+
+REGISTRY = {cls.__name__: cls for cls in
+            (ClassificationOnlyLoss, DistillationLossConstTemp, DistillationBasedLoss)}
+
+
+def _arguments(cls):
+    return set(inspect.signature(cls).parameters)
+
+
+def build(cf_loss):
+    """Build a registered loss from a config dict whose ``call`` names it.
+
+    Keys that only other losses take (left behind when sacred merges ``cf_loss.call=...`` into
+    the default dict) are dropped with a warning; any other unknown key is an error.
+    """
+    kwargs = dict(cf_loss)
+    name = kwargs.pop('call', None)
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown loss call={name!r} in cf_loss; known: {', '.join(sorted(REGISTRY))}")
+    own = _arguments(REGISTRY[name])
+    others = set().union(*map(_arguments, REGISTRY.values())) - own
+    dropped = sorted(k for k in kwargs if k in others)
+    if dropped:
+        warnings.warn(f'cf_loss: {name} takes no {", ".join(dropped)}; ignored')
+    try:
+        return REGISTRY[name](**{k: v for k, v in kwargs.items() if k not in others})
+    except TypeError as e:
+        raise ConfigError(f'cf_loss for {name}: {e}') from None

@@ -1,0 +1,83 @@
+"""Multi-exit accuracy metrics with the original's names, accumulated on the device.
+
+Per exit k: ``acc{t}_clf{k}`` (top-t accuracy of exit k) and, for k >= 1, ``acc{t}_ens{k}`` (the
+mean of the softmaxes of exits 0..k); ``acc{t}_avg`` is the mean over exits; ``avg_maxprob`` is
+the last exit's mean max-probability; ``adj_maxprob`` the same at the loss's temperature.
+Examples labelled -100 count only towards the probabilities. Counts are exact sums over all
+examples (the original averaged per-batch means, which is the same for equal batches).
+"""
+import torch
+import torch.nn.functional as F
+
+from .losses import IGNORE
+
+
+def metric_names(n_exits, acc_tops=(1, 5), with_temperature=False):
+    names = [f'acc{t}_avg' for t in acc_tops]
+    for t in acc_tops:
+        names += [f'acc{t}_clf{k}' for k in range(n_exits)]
+        names += [f'acc{t}_ens{k}' for k in range(1, n_exits)]
+    names.append('avg_maxprob')
+    if with_temperature:
+        names.append('adj_maxprob')
+    return names
+
+
+class MultiExitAccuracy:
+    """Accumulates hits on the device; ``compute()`` is the only host sync."""
+
+    def __init__(self, n_exits, acc_tops=(1, 5), device='cpu'):
+        self.n_exits = n_exits
+        self.acc_tops = tuple(acc_tops)
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self):
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self._hits = zeros(2, self.n_exits, len(self.acc_tops))  # [clf | ens, exit, top]
+        self._n_labelled = zeros()
+        self._n = zeros()
+        self._maxprob = zeros()
+        self._adj_maxprob = zeros()
+        self._with_temperature = False
+
+    def _topk_hits(self, scores, y, labelled):
+        """(exits, tops) number of labelled examples whose label is in the top t."""
+        pred = scores.topk(max(self.acc_tops), dim=-1).indices  # (E, B, kmax)
+        hit = (pred == y[None, :, None]) & labelled[None, :, None]
+        cum = hit.cumsum(dim=-1)
+        return torch.stack([cum[..., t - 1].sum(dim=1) for t in self.acc_tops], dim=-1)
+
+    @torch.no_grad()
+    def update(self, logits_list, y, T=None):
+        """Add a batch. ``T`` (the loss's temperature) adds ``adj_maxprob``."""
+        logits = torch.stack([z.detach().float() for z in logits_list])  # (E, B, C)
+        labelled = y != IGNORE
+        prob = F.softmax(logits, dim=-1)
+        ensemble = prob.cumsum(dim=0)  # argmax of the running sum = of the running mean
+        self._hits[0] += self._topk_hits(logits, y, labelled)
+        self._hits[1] += self._topk_hits(ensemble, y, labelled)
+        self._n_labelled += labelled.sum()
+        self._n += y.numel()
+        self._maxprob += prob[-1].amax(dim=-1).sum()
+        if T is not None:
+            self._with_temperature = True
+            self._adj_maxprob += F.softmax(logits[-1] / T, dim=-1).amax(dim=-1).sum()
+
+    def compute(self):
+        """Dict {name: float}, in the order of ``metric_names``."""
+        hits, n_lab, n, maxprob, adj = torch.cat([
+            self._hits.flatten(), self._n_labelled[None], self._n[None], self._maxprob[None],
+            self._adj_maxprob[None]]).cpu().split([self._hits.numel(), 1, 1, 1, 1])  # host sync
+        acc = (hits.view_as(self._hits) / max(float(n_lab), 1.0)).tolist()
+        out = {}
+        for i, t in enumerate(self.acc_tops):
+            out[f'acc{t}_avg'] = sum(acc[0][k][i] for k in range(self.n_exits)) / self.n_exits
+        for i, t in enumerate(self.acc_tops):
+            out.update({f'acc{t}_clf{k}': acc[0][k][i] for k in range(self.n_exits)})
+            out.update({f'acc{t}_ens{k}': acc[1][k][i] for k in range(1, self.n_exits)})
+        n = max(float(n), 1.0)
+        out['avg_maxprob'] = float(maxprob) / n
+        if self._with_temperature:
+            out['adj_maxprob'] = float(adj) / n
+        return out

@@ -1,0 +1,265 @@
+"""The training loop: epochs of device-resident data, validation, snapshots and exact resume."""
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoints, data, losses, models
+from .errors import ConfigError, NonFiniteLossError, SnapshotError
+from .evaluation import evaluate
+from .metrics import MultiExitAccuracy
+from .progress import bar
+
+
+def resolve_device(gpu):
+    """torch.device for the original's ``gpu`` setting (an ordinal; -1 = CPU)."""
+    if isinstance(gpu, (list, tuple)):
+        raise ConfigError(f'gpu={list(gpu)}: several GPUs are not supported by this script; '
+                          'set gpu to one ordinal, or -1 for CPU')
+    if not isinstance(gpu, int) or isinstance(gpu, bool):
+        raise ConfigError(f'gpu must be an int (CUDA ordinal, -1 = CPU), got {gpu!r}')
+    if gpu < 0:
+        return torch.device('cpu')
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpu >= n:
+        raise ConfigError(f'gpu={gpu} but this machine has {n} CUDA device(s); '
+                          f'use gpu=-1 for CPU' + (f' or 0..{n - 1}' if n else ''))
+    return torch.device(f'cuda:{gpu}')
+
+
+def _positive_int(name, value, allow_zero=False):
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise ConfigError(f'{name} must be an integer {">= 0" if allow_zero else "> 0"}, '
+                          f'got {value!r}')
+
+
+def _from_module(module, cf, key, *args):
+    kwargs = dict(cf)
+    name = kwargs.pop('call', None)
+    cls = getattr(module, str(name), None)
+    if not isinstance(cls, type):
+        raise ConfigError(f'unknown {key} call={name!r} (a class of {module.__name__})')
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'{key}: {e}') from None
+
+
+def rng_state():
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'gauss': float(gauss)},
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(_as_tuple(state['python']))
+    npy = state['numpy']
+    np.random.set_state(('MT19937', npy['keys'].numpy().astype(np.uint32), npy['pos'],
+                         npy['has_gauss'], npy['gauss']))
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def plain(obj):
+    """Sacred's read-only containers as plain dicts/lists (for checkpoints and comparisons)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=None):
+    """One epoch; returns (summed loss as a device tensor, metrics dict)."""
+    model.train()
+    loss_fn.train()
+    metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
+    T = getattr(loss_fn, 'temperature', None)
+    loss_sum = torch.zeros((), device=loader.device)
+    n_steps = 0
+    for x, y in (progress(loader) if progress else loader):
+        logits = model(x)
+        metrics.update(logits, y, T)  # before the loss call, which may raise T in place
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        n_steps += 1
+    out = metrics.compute()  # host sync, once per epoch
+    return float(loss_sum) / max(n_steps, 1), out  # host sync, once per epoch
+
+
+class Run:
+    """Everything a training run holds; ``fit()`` trains it epoch by epoch."""
+
+    def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
+                 val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
+                 parent_snapshot='', snapshot_dir='snapshots', log=print, log_scalar=None):
+        for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
+                                     ('val_batch_size', val_batch_size, False),
+                                     ('save_interval', save_interval, True)]:
+            _positive_int(name, value, zero_ok)
+        self.cf_net = plain(cf_net)
+        self.n_epochs, self.save_interval = n_epochs, save_interval
+        self.run_dir = Path(run_dir)
+        self.log, self.log_scalar = log, log_scalar or (lambda *a: None)
+        self.device = resolve_device(gpu)
+        if self.device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+        self.seed = seed
+        self.parent = self._parent_checkpoint(parent_snapshot, snapshot_dir)
+        if self.parent and 'seed' in self.parent:
+            self.seed = self.parent['seed']  # the data order of the run being continued
+
+        self.train_loader, n_classes = data.build_split(cf_trn, 'train', data_dir, batch_size,
+                                                        self.device, seed=self.seed)
+        self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
+                              'training examples: no full batch per epoch')
+
+        torch.manual_seed(self.seed)
+        self.model = models.build(self.cf_net).to(self.device)
+        self.loss_fn = losses.build(cf_loss).to(self.device)
+        self.n_exits = len(self.model.exits)
+        self.acc_tops = tuple(self.loss_fn.acc_tops)
+        if self.loss_fn.n_exits != self.n_exits:
+            raise ConfigError(f'cf_loss n_exits={self.loss_fn.n_exits} but the model has '
+                              f'{self.n_exits} exits (cf_net)')
+        out_dim = self.cf_net.get('out_dim', n_classes)
+        if out_dim != n_classes:
+            raise ConfigError(f'cf_net out_dim={out_dim} but {cf_trn["call"]} has {n_classes} classes')
+        self.optimizer = _from_module(torch.optim, cf_opt, 'cf_opt', self.model.parameters())
+        self.scheduler = _from_module(torch.optim.lr_scheduler, cf_scheduler, 'cf_scheduler',
+                                      self.optimizer)
+        self.epoch, self.best_val, self.best_epoch = 0, -math.inf, None
+        if self.parent:
+            self._restore(self.parent)
+
+    def _parent_checkpoint(self, parent_snapshot, snapshot_dir):
+        if not parent_snapshot:
+            return None
+        path = checkpoints.resolve(parent_snapshot, snapshot_dir)
+        self.parent_path = path / checkpoints.LAST if path.is_dir() else path
+        ckpt = checkpoints.load(self.parent_path)
+        parent_net = ckpt.get('cf_net') if isinstance(ckpt, dict) else None
+        if parent_net is not None and plain(parent_net) != self.cf_net:
+            raise SnapshotError(f'{self.parent_path} was trained with cf_net={parent_net}, not '
+                                f'{self.cf_net}; resume with the parent\'s config: '
+                                f'with <its run dir>/config.json parent_snapshot={parent_snapshot}')
+        return ckpt
+
+    def _restore(self, ckpt):
+        state, _, extra = checkpoints.unpack_model(ckpt, self.parent_path, self.cf_net)
+        try:
+            models.load_original_state_dict(self.model, state)
+        except RuntimeError as e:
+            raise SnapshotError(f'{self.parent_path} does not fit cf_net: '
+                                f'{str(e).splitlines()[0]}') from None
+        self.epoch = int(extra.get('epoch', 0))
+        if 'optimizer' not in extra:  # a model snapshot: weights only, as the original did
+            for _ in range(self.epoch):
+                self.scheduler.step()
+            self.log(f'resuming from the weights of {self.parent_path} at epoch {self.epoch} '
+                     '(optimizer state and temperature start afresh)')
+            return
+        self.optimizer.load_state_dict(extra['optimizer'])
+        self.scheduler.load_state_dict(extra['scheduler'])
+        self.loss_fn.load_state_dict(extra['loss'])
+        set_rng_state(extra['rng'])
+        self.best_val, self.best_epoch = extra['best_val'], extra['best_epoch']
+        best = self.parent_path.parent / f'ep{self.best_epoch}.pt'
+        if self.best_epoch is not None and best.is_file() and not self.save_interval:
+            shutil.copy2(best, self.run_dir / best.name)  # the best snapshot so far moves along
+        self.log(f'resuming {self.parent_path} exactly at epoch {self.epoch}')
+
+    def training_state(self):
+        return {'format': 'multiexit-train-1', 'epoch': self.epoch, 'cf_net': self.cf_net,
+                'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'scheduler': self.scheduler.state_dict(), 'loss': self.loss_fn.state_dict(),
+                'seed': self.seed, 'best_val': self.best_val, 'best_epoch': self.best_epoch,
+                'rng': rng_state()}
+
+    def _save(self, val_metrics):
+        ep = self.epoch
+        if self.save_interval and ep % self.save_interval == 0:
+            checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
+                                                               val_metrics),
+                                    self.run_dir / f'ep{ep}.pt')
+        old_best = None
+        if not self.save_interval and val_metrics['acc1_avg'] > self.best_val:
+            checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
+                                                               val_metrics),
+                                    self.run_dir / f'ep{ep}.pt')
+            old_best, self.best_epoch = self.best_epoch, ep
+        self.best_val = max(self.best_val, val_metrics['acc1_avg'])
+        checkpoints.save_atomic(self.training_state(), self.run_dir / checkpoints.LAST)
+        if old_best is not None:  # only once last.pt names the new best
+            (self.run_dir / f'ep{old_best}.pt').unlink(missing_ok=True)
+
+    def _log_epoch(self, loss, trn, val, lr, seconds):
+        T = getattr(self.loss_fn, 'T', None)
+        for name, value in [('train.loss', loss), ('lr', lr)] + (
+                [('temperature', T)] if isinstance(self.loss_fn, losses.DistillationBasedLoss)
+                else []):
+            self.log_scalar(name, value, self.epoch)
+        for split, metrics in (('train', trn), ('val', val)):
+            for name, value in metrics.items():
+                self.log_scalar(f'{split}.{name}', value, self.epoch)
+        if self.epoch == 1 or self.epoch % 20 == 1 or self.parent and self.epoch == self._first:
+            self.log(epoch_header(self.n_exits))
+        self.log(epoch_row(self.epoch, lr, T, loss, trn, val, self.n_exits, seconds))
+
+    def fit(self):
+        """Train up to ``n_epochs``; returns the last validation metrics."""
+        self._first = self.epoch + 1
+        val = {}
+        is_dbt = isinstance(self.loss_fn, losses.DistillationBasedLoss)
+        while self.epoch < self.n_epochs:
+            start = time.time()
+            self.train_loader.set_epoch(self.epoch)
+            lr = self.optimizer.param_groups[0]['lr']
+            desc = f'epoch {self.epoch + 1}/{self.n_epochs}'
+            loss, trn = train_epoch(self.model, self.loss_fn, self.optimizer, self.train_loader,
+                                    self.n_exits, self.acc_tops, lambda it: bar(it, desc))
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f'non-finite training loss ({loss}) in epoch {self.epoch + 1}; the last good '
+                    f'checkpoint is {self.run_dir / checkpoints.LAST} (epoch {self.epoch}): lower '
+                    'the learning rate or check the data, then resume from it')
+            self.scheduler.step()  # after the epoch: epochs 0..149 at the initial lr (torch 0.4)
+            self.epoch += 1
+            T = self.loss_fn.temperature if hasattr(self.loss_fn, 'temperature') else None
+            val = evaluate(self.model, self.val_loader, self.n_exits, self.acc_tops, T,
+                           lambda it: bar(it, 'validation'))
+            if is_dbt:
+                trn['temperature'] = val['temperature'] = self.loss_fn.T
+            self._save(val)
+            self._log_epoch(loss, trn, val, lr, time.time() - start)
+        return val
+
+
+def epoch_header(n_exits):
+    exits = ' '.join(f'{k:>5}' for k in range(n_exits))
+    return (f"{'ep':>4} {'lr':>7} {'T':>6} {'loss':>8} {'trn@1':>6} {'val@1':>6} {'val@5':>6} | "
+            f'val top-1 of exit {exits} | {"s":>5}')
+
+
+def epoch_row(ep, lr, T, loss, trn, val, n_exits, seconds):
+    exits = ' '.join(f"{100 * val[f'acc1_clf{k}']:5.1f}" for k in range(n_exits))
+    T = f'{T:6.2f}' if T is not None else f"{'-':>6}"
+    return (f"{ep:>4} {lr:7.4f} {T} {loss:8.4f} {100 * trn['acc1_avg']:6.2f} "
+            f"{100 * val['acc1_avg']:6.2f} {100 * val.get('acc5_avg', float('nan')):6.2f} | "
+            f"{'':17} {exits} | {seconds:5.1f}")

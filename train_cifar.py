@@ -1,0 +1,114 @@
+"""Train a multi-exit network on CIFAR-100 (Phuong & Lampert, ICCV 2019), as a sacred experiment.
+
+    python train_cifar.py                        # the paper's configuration
+    python train_cifar.py with smoke             # tiny offline run on generated data (CPU, <1 min)
+    python train_cifar.py with n_epochs=10 cf_loss.C=0.3
+    python train_cifar.py print_config           # every setting, with its comment
+    python train_cifar.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
+
+Each run writes snapshots/<run id>/: config.json, run.json, cout.txt, metrics.json, and the
+checkpoints (last.pt to resume, ep<N>.pt model snapshots).
+"""
+import os
+import warnings
+
+import torch
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
+from sacred import SETTINGS, Experiment  # noqa: E402
+from sacred.observers import FileStorageObserver  # noqa: E402
+
+from multiexit.errors import reported_as_one_line
+from multiexit.data import write_fake_cifar
+from multiexit.progress import strip_progress
+from multiexit.training import Run
+
+SETTINGS.CAPTURE_MODE = 'sys'
+SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
+SNAPSHOT_DIR = os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')
+
+ex = Experiment('train_cifar', save_git_info=False)
+ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
+ex.captured_out_filter = strip_progress
+
+
+@ex.config
+def config():
+    gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU
+    snapshot_name = 'test:0'  # a name for this run; eval.py finds its snapshots by it
+    parent_snapshot = ''  # resume from a run id, snapshot name or checkpoint path ('' = fresh)
+    data_dir = 'data'  # holds cifar-100-python/ (downloaded there through torchvision if missing)
+    generate_fake_data = False  # write a small generated CIFAR-format data set to data_dir if absent
+
+    cf_net = dict(  # the network: MsdNet as in the paper (5,067,588 parameters, 11 exits)
+        call='MsdNet',
+        in_shape=32,  # input size: 32 (CIFAR) or 224 (ImageNet stem, with n_scales=4)
+        out_dim=100,  # number of classes
+        n_scales=3,  # feature scales: 32x32, 16x16, 8x8
+        n_exits=11,  # classifiers, one after each block
+        nlayers_to_exit=4,  # layers in the first block
+        nlayers_between_exits=2,  # layers in every later block
+        nplanes_mulv=[6, 12, 24],  # channel multiplier per scale
+        nplanes_addh=1,  # growth of the base width per layer
+        nplanes_init=1,  # base width of the first layer
+        prune='min',  # scale pruning: 'min' (drop the finest scales at the very end), 'max' or None
+        plane_reduction=0.5,  # width factor of the two transition layers (0 = none)
+        exit_width=128,  # channels of the exit heads' convs
+        btneck_widths=[4, 4, 4],  # bottleneck factor per scale
+    )
+    cf_loss = dict(  # the training loss: distillation-based training with annealed temperature
+        call='DistillationBasedLoss',  # or 'DistillationLossConstTemp' (+ T) or 'ClassificationOnlyLoss'
+        n_exits=11,  # must match cf_net
+        acc_tops=[1, 5],  # top-k accuracies reported
+        C=0.5,  # weight of the distillation terms; 1 - C weighs the cross-entropies
+        maxprob=0.5,  # T grows by Tmult after a batch while the teacher's mean max-prob exceeds this
+        global_scale=2.0 * 5 / 11,  # overall loss scale
+    )
+    cf_trn = dict(  # training data
+        call='Cifar100',  # or 'Cifar10' (cifar-10-batches-py)
+        n_per_class=150,  # images drawn per class from the training file (None = all 500)
+        nval_per_class=50,  # of which held out for validation
+        augment=True,  # random flip and +-4 pixel shift
+        seed=0,  # seed of the class permutation and of the subset draw
+    )
+    cf_val = dict(cf_trn, augment=False)  # validation data: the held-out part of the same draw
+    cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)  # torch.optim
+    batch_size = 64  # training batch; the last incomplete batch of an epoch is dropped
+    val_batch_size = 250  # validation batch
+    n_epochs = 300  # training epochs
+    cf_scheduler = dict(call='MultiStepLR', milestones=[150, 225], gamma=0.1)  # stepped per epoch
+    save_interval = 0  # 0: keep the snapshot with the best validation acc1_avg; N: every N epochs
+
+
+@ex.named_config
+def smoke():
+    # A tiny MsdNet for 1 epoch on generated data in data/smoke: the whole pipeline, offline.
+    data_dir = 'data/smoke'
+    generate_fake_data = True
+    cf_net = dict(n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1, nplanes_mulv=[2, 4, 8],
+                  exit_width=16, btneck_widths=[2, 2, 2])
+    cf_loss = dict(n_exits=3, global_scale=2.0 * 5 / 3)
+    cf_trn = dict(n_per_class=20, nval_per_class=5)
+    n_epochs = 1
+    val_batch_size = 250
+
+
+@ex.main
+def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
+         val_batch_size, n_epochs, save_interval, data_dir, gpu, parent_snapshot,
+         generate_fake_data):
+    with reported_as_one_line():
+        run_dir = _run.observers[0].dir if _run.observers else 'snapshots/unobserved'
+        os.makedirs(run_dir, exist_ok=True)
+        if generate_fake_data and not os.path.isdir(os.path.join(data_dir, 'cifar-100-python')):
+            write_fake_cifar(data_dir, cf_trn['call'], n_train_per_class=30, n_test_per_class=10)
+        run = Run(cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size, val_batch_size,
+                  n_epochs, save_interval, data_dir, gpu, _seed, run_dir, parent_snapshot,
+                  SNAPSHOT_DIR, log_scalar=_run.log_scalar)
+        val = run.fit()
+        return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
+                **{f'val.{k}': v for k, v in val.items()}}
+
+
+if __name__ == '__main__':
+    ex.run_commandline()
