@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / 'data'
+SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
+
+# The paper's network (reference README section 1).
+PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11,
+                 nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
+                 nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
+                 exit_width=128, btneck_widths=[4, 4, 4])
+
+
+@pytest.fixture(scope='session')
+def semantics():
+    return json.loads((DATA / 'reference_semantics.json').read_text())
+
+
+@pytest.fixture(scope='session')
+def reference_checkpoint():
+    path = SHARED_REFERENCE / 'msdnet_cifar100_reference.pt'
+    if not path.is_file():
+        pytest.skip(f'{path} not present')
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope='session')
+def fake_data(tmp_path_factory):
+    """A generated CIFAR-100 and CIFAR-10 in the python-pickle format."""
+    from multiexit.data import write_fake_cifar
+
+    root = tmp_path_factory.mktemp('data')
+    write_fake_cifar(root, 'Cifar100', n_train_per_class=12, n_test_per_class=3)
+    write_fake_cifar(root, 'Cifar10', n_train_per_class=30, n_test_per_class=5)
+    return root
+
+
+def run_script(script, *args, cwd, snapshots, check=True):
+    """Run train_cifar.py / eval.py as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{script} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+    return proc

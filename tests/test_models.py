@@ -1,0 +1,129 @@
+import pytest
+import torch
+from torch import nn
+
+from multiexit import flops, models
+from multiexit.errors import ConfigError
+from conftest import DATA, PAPER_NET
+
+# Reference README section 3.
+EXIT_MACS_M = [15.33, 28.01, 44.82, 56.32, 70.18, 86.40, 110.29, 124.15, 140.37, 158.95, 170.01]
+EXIT_MACS_ALL_HEADS_M = [15.33, 30.83, 51.33, 65.21, 82.33, 102.69, 131.60, 148.72, 169.08,
+                         192.69, 209.66]
+EXIT_PARAMS = [367152, 477564, 486672, 592476, 707496, 831732, 854484, 969504, 1093740, 1227192,
+               1355100]
+EXIT_IN_CHANNELS = [120, 168, 96, 144, 192, 240, 144, 192, 240, 288, 336]
+
+# A small configuration of every registered model, for the generic contract tests.
+TINY = {
+    'MsdNet': dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
+                   nplanes_mulv=[2, 4, 8], exit_width=8, btneck_widths=[2, 2, 2], out_dim=10),
+}
+
+
+@pytest.fixture(scope='module')
+def paper_net():
+    torch.manual_seed(0)
+    return models.build(PAPER_NET)
+
+
+def test_paper_msdnet_structure(paper_net):
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(paper_net) == 5_067_588
+    assert count(paper_net.blocks) == 806_904
+    assert count(paper_net.exits) == 4_260_684
+    kinds = [type(m) for m in paper_net.modules()]
+    assert (kinds.count(nn.Conv2d), kinds.count(nn.BatchNorm2d), kinds.count(nn.Linear)) == (263, 263, 11)
+    conv_bias = sum(m.bias.numel() for m in paper_net.modules() if isinstance(m, nn.Conv2d))
+    assert conv_bias == 8018
+    assert [head[0][0].in_channels for head in paper_net.exits] == EXIT_IN_CHANNELS
+
+
+def test_exit_costs_reproduce_reference_table(paper_net):
+    costs = flops.exit_costs(paper_net, (3, 32, 32))
+    assert [c['params'] for c in costs] == EXIT_PARAMS
+    assert [round(c['macs'] / 1e6, 2) for c in costs] == EXIT_MACS_M
+    assert [round(c['macs_all_heads'] / 1e6, 2) for c in costs] == EXIT_MACS_ALL_HEADS_M
+
+
+def test_init_matches_original_init_order(paper_net, reference_checkpoint):
+    ref = reference_checkpoint['state_dict']
+    ours = paper_net.state_dict()
+    weights = [k for k in ref if k.endswith('.weight') and ref[k].dim() > 1]  # conv and linear
+    assert len(weights) == 263 + 11
+    for k in weights:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_original_state_dict_loads_strictly_and_reproduces_logits(reference_checkpoint):
+    model = models.build(PAPER_NET)
+    models.load_original_state_dict(model, reference_checkpoint['state_dict'])
+    with torch.no_grad():
+        logits = model.eval()(reference_checkpoint['input'])
+    assert len(logits) == 11
+    torch.testing.assert_close(torch.stack(logits), reference_checkpoint['logits'],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dataparallel_prefix_is_accepted(reference_checkpoint):
+    model = models.build(PAPER_NET)
+    prefixed = {f'module.{k}': v for k, v in reference_checkpoint['state_dict'].items()}
+    models.load_original_state_dict(model, prefixed)
+    assert torch.equal(model.exits[3][4].weight,
+                       reference_checkpoint['state_dict']['exits.3.4.weight'])
+
+
+def test_regenerated_reference_state_reproduces_logits():
+    """Self-contained: seed 0, BN statistics from 5 train-mode passes, as the reference was made."""
+    ref = torch.load(DATA / 'msdnet_reference_io.pt', weights_only=True)
+    torch.manual_seed(0)
+    model = models.build(PAPER_NET)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _ in range(5):
+            model.train()(torch.randn(64, 3, 32, 32, generator=g))
+        logits = model.eval()(ref['input'])
+    torch.testing.assert_close(torch.stack(logits), ref['logits'], rtol=1e-4, atol=1e-5)
+
+
+def test_build_unknown_name_lists_known():
+    with pytest.raises(ConfigError, match="unknown model call='ResNet9000'.*MsdNet"):
+        models.build(dict(call='ResNet9000'))
+
+
+def test_build_bad_keyword_is_config_error():
+    with pytest.raises(ConfigError, match='n_exitz'):
+        models.build(dict(PAPER_NET, n_exitz=3))
+
+
+def test_imagenet_stem():
+    model = models.build(dict(PAPER_NET, in_shape=224, n_scales=4, nplanes_mulv=[6, 12, 24, 24],
+                              btneck_widths=[4, 4, 4, 4], n_exits=2, out_dim=1000))
+    stem = model.blocks[0][0].mods[0]
+    assert stem[0][0].kernel_size == (7, 7) and isinstance(stem[1], nn.MaxPool2d)
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 224, 224))
+    assert [tuple(z.shape) for z in out] == [(2, 1000)] * 2
+
+
+def test_inconsistent_scales_are_rejected():
+    with pytest.raises(ConfigError, match='coarsest scale'):
+        models.build(dict(PAPER_NET, n_scales=2, nplanes_mulv=[6, 12], btneck_widths=[4, 4]))
+
+
+def test_every_registered_model_has_a_tiny_config():
+    assert set(TINY) == set(models.REGISTRY)
+
+
+@pytest.mark.parametrize('name', sorted(models.REGISTRY))
+def test_registered_model_contract(name):
+    torch.manual_seed(0)
+    cf = TINY[name]
+    model = models.build(cf)
+    x = torch.randn(4, 3, 32, 32)
+    logits = model(x)
+    assert isinstance(logits, list) and len(logits) == cf['n_exits'] == len(model.exits)
+    assert all(z.shape == (4, cf['out_dim']) and torch.isfinite(z).all() for z in logits)
+    sum(z.square().mean() for z in logits).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not missing
