@@ -70,6 +70,8 @@ def config():
         nval_per_class=50,  # of which held out for validation
         augment=True,  # random flip and +-4 pixel shift
         seed=0,  # seed of the class permutation and of the subset draw
+        n_unl_per_class=0,  # semi-supervised: images per class whose label is hidden (-100)
+        lab_unl_ratio=[0, 0],  # semi-supervised: labelled/unlabelled examples interleaved per epoch
     )
     cf_val = dict(cf_trn, augment=False)  # validation data: the held-out part of the same draw
     cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)  # torch.optim

@@ -1,0 +1,137 @@
+"""train_cifar.py and eval.py end to end, on generated data, on CPU."""
+import json
+
+import pytest
+import torch
+
+from multiexit.metrics import metric_names
+from conftest import run_script
+
+SMALL = ['smoke', 'cf_scheduler.milestones=[1]']
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('work')
+
+
+@pytest.fixture(scope='module')
+def trained(workdir):
+    """Runs 1: 2 epochs; 2: 1 epoch; 3: run 2 resumed to 2 epochs; 4: eval of run 1."""
+    snaps = workdir / 'snapshots'
+    run = lambda script, *a: run_script(script, *a, cwd=workdir, snapshots=snaps)
+    procs = {
+        'full': run('train_cifar.py', 'with', *SMALL, 'n_epochs=2', 'snapshot_name=full', 'seed=1'),
+        'part': run('train_cifar.py', 'with', *SMALL, 'n_epochs=1', 'seed=1'),
+        'resumed': run('train_cifar.py', 'with', *SMALL, 'n_epochs=2', 'parent_snapshot=2'),
+        'eval': run('eval.py', 'with', 'snapshot_name=full'),
+    }
+    return snaps, procs
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def test_smoke_writes_a_complete_sacred_run(trained, workdir):
+    snaps, procs = trained
+    run = snaps / '1'
+    for name in ('config.json', 'run.json', 'cout.txt', 'metrics.json', 'last.pt'):
+        assert (run / name).is_file(), name
+    assert (workdir / 'data' / 'smoke' / 'cifar-100-python' / 'train').is_file()
+    assert read(run / 'run.json')['status'] == 'COMPLETED'
+    assert read(run / 'config.json')['snapshot_name'] == 'full'
+
+
+def test_metrics_logged_per_epoch(trained):
+    snaps, _ = trained
+    metrics = read(snaps / '1' / 'metrics.json')
+    names = metric_names(3, (1, 5), with_temperature=True) + ['temperature']
+    expected = {'train.loss', 'lr', 'temperature'} | {f'{s}.{n}' for s in ('train', 'val')
+                                                      for n in names}
+    assert expected <= set(metrics)
+    assert all(metrics[k]['steps'] == [1, 2] for k in expected)
+    # torch-0.4 schedule: the drop at milestone 1 applies from the second epoch on
+    assert metrics['lr']['values'] == pytest.approx([0.1, 0.01])
+    assert metrics['temperature']['values'][-1] >= 1.0
+
+
+def test_cout_has_the_table_but_no_progress_bars(trained):
+    snaps, procs = trained
+    cout = (snaps / '1' / 'cout.txt').read_text()
+    assert 'val top-1 of exit' in cout and '\r' not in cout and 'it/s' not in cout
+    assert 'it/s' in procs['full'].stderr  # the terminal did get a progress bar
+
+
+def test_best_snapshot_is_kept(trained):
+    snaps, _ = trained
+    files = sorted(p.name for p in (snaps / '1').glob('ep*.pt'))
+    assert len(files) == 1
+    ckpt = torch.load(snaps / '1' / files[0], weights_only=True)
+    metrics = read(snaps / '1' / 'metrics.json')['val.acc1_avg']['values']
+    assert ckpt['val_metrics']['acc1_avg'] == max(metrics)
+    assert ckpt['epoch'] == metrics.index(max(metrics)) + 1
+
+
+def test_resume_continues_exactly(trained):
+    snaps, procs = trained
+    full = torch.load(snaps / '1' / 'last.pt', weights_only=True)
+    resumed = torch.load(snaps / '3' / 'last.pt', weights_only=True)
+    assert full['epoch'] == resumed['epoch'] == 2
+    for k, v in full['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert torch.equal(full['loss']['temperature'], resumed['loss']['temperature'])
+    assert full['optimizer']['param_groups'][0]['lr'] == resumed['optimizer']['param_groups'][0]['lr']
+    a = read(snaps / '1' / 'metrics.json')
+    b = read(snaps / '3' / 'metrics.json')
+    assert b['train.loss']['steps'] == [2]
+    assert b['train.loss']['values'] == pytest.approx(a['train.loss']['values'][1:], rel=1e-6)
+    assert 'resuming' in procs['resumed'].stdout
+
+
+def test_eval_prints_table_and_returns_metrics(trained):
+    snaps, procs = trained
+    out = procs['eval'].stdout
+    assert 'top-1' in out and 'ensemble top-1' in out
+    eval_run = snaps / '4'
+    result = read(eval_run / 'run.json')['result']
+    assert set(result) == set(metric_names(3, (1, 5)))
+    assert 0 <= result['acc1_avg'] <= 1
+
+
+def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
+    snaps, _ = trained
+    ckpt = next((snaps / '1').glob('ep*.pt'))
+    for name in (str(snaps / '1'), str(ckpt)):
+        proc = run_script('eval.py', 'with', f'snapshot_name={name}', cwd=workdir,
+                          snapshots=snaps)
+        assert str(ckpt) in proc.stdout
+
+
+@pytest.mark.parametrize('script, args, message', [
+    ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
+    ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs must be an integer >= 0'),
+    ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "unknown model call='ResNet9000'"),
+    ('train_cifar.py', ['smoke', 'cf_loss.n_exits=5'], 'cf_loss n_exits=5 but the model has 3'),
+    ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
+    ('train_cifar.py', ['smoke', 'gpu=3'], 'gpu=3 but this machine has'),
+    ('train_cifar.py', ['data_dir=empty', 'n_epochs=1'], 'no cifar-100-python/ in empty'),
+])
+def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, message):
+    snaps, _ = trained
+    before = sorted(p.name for p in snaps.iterdir())
+    proc = run_script(script, 'with', *args, cwd=workdir, snapshots=snaps, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert set(before) <= {p.name for p in snaps.iterdir()}  # nothing written earlier is lost
+
+
+def test_semi_supervised_run(workdir, tmp_path):
+    snaps = tmp_path / 'snapshots'
+    run_script('train_cifar.py', 'with', 'smoke', 'cf_trn.n_unl_per_class=5',
+               'cf_trn.lab_unl_ratio=[1, 1]', cwd=workdir, snapshots=snaps)
+    config = read(snaps / '1' / 'config.json')
+    assert config['cf_val']['n_unl_per_class'] == 5  # the validation split matches training's
+    assert read(snaps / '1' / 'run.json')['status'] == 'COMPLETED'
