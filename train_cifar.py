@@ -58,7 +58,7 @@ def config():
     )
     cf_loss = dict(  # the training loss: distillation-based training with annealed temperature
         call='DistillationBasedLoss',  # or 'DistillationLossConstTemp' (+ T) or 'ClassificationOnlyLoss'
-        n_exits=11,  # must match cf_net
+        n_exits=11,  # must match cf_net (None: the model's number of exits)
         acc_tops=[1, 5],  # top-k accuracies reported
         C=0.5,  # weight of the distillation terms; 1 - C weighs the cross-entropies
         maxprob=0.5,  # T grows by Tmult after a batch while the teacher's mean max-prob exceeds this
@@ -89,7 +89,7 @@ def smoke():
     generate_fake_data = True
     cf_net = dict(n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1, nplanes_mulv=[2, 4, 8],
                   exit_width=16, btneck_widths=[2, 2, 2])
-    cf_loss = dict(n_exits=3, global_scale=2.0 * 5 / 3)
+    cf_loss = dict(n_exits=None)
     cf_trn = dict(n_per_class=20, nval_per_class=5)
     n_epochs = 1
     val_batch_size = 250

@@ -2,14 +2,11 @@
 
 Unlabelled examples carry the label -100: they add no cross-entropy, only distillation terms.
 """
-import inspect
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from . import registry
 
 IGNORE = -100
 
@@ -97,26 +94,6 @@ REGISTRY = {cls.__name__: cls for cls in
             (ClassificationOnlyLoss, DistillationLossConstTemp, DistillationBasedLoss)}
 
 
-def _arguments(cls):
-    return set(inspect.signature(cls).parameters)
-
-
 def build(cf_loss):
-    """Build a registered loss from a config dict whose ``call`` names it.
-
-    Keys that only other losses take (left behind when sacred merges ``cf_loss.call=...`` into
-    the default dict) are dropped with a warning; any other unknown key is an error.
-    """
-    kwargs = dict(cf_loss)
-    name = kwargs.pop('call', None)
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown loss call={name!r} in cf_loss; known: {', '.join(sorted(REGISTRY))}")
-    own = _arguments(REGISTRY[name])
-    others = set().union(*map(_arguments, REGISTRY.values())) - own
-    dropped = sorted(k for k in kwargs if k in others)
-    if dropped:
-        warnings.warn(f'cf_loss: {name} takes no {", ".join(dropped)}; ignored')
-    try:
-        return REGISTRY[name](**{k: v for k, v in kwargs.items() if k not in others})
-    except TypeError as e:
-        raise ConfigError(f'cf_loss for {name}: {e}') from None
+    """Build a registered loss from a config dict whose ``call`` names it."""
+    return registry.build(REGISTRY, cf_loss, 'loss')

@@ -132,8 +132,10 @@ class Run:
 
         torch.manual_seed(self.seed)
         self.model = models.build(self.cf_net).to(self.device)
-        self.loss_fn = losses.build(cf_loss).to(self.device)
         self.n_exits = len(self.model.exits)
+        if cf_loss.get('n_exits') is None:  # None: as many as the model has
+            cf_loss = dict(cf_loss, n_exits=self.n_exits)
+        self.loss_fn = losses.build(cf_loss).to(self.device)
         self.acc_tops = tuple(self.loss_fn.acc_tops)
         if self.loss_fn.n_exits != self.n_exits:
             raise ConfigError(f'cf_loss n_exits={self.loss_fn.n_exits} but the model has '

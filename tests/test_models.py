@@ -87,7 +87,7 @@ def test_regenerated_reference_state_reproduces_logits():
 
 
 def test_build_unknown_name_lists_known():
-    with pytest.raises(ConfigError, match="unknown model call='ResNet9000'.*MsdNet"):
+    with pytest.raises(ConfigError, match="unknown net call='ResNet9000'.*MsdNet"):
         models.build(dict(call='ResNet9000'))
 
 

@@ -111,7 +111,7 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
 @pytest.mark.parametrize('script, args, message', [
     ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
     ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs must be an integer >= 0'),
-    ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "unknown model call='ResNet9000'"),
+    ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "unknown net call='ResNet9000'"),
     ('train_cifar.py', ['smoke', 'cf_loss.n_exits=5'], 'cf_loss n_exits=5 but the model has 3'),
     ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
     ('train_cifar.py', ['smoke', 'gpu=3'], 'gpu=3 but this machine has'),

@@ -4,7 +4,7 @@ Contract of a registered model: ``forward(x)`` returns a list of per-exit logits
 has ``blocks`` and ``exits`` (``nn.ModuleList``) where exit ``k`` reads the output of
 ``blocks[k]`` (used for per-exit costs).
 """
-from ..errors import ConfigError
+from .. import registry
 from .msdnet import MsdNet
 
 REGISTRY = {'MsdNet': MsdNet}
@@ -12,14 +12,7 @@ REGISTRY = {'MsdNet': MsdNet}
 
 def build(cf_net):
     """Build a registered model from a config dict whose ``call`` names it."""
-    kwargs = dict(cf_net)
-    name = kwargs.pop('call', None)
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown model call={name!r} in cf_net; known: {', '.join(sorted(REGISTRY))}")
-    try:
-        return REGISTRY[name](**kwargs)
-    except (TypeError, ValueError) as e:  # unexpected keyword or inconsistent sizes
-        raise ConfigError(f'cf_net for {name}: {e}') from None
+    return registry.build(REGISTRY, cf_net, 'net')
 
 
 def load_original_state_dict(model, state_dict):
