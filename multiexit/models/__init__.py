@@ -1,8 +1,11 @@
 """Multi-exit models: a name registry, ``build(cf_net)`` and loading of the original snapshots.
 
-Contract of a registered model: ``forward(x)`` returns a list of per-exit logits, and the model
-has ``blocks`` and ``exits`` (``nn.ModuleList``) where exit ``k`` reads the output of
-``blocks[k]`` (used for per-exit costs).
+Contract of a registered model (used by per-exit costs and early-exit inference):
+- ``forward(x)`` returns a list of per-exit logits;
+- ``blocks`` and ``exits`` are ``nn.ModuleList``s of equal length; ``h = blocks[k](h)`` runs
+  the backbone segment k on the previous segment's output (``x`` for k = 0);
+- ``exits[k](model.exit_features(h))`` are exit k's logits;
+- every constructor argument is an explicit keyword argument (``registry.build`` relies on it).
 """
 from .. import registry
 from .msdnet import MsdNet

@@ -224,9 +224,14 @@ class MsdNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 m.bias.data.zero_()
 
+    @staticmethod
+    def exit_features(h):
+        """What an exit head reads of a block's output: the coarsest scale."""
+        return h[-1]
+
     def forward(self, x):
         logits = []
         for block, head in zip(self.blocks, self.exits):
             x = block(x)
-            logits.append(head(x[-1]))
+            logits.append(head(self.exit_features(x)))
         return logits
