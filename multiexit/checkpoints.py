@@ -53,14 +53,21 @@ def load(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SnapshotError(f'refused to load {path}: it is not a plain tensor checkpoint and '
-                            f'loading it could run code ({first}); only load files you trust, '
-                            f'and convert them yourself') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise SnapshotError(f'cannot read checkpoint {path} ({type(e).__name__}: '
-                            f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}); it is '
-                            f'truncated or not a checkpoint: use another epoch or retrain') from None
+        reason = [line for line in str(e).splitlines() if 'GLOBAL' in line]
+        if reason:  # the file wants to import (and so possibly run) code
+            raise SnapshotError(f'refused to load {path}: loading it would import code '
+                                f'({reason[0].strip()}); only tensors and plain Python values '
+                                f'are accepted') from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # zip, pickle, storage and I/O errors of a broken file
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path, e):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = f'{type(e).__name__}: {lines[-1] if lines else ""}'
+    return SnapshotError(f'cannot read checkpoint {path} ({detail[:200]}); it is truncated or '
+                         f'not a checkpoint: use another epoch or retrain')
 
 
 def is_run_dir(path):

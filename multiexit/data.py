@@ -2,6 +2,8 @@
 keeps the images on the training device as uint8 and augments whole batches there.
 """
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,11 +255,16 @@ def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=T
 def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per_class=4, seed=0):
     """Write a small learnable data set in the exact format of the python-version pickles.
 
-    Each class is a smooth random colour pattern plus noise, so a tiny network learns it.
+    Each class is a smooth random colour pattern plus noise, so a tiny network learns it. The
+    folder appears atomically (written aside, then renamed), so concurrent runs that generate
+    it at once never read a half-written file; an existing folder is left as it is.
     """
     spec = dataset_spec(call)
     folder = Path(data_dir) / spec.folder
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{spec.folder}.', dir=folder.parent))
     rs = np.random.RandomState(seed)
     protos = rs.uniform(40, 215, size=(spec.n_classes, 3, 4, 4))
     protos = protos.repeat(8, axis=2).repeat(8, axis=3)  # (classes, 3, 32, 32)
@@ -274,7 +281,7 @@ def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per
              'filenames': [f'fake_{i}.png' for i in range(len(labels))]}
         if call == 'Cifar100':
             d['coarse_labels'] = (labels // 5).tolist()
-        with open(folder / name, 'wb') as f:
+        with open(tmp / name, 'wb') as f:
             pickle.dump(d, f, protocol=2)
 
     train_data, train_labels = make(n_train_per_class)
@@ -282,7 +289,10 @@ def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per
     for name, part in zip(spec.train_files, chunks):
         dump(name, train_data[part], train_labels[part])
     dump(spec.test_files[0], *make(n_test_per_class))
-    names = {spec.names_key: [f'class{k}' for k in range(spec.n_classes)]}
-    with open(folder / spec.names_file, 'wb') as f:
-        pickle.dump(names, f, protocol=2)
+    with open(tmp / spec.names_file, 'wb') as f:
+        pickle.dump({spec.names_key: [f'class{k}' for k in range(spec.n_classes)]}, f, protocol=2)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process got there first: keep its copy
+        shutil.rmtree(tmp)
     return folder

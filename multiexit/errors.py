@@ -27,7 +27,19 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss."""
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (the previous one is intact)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training; the message says how to resume.
+
+    A KeyboardInterrupt, so that sacred marks the run INTERRUPTED rather than FAILED.
+    """
+
+
 EXIT_CODE = 2
+EXIT_CODE_INTERRUPTED = 130
 
 
 @contextlib.contextmanager
@@ -35,6 +47,9 @@ def reported_as_one_line():
     """Turn a UserError into one line on stderr and exit code 2 (MULTIEXIT_DEBUG=1: traceback)."""
     try:
         yield
+    except TrainingInterrupted as e:
+        print(f'interrupted: {e}', file=sys.stderr, flush=True)
+        raise
     except UserError as e:
         if os.environ.get('MULTIEXIT_DEBUG'):
             raise

@@ -2,6 +2,8 @@
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import numpy as np
 import torch
 
 from . import checkpoints, data, losses, models
-from .errors import ConfigError, NonFiniteLossError, SnapshotError
+from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, SnapshotError,
+                     TrainingInterrupted)
 from .evaluation import evaluate
 from .metrics import MultiExitAccuracy
 from .progress import bar
@@ -81,12 +84,14 @@ def plain(obj):
 
 
 def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=None):
-    """One epoch; returns (summed loss as a device tensor, metrics dict)."""
+    """One epoch; returns (mean loss, metrics dict, index of the first step whose loss was not
+    finite or None)."""
     model.train()
     loss_fn.train()
     metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
     T = getattr(loss_fn, 'temperature', None)
     loss_sum = torch.zeros((), device=loader.device)
+    first_bad = torch.full((), -1, device=loader.device)  # kept on the device: no sync per step
     n_steps = 0
     for x, y in (progress(loader) if progress else loader):
         logits = model(x)
@@ -96,9 +101,12 @@ def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=N
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach()
+        bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+        first_bad = torch.where(bad, n_steps, first_bad)
         n_steps += 1
     out = metrics.compute()  # host sync, once per epoch
-    return float(loss_sum) / max(n_steps, 1), out  # host sync, once per epoch
+    bad_step = int(first_bad)  # host sync, once per epoch
+    return float(loss_sum) / max(n_steps, 1), out, (bad_step if bad_step >= 0 else None)
 
 
 class Run:
@@ -119,17 +127,7 @@ class Run:
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
         self.seed = seed
-        self.parent = self._parent_checkpoint(parent_snapshot, snapshot_dir)
-        if self.parent and 'seed' in self.parent:
-            self.seed = self.parent['seed']  # the data order of the run being continued
-
-        self.train_loader, n_classes = data.build_split(cf_trn, 'train', data_dir, batch_size,
-                                                        self.device, seed=self.seed)
-        self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device)
-        if len(self.train_loader) == 0:
-            raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
-                              'training examples: no full batch per epoch')
-
+        # Configuration first, data last: a bad value is reported before any work is done.
         torch.manual_seed(self.seed)
         self.model = models.build(self.cf_net).to(self.device)
         self.n_exits = len(self.model.exits)
@@ -140,13 +138,28 @@ class Run:
         if self.loss_fn.n_exits != self.n_exits:
             raise ConfigError(f'cf_loss n_exits={self.loss_fn.n_exits} but the model has '
                               f'{self.n_exits} exits (cf_net)')
+        n_classes = data.dataset_spec(cf_trn.get('call')).n_classes
         out_dim = self.cf_net.get('out_dim', n_classes)
         if out_dim != n_classes:
             raise ConfigError(f'cf_net out_dim={out_dim} but {cf_trn["call"]} has {n_classes} classes')
+        if cf_val.get('call') != cf_trn.get('call'):
+            raise ConfigError(f"cf_val call={cf_val.get('call')!r} differs from cf_trn call="
+                              f"{cf_trn.get('call')!r}: validation is carved from the training file")
         self.optimizer = _from_module(torch.optim, cf_opt, 'cf_opt', self.model.parameters())
         self.scheduler = _from_module(torch.optim.lr_scheduler, cf_scheduler, 'cf_scheduler',
                                       self.optimizer)
+        self.parent = self._parent_checkpoint(parent_snapshot, snapshot_dir)
+        if self.parent and 'seed' in self.parent:
+            self.seed = self.parent['seed']  # the data order of the run being continued
+
+        self.train_loader, _ = data.build_split(cf_trn, 'train', data_dir, batch_size,
+                                                self.device, seed=self.seed)
+        self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
+                              'training examples: no full batch per epoch')
         self.epoch, self.best_val, self.best_epoch = 0, -math.inf, None
+        self._saved = None  # (path, epoch) of the newest complete training state
         if self.parent:
             self._restore(self.parent)
 
@@ -182,6 +195,7 @@ class Run:
         self.loss_fn.load_state_dict(extra['loss'])
         set_rng_state(extra['rng'])
         self.best_val, self.best_epoch = extra['best_val'], extra['best_epoch']
+        self._saved = (self.parent_path, self.epoch)
         best = self.parent_path.parent / f'ep{self.best_epoch}.pt'
         if self.best_epoch is not None and best.is_file() and not self.save_interval:
             shutil.copy2(best, self.run_dir / best.name)  # the best snapshot so far moves along
@@ -194,7 +208,25 @@ class Run:
                 'seed': self.seed, 'best_val': self.best_val, 'best_epoch': self.best_epoch,
                 'rng': rng_state()}
 
+    def _last_good(self):
+        """Where the last complete state is, and how to continue from it."""
+        if self._saved is None:
+            return 'no epoch had finished, so there is nothing to resume: start the run again'
+        path, epoch = self._saved
+        run = path.parent
+        return (f'{path} holds epoch {epoch}; resume with: python train_cifar.py with '
+                f'{run}/config.json parent_snapshot={run}')
+
     def _save(self, val_metrics):
+        try:
+            self._write_checkpoints(val_metrics)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f'could not write a checkpoint to {self.run_dir} ({e.strerror or e}); '
+                f'{self._last_good()} once the problem (disk space?) is fixed') from None
+        self._saved = (self.run_dir / checkpoints.LAST, self.epoch)
+
+    def _write_checkpoints(self, val_metrics):
         ep = self.epoch
         if self.save_interval and ep % self.save_interval == 0:
             checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
@@ -225,7 +257,23 @@ class Run:
         self.log(epoch_row(self.epoch, lr, T, loss, trn, val, self.n_exits, seconds))
 
     def fit(self):
-        """Train up to ``n_epochs``; returns the last validation metrics."""
+        """Train up to ``n_epochs``; returns the last validation metrics.
+
+        SIGINT and SIGTERM abandon the epoch in progress and raise TrainingInterrupted, whose
+        message says how to resume from the last finished epoch (saved atomically in last.pt).
+        """
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
+        try:
+            return self._fit()
+        except KeyboardInterrupt as e:
+            raise TrainingInterrupted(f'{e or "interrupted"} during epoch {self.epoch + 1}; '
+                                      f'{self._last_good()}') from None
+        finally:
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _fit(self):
         self._first = self.epoch + 1
         val = {}
         is_dbt = isinstance(self.loss_fn, losses.DistillationBasedLoss)
@@ -234,13 +282,14 @@ class Run:
             self.train_loader.set_epoch(self.epoch)
             lr = self.optimizer.param_groups[0]['lr']
             desc = f'epoch {self.epoch + 1}/{self.n_epochs}'
-            loss, trn = train_epoch(self.model, self.loss_fn, self.optimizer, self.train_loader,
-                                    self.n_exits, self.acc_tops, lambda it: bar(it, desc))
-            if not math.isfinite(loss):
+            loss, trn, bad_step = train_epoch(self.model, self.loss_fn, self.optimizer,
+                                              self.train_loader, self.n_exits, self.acc_tops,
+                                              lambda it: bar(it, desc))
+            if bad_step is not None:
                 raise NonFiniteLossError(
-                    f'non-finite training loss ({loss}) in epoch {self.epoch + 1}; the last good '
-                    f'checkpoint is {self.run_dir / checkpoints.LAST} (epoch {self.epoch}): lower '
-                    'the learning rate or check the data, then resume from it')
+                    f'non-finite training loss at epoch {self.epoch + 1}, step {bad_step + 1}; '
+                    f'nothing of this epoch was saved and {self._last_good()}: lower the '
+                    'learning rate or check the data')
             self.scheduler.step()  # after the epoch: epochs 0..149 at the initial lr (torch 0.4)
             self.epoch += 1
             T = self.loss_fn.temperature if hasattr(self.loss_fn, 'temperature') else None
@@ -251,6 +300,10 @@ class Run:
             self._save(val)
             self._log_epoch(loss, trn, val, lr, time.time() - start)
         return val
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def epoch_header(n_exits):
