@@ -18,7 +18,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # rais
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
-from multiexit.errors import reported_as_one_line
+from multiexit.errors import EXIT_CODE_INTERRUPTED, reported_as_one_line
 from multiexit.data import write_fake_cifar
 from multiexit.progress import strip_progress
 from multiexit.training import Run
@@ -95,6 +95,42 @@ def smoke():
     val_batch_size = 250
 
 
+@ex.named_config
+def resnet56():
+    # He et al.'s CIFAR ResNet-56 with 6 early exits (SDN placement) and its training schedule.
+    cf_net = dict(call='ResNet', depth=56, out_dim=100, exit_after=None, head='pool',
+                  head_width=128)
+    cf_loss = dict(n_exits=None, global_scale=2.0 * 5 / 7)  # the default's 2*5/n_exits, 7 exits
+    cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)
+    batch_size = 128
+    n_epochs = 164
+    cf_scheduler = dict(call='MultiStepLR', milestones=[82, 123], gamma=0.1)
+
+
+@ex.named_config
+def resnet110():
+    # As resnet56, with ResNet-110.
+    cf_net = dict(call='ResNet', depth=110, out_dim=100, exit_after=None, head='pool',
+                  head_width=128)
+    cf_loss = dict(n_exits=None, global_scale=2.0 * 5 / 7)
+    cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)
+    batch_size = 128
+    n_epochs = 164
+    cf_scheduler = dict(call='MultiStepLR', milestones=[82, 123], gamma=0.1)
+
+
+@ex.named_config
+def wrn28_10():
+    # Zagoruyko & Komodakis' WRN-28-10 with 6 early exits (SDN placement) and its schedule.
+    cf_net = dict(call='WideResNet', depth=28, widen_factor=10, dropout=0.0, out_dim=100,
+                  exit_after=None, head='pool', head_width=128)
+    cf_loss = dict(n_exits=None, global_scale=2.0 * 5 / 7)
+    cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    batch_size = 128
+    n_epochs = 200
+    cf_scheduler = dict(call='MultiStepLR', milestones=[60, 120, 160], gamma=0.2)
+
+
 @ex.main
 def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
          val_batch_size, n_epochs, save_interval, data_dir, gpu, parent_snapshot,
@@ -102,7 +138,7 @@ def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_sched
     with reported_as_one_line():
         run_dir = _run.observers[0].dir if _run.observers else 'snapshots/unobserved'
         os.makedirs(run_dir, exist_ok=True)
-        if generate_fake_data and not os.path.isdir(os.path.join(data_dir, 'cifar-100-python')):
+        if generate_fake_data:
             write_fake_cifar(data_dir, cf_trn['call'], n_train_per_class=30, n_test_per_class=10)
         run = Run(cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size, val_batch_size,
                   n_epochs, save_interval, data_dir, gpu, _seed, run_dir, parent_snapshot,
@@ -113,4 +149,7 @@ def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_sched
 
 
 if __name__ == '__main__':
-    ex.run_commandline()
+    try:
+        ex.run_commandline()
+    except KeyboardInterrupt:  # reported in main(); sacred marked the run INTERRUPTED
+        raise SystemExit(EXIT_CODE_INTERRUPTED) from None

@@ -1,8 +1,10 @@
+import io
+
 import pytest
 import torch
 from torch import nn
 
-from multiexit import flops, models
+from multiexit import flops, losses, models
 from multiexit.errors import ConfigError
 from conftest import DATA, PAPER_NET
 
@@ -14,10 +16,15 @@ EXIT_PARAMS = [367152, 477564, 486672, 592476, 707496, 831732, 854484, 969504, 1
                1355100]
 EXIT_IN_CHANNELS = [120, 168, 96, 144, 192, 240, 144, 192, 240, 288, 336]
 
-# A small configuration of every registered model, for the generic contract tests.
+# A small configuration of every registered model, each with TINY_EXITS exits, for the generic
+# contract tests.
+TINY_EXITS = 3
 TINY = {
     'MsdNet': dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
                    nplanes_mulv=[2, 4, 8], exit_width=8, btneck_widths=[2, 2, 2], out_dim=10),
+    'ResNet': dict(call='ResNet', depth=8, exit_after=[0, 1], head='conv', head_width=8,
+                   out_dim=10),
+    'WideResNet': dict(call='WideResNet', depth=10, widen_factor=1, exit_after=[0, 1], out_dim=10),
 }
 
 
@@ -122,8 +129,67 @@ def test_registered_model_contract(name):
     model = models.build(cf)
     x = torch.randn(4, 3, 32, 32)
     logits = model(x)
-    assert isinstance(logits, list) and len(logits) == cf['n_exits'] == len(model.exits)
+    assert isinstance(logits, list) and len(logits) == TINY_EXITS == len(model.exits)
     assert all(z.shape == (4, cf['out_dim']) and torch.isfinite(z).all() for z in logits)
     sum(z.square().mean() for z in logits).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert not missing
+
+
+@pytest.mark.parametrize('name', sorted(models.REGISTRY))
+def test_registered_model_blocks_and_exits_reproduce_forward(name):
+    torch.manual_seed(0)
+    model = models.build(TINY[name]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    h, by_parts = x, []
+    with torch.no_grad():
+        for block, head in zip(model.blocks, model.exits):
+            h = block(h)
+            by_parts.append(head(model.exit_features(h)))
+        assert all(torch.equal(a, b) for a, b in zip(model(x), by_parts))
+
+
+@pytest.mark.parametrize('name', sorted(models.REGISTRY))
+def test_registered_model_learns_a_fixed_batch(name):
+    torch.manual_seed(0)
+    model = models.build(TINY[name]).train()
+    loss_fn = losses.build(dict(call='ClassificationOnlyLoss', n_exits=TINY_EXITS))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    values = []
+    for _ in range(6):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values.append(loss.item())
+    assert all(b < a for a, b in zip(values, values[1:])) and values[-1] < 0.95 * values[0], values
+
+
+@pytest.mark.parametrize('name', sorted(models.REGISTRY))
+def test_registered_model_state_dict_round_trip(name):
+    torch.manual_seed(0)
+    model = models.build(TINY[name])
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))  # BN running statistics away from their init
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(1)
+    other = models.build(TINY[name])
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.eval()(x), other.eval()(x)))
+
+
+@pytest.mark.parametrize('name', sorted(models.REGISTRY))
+def test_registered_model_exit_costs(name):
+    model = models.build(TINY[name])
+    costs = flops.exit_costs(model)
+    macs = [c['macs_all_heads'] for c in costs]
+    assert len(costs) == TINY_EXITS and macs[0] > 0
+    assert all(a < b for a, b in zip(macs, macs[1:]))
+    assert all(c['macs'] <= c['macs_all_heads'] for c in costs)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert costs[-1]['params'] == count(model) - sum(count(h) for h in model.exits[:-1])

@@ -9,8 +9,9 @@ Contract of a registered model (used by per-exit costs and early-exit inference)
 """
 from .. import registry
 from .msdnet import MsdNet
+from .resnet import ResNet, WideResNet
 
-REGISTRY = {'MsdNet': MsdNet}
+REGISTRY = {'MsdNet': MsdNet, 'ResNet': ResNet, 'WideResNet': WideResNet}
 
 
 def build(cf_net):
@@ -27,4 +28,4 @@ def load_original_state_dict(model, state_dict):
     return model
 
 
-__all__ = ['MsdNet', 'REGISTRY', 'build', 'load_original_state_dict']
+__all__ = ['MsdNet', 'ResNet', 'WideResNet', 'REGISTRY', 'build', 'load_original_state_dict']
