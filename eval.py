@@ -1,27 +1,34 @@
-"""Evaluate a trained multi-exit network on the test split, as a sacred experiment.
+"""Evaluate trained multi-exit networks on the test split, as a sacred experiment.
 
     python eval.py with snapshot_name=3               # run id (folder of snapshots/)
     python eval.py with snapshot_name=test:0          # the snapshot_name given at training
     python eval.py with snapshot_name=snapshots/3/ep120.pt
     python eval.py with snapshot_name=old_ep300 cf_net.n_exits=11   # a file of the original code
+    python eval.py with "snapshot_name=['3', '5']"    # several, overlaid in the figures
 
-Prints top-1, top-5 and ensemble accuracy per exit; the sacred result (run.json) is the dict of
-metrics; the evaluation itself is logged as a run in snapshots/.
+Prints per exit top-1, top-5, ensemble accuracy, calibration error and cost; fits early-exit
+thresholds on the training run's validation split and applies them to the test split
+(budgeted batch classification). Writes anytime.csv, budgeted.csv, anytime.png and
+budgeted.png to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
+flat dict of metrics, or for several snapshots {snapshot: dict of metrics}.
 """
 import json
 import os
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
-from multiexit import checkpoints, data  # noqa: E402
+from multiexit import checkpoints, data, flops, plots  # noqa: E402
+from multiexit.budgeted import budget_sweep  # noqa: E402
 from multiexit.errors import ConfigError, reported_as_one_line  # noqa: E402
-from multiexit.evaluation import evaluate, load_model, per_exit_table  # noqa: E402
+from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,  # noqa: E402
+                                  per_exit_table)
 from multiexit.progress import bar, strip_progress  # noqa: E402
 from multiexit.training import plain, resolve_device  # noqa: E402
 
@@ -37,17 +44,20 @@ PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11
                  nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
                  nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
                  exit_width=128, btneck_widths=[4, 4, 4])
+# The paper's split, for a file of the original code that comes without its training config.
+PAPER_VAL = dict(n_per_class=150, nval_per_class=50)
 
 
 @ex.config
 def config():
     gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU
-    snapshot_name = 'test:0'  # a run id, a snapshot_name given at training, a run dir or a file
+    snapshot_name = 'test:0'  # run id, snapshot_name given at training, run dir, file; or a list
     checkpoint = 'best'  # in a run: 'best' (validation acc1_avg), 'last' or an epoch number
     cf_test = dict(  # test data (None: the training run's data set and subset seed)
         call=None,  # 'Cifar100' or 'Cifar10'
         seed=None,  # seed of the class permutation used at training (the label map)
     )
+    cf_val = None  # split to fit early-exit thresholds on (None: the training run's cf_val)
     cf_loss = dict(  # evaluation metric
         call='_MultiExitAccuracy',
         acc_tops=[1, 5],  # top-k accuracies reported
@@ -66,30 +76,69 @@ def training_config(path):
         return {}
 
 
+def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
+                      cf_net):
+    """(flat metrics, anytime frame, budgeted frame) of one snapshot."""
+    path = checkpoints.pick_checkpoint(checkpoints.resolve(name, SNAPSHOT_DIR), checkpoint)
+    model, net, ckpt = load_model(path, device, plain(cf_net))
+    n_exits = len(model.exits)
+    if cf_loss.get('n_exits', n_exits) != n_exits:
+        raise ConfigError(f"cf_loss n_exits={cf_loss['n_exits']} but {path} has {n_exits} exits")
+    acc_tops = tuple(cf_loss['acc_tops'])
+    trained = training_config(path)
+    cf_trn = trained.get('cf_trn', {})
+    cf = dict(call=cf_test.get('call') or cf_trn.get('call', 'Cifar100'),
+              seed=cf_test['seed'] if cf_test.get('seed') is not None else cf_trn.get('seed', 0))
+    cf_val = plain(cf_val) or trained.get('cf_val') or dict(PAPER_VAL, **cf)
+    data_dir = data_dir or trained.get('data_dir', 'data')
+    test_loader, _ = data.build_split(cf, 'test', data_dir, batch_size, device)
+    val_loader, _ = data.build_split(cf_val, 'val', data_dir, batch_size, device)
+    print(f'{path} (epoch {ckpt.get("epoch", "?")}) on {cf["call"]} test, '
+          f'{len(test_loader.labels)} images from {data_dir}; thresholds fitted on '
+          f'{len(val_loader.labels)} validation images')
+    test = exit_logits(model, test_loader, progress=lambda it: bar(it, 'test'))
+    val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
+    costs = flops.exit_costs(model, (3, net.get('in_shape', 32), net.get('in_shape', 32)))
+    report = exit_report(*test, costs, acc_tops)
+    anytime = anytime_frame(report, n_exits, acc_tops)
+    print(per_exit_table(anytime, acc_tops))
+    budgeted = budget_sweep(*val, *test, [c['macs_all_heads'] for c in costs])
+    return report, anytime, budgeted
+
+
 @ex.main
-def main(snapshot_name, checkpoint, cf_test, cf_loss, batch_size, data_dir, gpu, cf_net):
+def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, gpu,
+         cf_net):
     with reported_as_one_line():
         if cf_loss.get('call') != '_MultiExitAccuracy':
             raise ConfigError(f"cf_loss.call must be '_MultiExitAccuracy', got {cf_loss.get('call')!r}")
-        device = resolve_device(gpu)
-        path = checkpoints.pick_checkpoint(checkpoints.resolve(snapshot_name, SNAPSHOT_DIR),
-                                           checkpoint)
-        model, net, ckpt = load_model(path, device, plain(cf_net))
-        n_exits = len(model.exits)
-        if cf_loss.get('n_exits', n_exits) != n_exits:
-            raise ConfigError(f"cf_loss n_exits={cf_loss['n_exits']} but {path} has {n_exits} exits")
-        trained = training_config(path)
-        cf_trn = trained.get('cf_trn', {})
-        cf = dict(call=cf_test.get('call') or cf_trn.get('call', 'Cifar100'),
-                  seed=cf_test['seed'] if cf_test.get('seed') is not None else cf_trn.get('seed', 0))
-        data_dir = data_dir or trained.get('data_dir', 'data')
-        loader, _ = data.build_split(cf, 'test', data_dir, batch_size, device)
-        print(f'{path} (epoch {ckpt.get("epoch", "?")}) on {cf["call"]} test, '
-              f'{len(loader.labels)} images from {data_dir}')
         acc_tops = tuple(cf_loss.get('acc_tops', (1, 5)))
-        metrics = evaluate(model, loader, n_exits, acc_tops, progress=lambda it: bar(it, 'test'))
-        print(per_exit_table(metrics, n_exits, acc_tops))
-        return metrics
+        if 1 not in acc_tops:
+            raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
+                              f'curves are top-1)')
+        names = [str(n) for n in (snapshot_name if isinstance(snapshot_name, (list, tuple))
+                                  else [snapshot_name])]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f'snapshot_name={names}: give one snapshot or a list without repeats')
+        device = resolve_device(gpu)
+        results, anytime, budgeted = {}, [], []
+        for name in names:
+            report, any_frame, budget_frame = evaluate_snapshot(
+                name, checkpoint, cf_test, cf_val, dict(cf_loss, acc_tops=acc_tops), batch_size,
+                data_dir, device, cf_net)
+            results[name] = report
+            for frame, frames in ((any_frame, anytime), (budget_frame, budgeted)):
+                frame.insert(0, 'snapshot', name)
+                frames.append(frame)
+        run_dir = Path(_run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved')
+        run_dir.mkdir(parents=True, exist_ok=True)
+        anytime, budgeted = pd.concat(anytime), pd.concat(budgeted)
+        anytime.to_csv(run_dir / 'anytime.csv', index=False)
+        budgeted.to_csv(run_dir / 'budgeted.csv', index=False)
+        plots.anytime_figure(anytime, run_dir / 'anytime.png')
+        plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted.png')
+        print(f'wrote anytime.csv, budgeted.csv, anytime.png and budgeted.png to {run_dir}')
+        return results[names[0]] if len(names) == 1 else results
 
 
 if __name__ == '__main__':

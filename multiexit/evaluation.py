@@ -1,20 +1,81 @@
-"""Evaluation: metrics over a loader, loading a snapshot to evaluate, the per-exit table."""
+"""Evaluation: metrics over a loader, loading a snapshot to evaluate, the per-exit report
+(accuracy, calibration, cost) and its table."""
+import pandas as pd
 import torch
 
 from . import checkpoints, models
 from .errors import SnapshotError
+from .losses import IGNORE
 from .metrics import MultiExitAccuracy
+
+ECE_BINS = 15
 
 
 @torch.inference_mode()
-def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None):
-    """Metrics of ``model`` over ``loader``; ``T`` (a loss temperature) adds adj_maxprob."""
+def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp=False):
+    """Metrics of ``model`` over ``loader``; ``T`` (a loss temperature) adds adj_maxprob;
+    ``amp``: bf16 autocast."""
     model.eval()
     metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
     batches = progress(loader) if progress else loader
     for x, y in batches:
-        metrics.update(model(x), y, T)
+        with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
+            logits = model(x)
+        metrics.update(logits, y, T)
     return metrics.compute()  # host sync, once
+
+
+@torch.inference_mode()
+def exit_logits(model, loader, progress=None):
+    """(logits (exits, N, classes) float32, labels (N,)) on the CPU, in ``loader``'s order."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in progress(loader) if progress else loader:
+        logits.append(torch.stack(model(x)).float())
+        labels.append(y)
+    return torch.cat(logits, dim=1).cpu(), torch.cat(labels).cpu()  # host sync, once
+
+
+def expected_calibration_error(logits, labels, n_bins=ECE_BINS):
+    """ECE per exit (Guo et al. 2017): the max-softmax confidences fall into ``n_bins``
+    equal-width bins (i/n, (i+1)/n]; the sum over bins of |accuracy - mean confidence| weighted
+    by the bin's share of the labelled samples. ``logits``: (exits, N, C); returns a list."""
+    labelled = labels != IGNORE
+    conf, pred = torch.softmax(logits[:, labelled].double(), dim=-1).max(dim=-1)
+    gap = (pred == labels[labelled]).double() - conf  # (exits, N)
+    n_exits, n = conf.shape
+    bins = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1
+    bins += n_bins * torch.arange(n_exits)[:, None]
+    per_bin = torch.bincount(bins.flatten(), gap.flatten(), minlength=n_exits * n_bins)
+    return (per_bin.view(n_exits, n_bins).abs().sum(dim=1) / max(n, 1)).tolist()
+
+
+def exit_report(logits, labels, costs, acc_tops=(1, 5)):
+    """Flat dict: the accuracy metrics of ``metrics.metric_names`` and, per exit k,
+    ``ece_clf{k}``, ``macs_clf{k}``, ``macs_all_heads_clf{k}`` and ``params_clf{k}``
+    (``costs`` from ``flops.exit_costs``)."""
+    acc = MultiExitAccuracy(len(logits), acc_tops)
+    acc.update(list(logits), labels)
+    report = acc.compute()
+    ece = expected_calibration_error(logits, labels)
+    for key, values in [('ece', ece)] + [(c, [row[c] for row in costs])
+                                         for c in ('macs', 'macs_all_heads', 'params')]:
+        report.update({f'{key}_clf{k}': v for k, v in enumerate(values)})
+    return report
+
+
+def anytime_frame(report, n_exits, acc_tops=(1, 5)):
+    """One row per exit of an ``exit_report``: exit, acc{t}, acc{t}_ens (the mean softmax of
+    exits 0..k; exit 0's own at k = 0), ece, macs, macs_all_heads, params."""
+    rows = []
+    for k in range(n_exits):
+        row = {'exit': k}
+        row.update({f'acc{t}': report[f'acc{t}_clf{k}'] for t in acc_tops})
+        row.update({f'acc{t}_ens': report[f'acc{t}_ens{k}' if k else f'acc{t}_clf0']
+                    for t in acc_tops})
+        row.update({c: report[f'{c}_clf{k}'] for c in ('ece', 'macs', 'macs_all_heads', 'params')})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def load_model(path, device, cf_net_default=None):
@@ -30,15 +91,16 @@ def load_model(path, device, cf_net_default=None):
     return model.to(device).eval(), cf_net, extra
 
 
-def per_exit_table(metrics, n_exits, acc_tops=(1, 5)):
-    """Text table: one row per exit with top-t accuracy and the running-ensemble top-1."""
-    head = ['exit'] + [f'top-{t}' for t in acc_tops] + ['ensemble top-1']
-    rows = []
-    for k in range(n_exits):
-        ens = metrics.get(f'acc1_ens{k}', metrics.get('acc1_clf0')) if k else metrics['acc1_clf0']
-        rows.append([str(k)] + [f"{100 * metrics[f'acc{t}_clf{k}']:.2f}" for t in acc_tops]
-                    + [f'{100 * ens:.2f}'])
-    rows.append(['avg'] + [f"{100 * metrics[f'acc{t}_avg']:.2f}" for t in acc_tops] + [''])
+def per_exit_table(frame, acc_tops=(1, 5)):
+    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions."""
+    head = (['exit'] + [f'top-{t}' for t in acc_tops] + [f'ensemble top-{t}' for t in acc_tops]
+            + ['ECE', 'MMACs', 'MMACs all heads', 'Mparams'])
+    pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + ['ece']
+    rows = [[str(r.exit)] + [f'{100 * getattr(r, c):.2f}' for c in pct]
+            + [f'{getattr(r, c) / 1e6:.2f}' for c in ('macs', 'macs_all_heads')]
+            + [f'{r.params / 1e6:.3f}'] for r in frame.itertuples()]
+    rows.append(['avg'] + [f'{100 * frame[f"acc{t}"].mean():.2f}' for t in acc_tops]
+                + [''] * (len(head) - 1 - len(acc_tops)))
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: '  '.join(c.rjust(w) for c, w in zip(r, widths))
     return '\n'.join([fmt(head)] + [fmt(r) for r in rows])

@@ -1,11 +1,14 @@
 """train_cifar.py and eval.py end to end, on generated data, on CPU."""
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from multiexit.metrics import metric_names
 from conftest import run_script
+from test_anytime import assert_png
 
 SMALL = ['smoke', 'cf_scheduler.milestones=[1]']
 
@@ -89,14 +92,58 @@ def test_resume_continues_exactly(trained):
     assert 'resuming' in procs['resumed'].stdout
 
 
+PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params') for k in range(3)}
+
+
 def test_eval_prints_table_and_returns_metrics(trained):
     snaps, procs = trained
     out = procs['eval'].stdout
-    assert 'top-1' in out and 'ensemble top-1' in out
+    assert 'top-1' in out and 'ensemble top-1' in out and 'ECE' in out and 'MMACs' in out
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
-    assert set(result) == set(metric_names(3, (1, 5)))
+    assert set(result) == set(metric_names(3, (1, 5))) | PER_EXIT
     assert 0 <= result['acc1_avg'] <= 1
+
+
+def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained):
+    snaps, _ = trained
+    eval_run = snaps / '4'
+    result = read(eval_run / 'run.json')['result']
+    anytime = pd.read_csv(eval_run / 'anytime.csv')
+    assert anytime['exit'].tolist() == [0, 1, 2]
+    for k, row in anytime.iterrows():
+        for col, key in (('acc1', 'acc1_clf'), ('ece', 'ece_clf'), ('macs', 'macs_clf')):
+            assert row[col] == pytest.approx(result[f'{key}{k}'])
+    assert anytime['macs_all_heads'].is_monotonic_increasing
+    budget = pd.read_csv(eval_run / 'budgeted.csv')
+    assert set(budget['snapshot'].astype(str)) == {'full'}
+    geometric = budget[budget['method'] == 'geometric']
+    glob = budget[budget['method'] == 'global']
+    assert len(geometric) and len(glob) and len(geometric) + len(glob) == len(budget)
+    # more budget, more compute: on the fitting split for per-exit thresholds, everywhere for
+    # a single one
+    assert geometric['param'].is_monotonic_increasing
+    assert geometric['val_avg_macs'].is_monotonic_increasing
+    assert geometric['avg_macs'].iloc[0] < geometric['avg_macs'].iloc[-1]
+    assert glob['avg_macs'].is_monotonic_increasing
+    assert glob['avg_macs'].iloc[-1] == anytime['macs_all_heads'].iloc[-1]
+    assert glob['acc1'].iloc[-1] == pytest.approx(result['acc1_clf2'])
+    for name in ('anytime.png', 'budgeted.png'):
+        assert_png(eval_run / name)
+
+
+def test_eval_of_several_snapshots_overlays_them(trained, workdir):
+    snaps, _ = trained
+    proc = run_script('eval.py', 'with', "snapshot_name=['full', '2']", cwd=workdir,
+                      snapshots=snaps)
+    eval_run = Path(proc.stdout.strip().splitlines()[-1].split(' to ')[-1])
+    result = read(eval_run / 'run.json')['result']
+    assert set(result) == {'full', '2'}
+    assert all(set(r) == set(metric_names(3, (1, 5))) | PER_EXIT for r in result.values())
+    assert result['full'] == pytest.approx(read(snaps / '4' / 'run.json')['result'])
+    for name in ('anytime.csv', 'budgeted.csv'):
+        assert set(pd.read_csv(eval_run / name)['snapshot'].astype(str)) == {'full', '2'}
+    assert_png(eval_run / 'budgeted.png')
 
 
 def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):

@@ -1,0 +1,97 @@
+"""Budgeted batch classification from per-exit softmax outputs computed once (MSDNet's
+``dynamic_evaluate``, Huang et al. 2018).
+
+A sample leaves at the first exit k whose max-softmax reaches ``thresholds[k]``; the last exit
+takes the rest. By then it has run blocks 0..k and heads 0..k, so it costs
+``macs_all_heads[k]`` (``flops.exit_costs``). Thresholds are fitted on the validation split and
+applied to the test split.
+"""
+import math
+
+import pandas as pd
+import torch
+
+from .losses import IGNORE
+
+GEOMETRIC_QS = tuple(p / 20 for p in range(1, 40))  # MSDNet's sweep: q = 0.05, 0.10, ..., 1.95
+GLOBAL_LEVELS = 41  # quantile levels 0, 1/40, ..., 1 of the validation confidences
+
+
+def confidences(logits):
+    """(max-softmax, argmax) over the classes (last dimension): (exits, N) from (exits, N, C)."""
+    return torch.softmax(logits.float(), dim=-1).max(dim=-1)
+
+
+def geometric_fractions(n_exits, q):
+    """Target share of the samples leaving at each exit, p_k ∝ q^k (MSDNet's budgets)."""
+    p = torch.tensor(float(q), dtype=torch.float64) ** torch.arange(n_exits, dtype=torch.float64)
+    return p / p.sum()
+
+
+def fit_thresholds(conf, fractions):
+    """Per-exit thresholds under which floor(N * fractions[k]) of the N samples leave at exit k.
+
+    ``conf``: max-softmax (exits, N). Exit by exit, among the samples still running, the
+    threshold is the confidence of the n-th most confident one (+inf when n = 0: nobody leaves);
+    the last exit's is -inf. Ties may let a few more leave, as in MSDNet.
+    """
+    n_exits, n = conf.shape
+    thresholds = torch.full((n_exits,), math.inf, dtype=conf.dtype, device=conf.device)
+    running = torch.ones(n, dtype=torch.bool, device=conf.device)
+    for k in range(n_exits - 1):
+        n_out = math.floor(n * float(fractions[k]))
+        candidates = conf[k][running]
+        if n_out and len(candidates):
+            thresholds[k] = candidates.sort(descending=True).values[min(n_out, len(candidates)) - 1]
+        running &= conf[k] < thresholds[k]
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def exit_indices(conf, thresholds):
+    """Exit of each sample: the first k with ``conf[k] >= thresholds[k]``, else the last."""
+    stays = conf < torch.as_tensor(thresholds, dtype=conf.dtype, device=conf.device)[:, None]
+    stays[-1] = False
+    return stays.int().cumprod(dim=0).sum(dim=0)
+
+
+def outcome(conf, pred, labels, thresholds, macs_all_heads):
+    """(top-1 accuracy, mean MACs per image, share of the samples per exit) at ``thresholds``."""
+    exits = exit_indices(conf, thresholds)
+    chosen = pred.gather(0, exits[None])[0]
+    labelled = labels != IGNORE
+    acc = (chosen == labels)[labelled].double().mean().item()
+    macs = torch.as_tensor(macs_all_heads, dtype=torch.float64)[exits.cpu()].mean().item()
+    shares = torch.bincount(exits, minlength=len(thresholds)).double() / len(exits)
+    return acc, macs, shares.tolist()
+
+
+def budget_sweep(val_logits, val_labels, test_logits, test_labels, macs_all_heads):
+    """One row per budget, in increasing order of compute.
+
+    method 'geometric': per-exit thresholds fitted on validation for the exit shares p_k ∝ q^k,
+    q in ``GEOMETRIC_QS`` (``param`` = q). Method 'global': one threshold for all exits but the
+    last (SDN/ZTW style), ``param`` = the threshold; the grid is the ``GLOBAL_LEVELS`` quantiles
+    of the pooled validation confidences of the early exits plus +inf, so that it spans every
+    exit whatever the confidence scale of the model (a fixed grid on [0, 1] misses it for
+    poorly calibrated or barely trained models). Columns: acc1 and avg_macs on test,
+    val_acc1 and val_avg_macs, threshold{k}, and exited{k} (share of the test samples leaving
+    at exit k).
+    """
+    val_conf, val_pred = confidences(val_logits)
+    test_conf, test_pred = confidences(test_logits)
+    n_exits = len(val_conf)
+    settings = [('geometric', q, fit_thresholds(val_conf, geometric_fractions(n_exits, q)))
+                for q in GEOMETRIC_QS]
+    levels = torch.linspace(0, 1, GLOBAL_LEVELS, dtype=torch.float64)
+    grid = torch.quantile(val_conf[:-1].flatten().double(), levels).tolist() + [math.inf]
+    settings += [('global', t, torch.tensor([t] * (n_exits - 1) + [-math.inf])) for t in grid]
+    rows = []
+    for method, param, thresholds in settings:
+        acc, macs, shares = outcome(test_conf, test_pred, test_labels, thresholds, macs_all_heads)
+        val_acc, val_macs, _ = outcome(val_conf, val_pred, val_labels, thresholds, macs_all_heads)
+        rows.append({'method': method, 'param': param, 'acc1': acc, 'avg_macs': macs,
+                     'val_acc1': val_acc, 'val_avg_macs': val_macs,
+                     **{f'threshold{k}': float(t) for k, t in enumerate(thresholds)},
+                     **{f'exited{k}': s for k, s in enumerate(shares)}})
+    return pd.DataFrame(rows)

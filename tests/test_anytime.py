@@ -1,0 +1,86 @@
+"""Per-exit report (accuracy, calibration, cost) and the accuracy-versus-compute figures."""
+import matplotlib.image
+import pandas as pd
+import pytest
+import torch
+
+from multiexit import budgeted, flops, models, plots
+from multiexit.evaluation import (anytime_frame, exit_report, expected_calibration_error,
+                                  per_exit_table)
+from multiexit.metrics import metric_names
+
+SMALL_NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
+                 nplanes_mulv=[2, 4, 8], exit_width=16, btneck_widths=[2, 2, 2])
+
+
+def random_logits(n_exits=3, n=500, n_classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(n_exits, n, n_classes, generator=g),
+            torch.randint(n_classes, (n,), generator=g))
+
+
+def ece_by_loop(logits, labels, n_bins=15):
+    """Guo et al.'s definition, bin by bin."""
+    conf, pred = torch.softmax(logits.double(), -1).max(-1)
+    total = 0.0
+    for b in range(n_bins):
+        in_bin = (conf > b / n_bins) & (conf <= (b + 1) / n_bins)
+        if in_bin.any():
+            acc = (pred[in_bin] == labels[in_bin]).double().mean()
+            total += in_bin.double().mean() * (acc - conf[in_bin].mean()).abs()
+    return float(total)
+
+
+def test_ece_is_the_binned_calibration_gap():
+    logits, labels = random_logits()
+    ece = expected_calibration_error(logits, labels)
+    assert ece == pytest.approx([ece_by_loop(z, labels) for z in logits])
+    certain = torch.full((1, 4, 10), -50.0)
+    certain[0, torch.arange(4), torch.tensor([1, 2, 3, 4])] = 50.0  # confidence 1
+    assert expected_calibration_error(certain, torch.tensor([1, 2, 3, 4])) == pytest.approx([0])
+    assert expected_calibration_error(certain, torch.tensor([0, 0, 0, 0])) == pytest.approx([1])
+    unlabelled = torch.tensor([1, 2, -100, -100])  # left out, as in the accuracies
+    assert expected_calibration_error(certain, unlabelled) == pytest.approx([0])
+
+
+def test_exit_report_is_flat_with_costs_and_a_row_per_exit():
+    torch.manual_seed(0)
+    costs = flops.exit_costs(models.build(SMALL_NET))
+    logits, labels = random_logits()
+    report = exit_report(logits, labels, costs)
+    per_exit = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params')
+                for k in range(3)}
+    assert set(report) == set(metric_names(3)) | per_exit
+    frame = anytime_frame(report, 3)
+    assert frame['macs'].tolist() == [c['macs'] for c in costs]
+    assert frame['params'].tolist() == [c['params'] for c in costs]
+    assert frame['acc1'].tolist() == pytest.approx(
+        [(z.argmax(-1) == labels).double().mean().item() for z in logits])
+    assert frame['acc1_ens'][0] == frame['acc1'][0]
+    table = per_exit_table(frame).splitlines()
+    assert len(table) == 1 + 3 + 1 and 'MMACs' in table[0] and 'ECE' in table[0]
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(b'\x89PNG\r\n\x1a\n') and len(data) > 20_000
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 300
+    assert image.std() > 0.05  # not a blank canvas
+
+
+def test_figures_overlay_snapshots(tmp_path):
+    costs = [1e6, 2e6, 4e6]
+    anytime, sweeps = [], []
+    for seed, name in enumerate(['dbt', 'standard']):
+        logits, labels = random_logits(seed=seed)
+        report = exit_report(logits, labels, [{'macs': c, 'macs_all_heads': c, 'params': 1}
+                                              for c in costs])
+        anytime.append(anytime_frame(report, 3).assign(snapshot=name))
+        val = random_logits(seed=10 + seed)
+        sweeps.append(budgeted.budget_sweep(*val, logits, labels, costs).assign(snapshot=name))
+    anytime, sweeps = pd.concat(anytime), pd.concat(sweeps)
+    plots.anytime_figure(anytime, tmp_path / 'anytime.png')
+    plots.budgeted_figure(sweeps, anytime, tmp_path / 'budgeted.png')
+    assert_png(tmp_path / 'anytime.png')
+    assert_png(tmp_path / 'budgeted.png')

@@ -1,0 +1,73 @@
+"""Budgeted batch classification: threshold fitting, exit decisions, the budget sweep."""
+import math
+
+import pytest
+import torch
+
+from multiexit import budgeted
+
+
+def test_exit_is_the_first_confident_exit_and_costs_all_heads_so_far():
+    conf = torch.tensor([[0.9, 0.2, 0.5, 0.1],   # exit 0
+                         [0.1, 0.8, 0.6, 0.1],   # exit 1
+                         [0.1, 0.1, 0.1, 0.1]])  # exit 2 (last: takes the rest)
+    pred = torch.tensor([[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]])
+    thresholds = [0.8, 0.7, -math.inf]
+    assert budgeted.exit_indices(conf, thresholds).tolist() == [0, 1, 2, 2]
+    labels = torch.tensor([1, 0, 3, 3])
+    acc, macs, shares = budgeted.outcome(conf, pred, labels, thresholds, [10, 30, 70])
+    assert acc == pytest.approx(3 / 4)
+    assert macs == pytest.approx((10 + 30 + 70 + 70) / 4)
+    assert shares == pytest.approx([1 / 4, 1 / 4, 2 / 4])
+
+
+def test_geometric_fractions():
+    p = budgeted.geometric_fractions(4, 0.5)
+    assert p.sum().item() == pytest.approx(1)
+    assert (p[1:] / p[:-1]).tolist() == pytest.approx([0.5] * 3)
+
+
+@pytest.mark.parametrize('q', [0.3, 1.0, 1.9])
+def test_fitted_thresholds_give_the_target_shares_on_the_fitting_data(q):
+    n_exits, n = 5, 1000
+    conf = torch.rand(n_exits, n, generator=torch.Generator().manual_seed(0))
+    target = budgeted.geometric_fractions(n_exits, q)
+    thresholds = budgeted.fit_thresholds(conf, target)
+    assert thresholds[-1].item() == -math.inf
+    counts = torch.bincount(budgeted.exit_indices(conf, thresholds), minlength=n_exits)
+    assert counts.sum().item() == n
+    for k in range(n_exits - 1):  # floor(N p_k) leave at k; the last takes the rest
+        assert n * target[k].item() - 1 < counts[k].item() <= n * target[k].item()
+
+
+def synthetic_logits(n, n_exits=4, n_classes=10, seed=0):
+    """Logits whose exits grow more confident and more often right, like a trained network."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(n_classes, (n,), generator=g)
+    logits = torch.randn(n_exits, n, n_classes, generator=g)
+    for k in range(n_exits):
+        logits[k, torch.arange(n), labels] += 0.8 * (k + 1) * torch.rand(n, generator=g)
+    return logits, labels
+
+
+def test_budget_sweep_spends_more_compute_for_larger_budgets():
+    costs = [1e6, 2.5e6, 3e6, 5e6]
+    val = synthetic_logits(2000, seed=1)
+    test = synthetic_logits(2000, seed=2)
+    sweep = budgeted.budget_sweep(*val, *test, costs)
+    geometric = sweep[sweep['method'] == 'geometric']
+    glob = sweep[sweep['method'] == 'global']
+    assert geometric['param'].tolist() == list(budgeted.GEOMETRIC_QS)
+    # On the split the thresholds are fitted on, the shares follow p_k ∝ q^k exactly, so the
+    # mean cost grows with q; a single threshold makes every sample leave later as it rises.
+    assert geometric['val_avg_macs'].is_monotonic_increasing
+    assert geometric['val_avg_macs'].is_unique
+    assert glob['param'].is_monotonic_increasing
+    assert glob['avg_macs'].is_monotonic_increasing and glob['val_avg_macs'].is_monotonic_increasing
+    # the global grid spans everything at the first exit to everything at the last
+    assert glob['val_avg_macs'].iloc[0] == costs[0] and glob['avg_macs'].iloc[-1] == costs[-1]
+    last_exit_acc = (test[0][-1].argmax(-1) == test[1]).double().mean().item()
+    assert glob['acc1'].iloc[-1] == pytest.approx(last_exit_acc)
+    shares = sweep[[f'exited{k}' for k in range(len(costs))]]
+    assert shares.sum(axis=1).tolist() == pytest.approx([1.0] * len(sweep))
+    assert (shares.to_numpy() @ costs).tolist() == pytest.approx(sweep['avg_macs'].tolist())
