@@ -80,6 +80,9 @@ def config():
     n_epochs = 300  # training epochs
     cf_scheduler = dict(call='MultiStepLR', milestones=[150, 225], gamma=0.1)  # stepped per epoch
     save_interval = 0  # 0: keep the snapshot with the best validation acc1_avg; N: every N epochs
+    amp = True  # CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU
+    channels_last = True  # CUDA: NHWC memory format for model and batches; ignored on CPU
+    compile = False  # CUDA: torch.compile mode for model and loss ('default', 'reduce-overhead')
 
 
 @ex.named_config
@@ -134,7 +137,7 @@ def wrn28_10():
 @ex.main
 def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
          val_batch_size, n_epochs, save_interval, data_dir, gpu, parent_snapshot,
-         generate_fake_data):
+         generate_fake_data, amp, channels_last, compile):
     with reported_as_one_line():
         run_dir = _run.observers[0].dir if _run.observers else 'snapshots/unobserved'
         os.makedirs(run_dir, exist_ok=True)
@@ -142,7 +145,8 @@ def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_sched
             write_fake_cifar(data_dir, cf_trn['call'], n_train_per_class=30, n_test_per_class=10)
         run = Run(cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size, val_batch_size,
                   n_epochs, save_interval, data_dir, gpu, _seed, run_dir, parent_snapshot,
-                  SNAPSHOT_DIR, log_scalar=_run.log_scalar)
+                  SNAPSHOT_DIR, log_scalar=_run.log_scalar, amp=amp, compile=compile,
+                  channels_last=channels_last)
         val = run.fit()
         return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
                 **{f'val.{k}': v for k, v in val.items()}}

@@ -140,7 +140,8 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, device, augment=False,
-                 shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0):
+                 shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0,
+                 channels_last=False):
         self.device = torch.device(device)
         self.images = torch.as_tensor(images, dtype=torch.uint8).to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
@@ -149,6 +150,7 @@ class DeviceLoader:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.augment, self.shuffle, self.drop_last, self.pad = augment, shuffle, drop_last, pad
         self.seed = seed
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.epoch = 0
         unl = (torch.as_tensor(labels) == IGNORE).numpy()
         self._lab_pos = np.where(~unl)[0]
@@ -203,10 +205,12 @@ class DeviceLoader:
         for start in range(0, n, self.batch_size):
             idx = pos[start:start + self.batch_size]
             x, y = self.images[idx], self.labels[idx]
-            yield (self.augment_batch(x) if self.augment else self.normalize(x)), y
+            x = self.augment_batch(x) if self.augment else self.normalize(x)
+            yield x.contiguous(memory_format=self.memory_format), y
 
 
-def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=True):
+def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=True,
+                channels_last=False):
     """DeviceLoader for 'train', 'val' or 'test' from a config dict such as ``cf_trn``.
 
     Keys: ``call`` ('Cifar100' | 'Cifar10'), ``n_per_class``, ``nval_per_class``, ``augment``,
@@ -248,7 +252,7 @@ def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=T
     train = split == 'train'
     loader = DeviceLoader(images[idx], mapped, batch_size, spec.mean, spec.std, device,
                           augment=augment and train, shuffle=train, drop_last=train,
-                          lab_unl_ratio=lab_unl_ratio, seed=seed)
+                          lab_unl_ratio=lab_unl_ratio, seed=seed, channels_last=channels_last)
     return loader, spec.n_classes
 
 

@@ -18,6 +18,9 @@ from .metrics import MultiExitAccuracy
 from .progress import bar
 
 
+FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
+
+
 def resolve_device(gpu):
     """torch.device for the original's ``gpu`` setting (an ordinal; -1 = CPU)."""
     if isinstance(gpu, (list, tuple)):
@@ -83,20 +86,22 @@ def plain(obj):
     return obj
 
 
-def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=None):
+def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=None, amp=False,
+                T=None):
     """One epoch; returns (mean loss, metrics dict, index of the first step whose loss was not
-    finite or None)."""
+    finite or None). ``model`` and ``loss_fn`` may be compiled; ``T`` is the loss's temperature
+    buffer (for adj_maxprob); ``amp``: bf16 autocast of forward and loss."""
     model.train()
     loss_fn.train()
     metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
-    T = getattr(loss_fn, 'temperature', None)
     loss_sum = torch.zeros((), device=loader.device)
     first_bad = torch.full((), -1, device=loader.device)  # kept on the device: no sync per step
     n_steps = 0
     for x, y in (progress(loader) if progress else loader):
-        logits = model(x)
-        metrics.update(logits, y, T)  # before the loss call, which may raise T in place
-        loss = loss_fn(logits, y)
+        with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
+            logits = model(x)
+            metrics.update(logits, y, T)  # before the loss call, which may raise T in place
+            loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,7 +119,8 @@ class Run:
 
     def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
-                 parent_snapshot='', snapshot_dir='snapshots', log=print, log_scalar=None):
+                 parent_snapshot='', snapshot_dir='snapshots', log=print, log_scalar=None,
+                 amp=True, compile=False, channels_last=True):
         for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
                                      ('val_batch_size', val_batch_size, False),
                                      ('save_interval', save_interval, True)]:
@@ -124,12 +130,21 @@ class Run:
         self.run_dir = Path(run_dir)
         self.log, self.log_scalar = log, log_scalar or (lambda *a: None)
         self.device = resolve_device(gpu)
-        if self.device.type == 'cuda':
+        cuda = self.device.type == 'cuda'
+        if cuda:
             torch.backends.cudnn.benchmark = True
+        if compile not in (False, None, 'default', 'reduce-overhead', 'max-autotune'):
+            raise ConfigError(f"compile must be False, 'default', 'reduce-overhead' or "
+                              f"'max-autotune', got {compile!r}")
+        # CUDA only: on the CPU, fp32 eager is both the faithful and the fastest path.
+        self.amp, self.channels_last, self.compile = (amp and cuda, channels_last and cuda,
+                                                      compile if cuda else False)
         self.seed = seed
         # Configuration first, data last: a bad value is reported before any work is done.
         torch.manual_seed(self.seed)
         self.model = models.build(self.cf_net).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.n_exits = len(self.model.exits)
         if cf_loss.get('n_exits') is None:  # None: as many as the model has
             cf_loss = dict(cf_loss, n_exits=self.n_exits)
@@ -145,6 +160,8 @@ class Run:
         if cf_val.get('call') != cf_trn.get('call'):
             raise ConfigError(f"cf_val call={cf_val.get('call')!r} differs from cf_trn call="
                               f"{cf_trn.get('call')!r}: validation is carved from the training file")
+        if cuda and cf_opt.get('call') in FUSED and not {'fused', 'foreach'} & set(cf_opt):
+            cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
         self.optimizer = _from_module(torch.optim, cf_opt, 'cf_opt', self.model.parameters())
         self.scheduler = _from_module(torch.optim.lr_scheduler, cf_scheduler, 'cf_scheduler',
                                       self.optimizer)
@@ -153,8 +170,10 @@ class Run:
             self.seed = self.parent['seed']  # the data order of the run being continued
 
         self.train_loader, _ = data.build_split(cf_trn, 'train', data_dir, batch_size,
-                                                self.device, seed=self.seed)
-        self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device)
+                                                self.device, seed=self.seed,
+                                                channels_last=self.channels_last)
+        self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device,
+                                              channels_last=self.channels_last)
         if len(self.train_loader) == 0:
             raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
                               'training examples: no full batch per epoch')
@@ -162,6 +181,11 @@ class Run:
         self._saved = None  # (path, epoch) of the newest complete training state
         if self.parent:
             self._restore(self.parent)
+        # Training batches have a fixed size (the last one is dropped), so the compiled graphs
+        # (CUDA graphs with 'reduce-overhead') are reused every step; evaluation stays eager.
+        self.train_model = torch.compile(self.model, mode=self.compile) if self.compile else self.model
+        self.train_loss = (torch.compile(self.loss_fn, mode=self.compile) if self.compile
+                           else self.loss_fn)
 
     def _parent_checkpoint(self, parent_snapshot, snapshot_dir):
         if not parent_snapshot:
@@ -277,14 +301,15 @@ class Run:
         self._first = self.epoch + 1
         val = {}
         is_dbt = isinstance(self.loss_fn, losses.DistillationBasedLoss)
+        T = getattr(self.loss_fn, 'temperature', None)
         while self.epoch < self.n_epochs:
             start = time.time()
             self.train_loader.set_epoch(self.epoch)
             lr = self.optimizer.param_groups[0]['lr']
             desc = f'epoch {self.epoch + 1}/{self.n_epochs}'
-            loss, trn, bad_step = train_epoch(self.model, self.loss_fn, self.optimizer,
+            loss, trn, bad_step = train_epoch(self.train_model, self.train_loss, self.optimizer,
                                               self.train_loader, self.n_exits, self.acc_tops,
-                                              lambda it: bar(it, desc))
+                                              lambda it: bar(it, desc), amp=self.amp, T=T)
             if bad_step is not None:
                 raise NonFiniteLossError(
                     f'non-finite training loss at epoch {self.epoch + 1}, step {bad_step + 1}; '
@@ -292,9 +317,8 @@ class Run:
                     'learning rate or check the data')
             self.scheduler.step()  # after the epoch: epochs 0..149 at the initial lr (torch 0.4)
             self.epoch += 1
-            T = self.loss_fn.temperature if hasattr(self.loss_fn, 'temperature') else None
             val = evaluate(self.model, self.val_loader, self.n_exits, self.acc_tops, T,
-                           lambda it: bar(it, 'validation'))
+                           lambda it: bar(it, 'validation'), amp=self.amp)
             if is_dbt:
                 trn['temperature'] = val['temperature'] = self.loss_fn.T
             self._save(val)
