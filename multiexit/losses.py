@@ -55,17 +55,20 @@ class DistillationLossConstTemp(nn.Module):
         return float(self.temperature)  # host sync: for logs and tests, not the training step
 
     def distillation_loss(self, logits_list, y, T):
+        """The loss at temperature ``T``, a float64 tensor: T^2 * C is computed in float64 and
+        rounded once, as the original's Python floats were."""
         teacher = logits_list[-1]
+        T32, weight = T.float(), (T ** 2 * self.C).float()
         total = (1.0 - self.C) * cross_entropy(teacher, y)
-        prob_t = F.softmax(teacher.detach() / T, dim=1)
+        prob_t = F.softmax(teacher.detach() / T32, dim=1)
         for z in logits_list[:-1]:
             if self.C != 1.0:  # with C == 1 the early exits see no labels at all
                 total = total + (1.0 - self.C) * cross_entropy(z, y)
-            total = total + T ** 2 * self.C * soft_cross_entropy(prob_t, z, T)
+            total = total + weight * soft_cross_entropy(prob_t, z, T32)
         return total * self.global_scale
 
     def forward(self, logits_list, y):
-        return self.distillation_loss(logits_list, y, self.temperature.float())
+        return self.distillation_loss(logits_list, y, self.temperature)
 
 
 class DistillationBasedLoss(DistillationLossConstTemp):
@@ -83,7 +86,7 @@ class DistillationBasedLoss(DistillationLossConstTemp):
 
     def forward(self, logits_list, y):
         T = self.temperature  # float64, so that 1.05**n follows the original's Python float
-        loss = self.distillation_loss(logits_list, y, T.float())
+        loss = self.distillation_loss(logits_list, y, T)
         if self.training:
             hot = teacher_confidence(logits_list[-1], T.float()) > self.maxprob
             self.temperature.copy_(torch.where(hot, T * self.Tmult, T))

@@ -1,0 +1,69 @@
+"""The fast path trains exactly like the original's mechanics, and bf16 stays close to fp32."""
+import numpy as np
+import pytest
+import torch
+
+from multiexit import losses, models, reference_style
+from multiexit.data import DATASETS, DeviceLoader
+from multiexit.training import train_epoch
+
+NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
+           nplanes_mulv=[2, 4, 8], exit_width=16, btneck_widths=[2, 2, 2], out_dim=10)
+# maxprob far below a 10-class teacher's confidence, so that T is raised at (almost) every step
+LOSS = dict(call='DistillationBasedLoss', n_exits=3, C=0.5, maxprob=0.02, global_scale=10 / 3)
+OPT = dict(lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
+SPEC = DATASETS['Cifar10']
+STEPS, BATCH = 50, 16
+
+
+@pytest.fixture(scope='module')
+def batches():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (STEPS * BATCH, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (STEPS * BATCH,), generator=g)
+    return images, labels
+
+
+def fresh():
+    torch.manual_seed(0)
+    model = models.build(NET)
+    return model, torch.optim.SGD(model.parameters(), **OPT)
+
+
+def ours(images, labels, amp=False):
+    """train_epoch on one batch at a time, to read the loss of every step."""
+    model, opt = fresh()
+    loss_fn = losses.build(LOSS)
+    out = []
+    for i in range(STEPS):
+        part = slice(i * BATCH, (i + 1) * BATCH)
+        loader = DeviceLoader(images[part], labels[part], BATCH, SPEC.mean, SPEC.std, 'cpu')
+        loss, _, bad = train_epoch(model, loss_fn, opt, loader, 3, (1, 5), amp=amp,
+                                   T=loss_fn.temperature)
+        assert bad is None
+        out.append(loss)
+    return np.array(out), loss_fn.T
+
+
+def test_default_path_equals_reference_mechanics_in_fp32(batches):
+    images, labels = batches
+    got, T = ours(images, labels)
+    model, opt = fresh()
+    loss_fn = reference_style.DistillationBasedLoss(**LOSS)
+    loader = reference_style.loader(images.numpy(), labels.numpy(), BATCH, SPEC.mean, SPEC.std,
+                                    augment=False, train=False)  # the same order, no augmentation
+    expected = np.array([reference_style.train_step(model, loss_fn, opt, x, y).item()
+                         for x, y in loader])
+    assert len(expected) == STEPS
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert T == pytest.approx(loss_fn.T, rel=1e-12) and T > 1.05 ** 40
+
+
+def test_bf16_autocast_stays_close_to_fp32(batches):
+    """Stated tolerance: per-step losses within 5 % of fp32, their mean within 2 %."""
+    images, labels = batches
+    fp32, T32 = ours(images, labels)
+    bf16, T16 = ours(images, labels, amp=True)
+    rel = np.abs(bf16 / fp32 - 1)
+    assert rel.max() < 0.05 and rel.mean() < 0.02, rel
+    assert abs(np.log(T16 / T32)) <= 2 * np.log(1.05)  # at most two steps of T apart
