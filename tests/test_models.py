@@ -113,6 +113,11 @@ def test_imagenet_stem():
     assert [tuple(z.shape) for z in out] == [(2, 1000)] * 2
 
 
+def test_too_few_layers_for_the_transitions_is_a_config_error():
+    with pytest.raises(ConfigError, match='at least 4'):
+        models.build(dict(PAPER_NET, n_exits=2, nlayers_to_exit=1, nlayers_between_exits=1))
+
+
 def test_inconsistent_scales_are_rejected():
     with pytest.raises(ConfigError, match='coarsest scale'):
         models.build(dict(PAPER_NET, n_scales=2, nplanes_mulv=[6, 12], btneck_widths=[4, 4]))

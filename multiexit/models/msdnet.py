@@ -119,6 +119,9 @@ def _reduce_layers(n_scales, n_layers, prune, plane_reduction):
     if not plane_reduction:
         return []
     if prune == 'min':
+        if n_layers < 4:  # the first transition would come before the first layer
+            raise ValueError(f'MsdNet: plane_reduction with {n_layers} layers; it needs at least 4 '
+                             '(1 + nlayers_to_exit + nlayers_between_exits * (n_exits - 1))')
         return [math.floor((n_layers - 1) / 3), math.floor((n_layers - 1) * 2 / 3)]
     if prune == 'max':
         interval = math.ceil((n_layers - 1) / n_scales)
