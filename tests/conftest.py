@@ -44,7 +44,9 @@ def fake_data(tmp_path_factory):
 
 def run_script(script, *args, cwd, snapshots, check=True):
     """Run train_cifar.py / eval.py as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT))
+    # one thread: tiny networks gain nothing from two, and parallel runs would oversubscribe
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

@@ -18,7 +18,8 @@ TINY = ['smoke', 'n_epochs=4', 'seed=5']
 
 
 def start(args, cwd, snapshots):
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS='1')
     return subprocess.Popen([sys.executable, str(ROOT / 'train_cifar.py'), 'with', *args],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
