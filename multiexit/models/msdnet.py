@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .base import MultiExitNet
+
 
 def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
     # The conv keeps its bias, as in the original (8,018 redundant parameters in the paper model).
@@ -167,7 +169,7 @@ def block_boundaries(block_nlayers, n_scales, prune, plane_reduction):
     return sep + shift
 
 
-class MsdNet(nn.Module):
+class MsdNet(MultiExitNet):
     """Multi-scale dense network; ``forward`` returns one logits tensor per exit.
 
     Keyword arguments are those of the original ``cf_net``. Exit ``k`` reads the coarsest scale
@@ -231,10 +233,3 @@ class MsdNet(nn.Module):
     def exit_features(h):
         """What an exit head reads of a block's output: the coarsest scale."""
         return h[-1]
-
-    def forward(self, x):
-        logits = []
-        for block, head in zip(self.blocks, self.exits):
-            x = block(x)
-            logits.append(head(self.exit_features(x)))
-        return logits

@@ -11,6 +11,8 @@ from functools import partial
 from torch import nn
 from torch.nn import functional as F
 
+from .base import MultiExitNet
+
 SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
 IN_SIZE = 32  # CIFAR; the closed-form MACs that place the default exits are counted at it
 STEM_WIDTH = 16
@@ -131,7 +133,7 @@ def sdn_exit_after(cumulative_macs, fractions=SDN_FRACTIONS):
     return sorted(picks - {last})
 
 
-class _ExitResNet(nn.Module):
+class _ExitResNet(MultiExitNet):
     """A stem and residual blocks cut into ``blocks`` at the exits, with ``exits`` their heads."""
 
     def _assemble(self, stem, res_blocks, out_dim, exit_after, head, head_width, preact):
@@ -174,17 +176,6 @@ class _ExitResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    @staticmethod
-    def exit_features(h):
-        """What an exit head reads of a block's output: all of it."""
-        return h
-
-    def forward(self, x):
-        logits = []
-        for block, head in zip(self.blocks, self.exits):
-            x = block(x)
-            logits.append(head(self.exit_features(x)))
-        return logits
 
 
 class ResNet(_ExitResNet):

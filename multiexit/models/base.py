@@ -1,0 +1,18 @@
+"""What every multi-exit model shares: the forward pass over blocks and their exit heads."""
+from torch import nn
+
+
+class MultiExitNet(nn.Module):
+    """Subclasses fill ``blocks`` and ``exits`` (see the contract in ``multiexit.models``)."""
+
+    @staticmethod
+    def exit_features(h):
+        """What an exit head reads of a block's output (all of it, unless overridden)."""
+        return h
+
+    def forward(self, x):
+        logits = []
+        for block, head in zip(self.blocks, self.exits):
+            x = block(x)
+            logits.append(head(self.exit_features(x)))
+        return logits
