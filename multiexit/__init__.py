@@ -1,7 +1,9 @@
 """multiexit: distillation-based training for multi-exit architectures (Phuong & Lampert, 2019).
 
-Modules: ``models`` (MsdNet, registry), ``losses`` (the three training losses), ``metrics``
-(per-exit accuracies), ``data`` (CIFAR on the device), ``training`` (the loop and resume),
-``evaluation``, ``checkpoints``, ``flops`` (cost per exit). No module imports sacred.
+Modules: ``models`` (MsdNet, ResNet, WideResNet, registry), ``losses`` (the three training
+losses), ``metrics`` (per-exit accuracies), ``data`` (CIFAR on the device), ``training`` (the
+loop and resume), ``evaluation``, ``budgeted`` and ``inference`` (early exit), ``flops`` (cost
+per exit), ``plots``, ``checkpoints``, ``runs`` (run inspection), ``reference_style`` (the
+original's mechanics). No module imports sacred.
 """
 __version__ = '0.1.0'
