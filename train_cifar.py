@@ -5,11 +5,14 @@
     python train_cifar.py with n_epochs=10 cf_loss.C=0.3
     python train_cifar.py print_config           # every setting, with its comment
     python train_cifar.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
+    torchrun --nproc_per_node=4 train_cifar.py with ...   # 4 GPUs (DDP): README "Several GPUs"
 
 Each run writes snapshots/<run id>/: config.json, run.json, cout.txt, metrics.json, and the
 checkpoints (last.pt to resume, ep<N>.pt model snapshots).
 """
+import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -17,8 +20,10 @@ import torch
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
+from sacred.utils import create_basic_stream_logger  # noqa: E402
 
-from multiexit.errors import EXIT_CODE_INTERRUPTED, reported_as_one_line
+from multiexit import distributed
+from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line
 from multiexit.data import write_fake_cifar
 from multiexit.progress import strip_progress
 from multiexit.training import Run
@@ -28,13 +33,17 @@ SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
 SNAPSHOT_DIR = os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')
 
 ex = Experiment('train_cifar', save_git_info=False)
-ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
+if distributed.env_rank() == 0:
+    ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
+else:  # under torchrun, rank 0 alone writes the run and logs; the others report only errors
+    ex.logger = create_basic_stream_logger()
+    ex.logger.setLevel(logging.ERROR)
 ex.captured_out_filter = strip_progress
 
 
 @ex.config
 def config():
-    gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU
+    gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU (torchrun: 0 or -1)
     snapshot_name = 'test:0'  # a name for this run; eval.py finds its snapshots by it
     parent_snapshot = ''  # resume from a run id, snapshot name or checkpoint path ('' = fresh)
     data_dir = 'data'  # holds cifar-100-python/ (downloaded there through torchvision if missing)
@@ -83,6 +92,8 @@ def config():
     amp = True  # CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU
     channels_last = True  # CUDA: NHWC memory format for model and batches; ignored on CPU
     compile = False  # CUDA: torch.compile mode for model and loss ('default', 'reduce-overhead')
+    sync_bn = False  # torchrun: BatchNorm statistics of the global batch, not each process's part
+    ddp_timeout_s = 600  # torchrun: a process waiting this long for the others fails the job
 
 
 @ex.named_config
@@ -147,16 +158,21 @@ def semisup():
 @ex.main
 def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
          val_batch_size, n_epochs, save_interval, data_dir, gpu, parent_snapshot,
-         generate_fake_data, amp, channels_last, compile):
-    with reported_as_one_line():
-        run_dir = _run.observers[0].dir if _run.observers else 'snapshots/unobserved'
-        os.makedirs(run_dir, exist_ok=True)
+         generate_fake_data, amp, channels_last, compile, sync_bn, ddp_timeout_s):
+    with reported_as_one_line(), distributed.process_group(gpu, ddp_timeout_s):
+        if isinstance(gpu, (list, tuple)):
+            raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
+                              f'{distributed.torchrun_command(gpu, sys.argv)}')
+        run_dir = None  # ranks other than 0 write nothing
+        if distributed.env_rank() == 0:
+            run_dir = _run.observers[0].dir if _run.observers else 'snapshots/unobserved'
+            os.makedirs(run_dir, exist_ok=True)
         if generate_fake_data:
             write_fake_cifar(data_dir, cf_trn['call'], n_train_per_class=30, n_test_per_class=10)
         run = Run(cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size, val_batch_size,
                   n_epochs, save_interval, data_dir, gpu, _seed, run_dir, parent_snapshot,
                   SNAPSHOT_DIR, log_scalar=_run.log_scalar, amp=amp, compile=compile,
-                  channels_last=channels_last)
+                  channels_last=channels_last, sync_bn=sync_bn)
         val = run.fit()
         return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
                 **{f'val.{k}': v for k, v in val.items()}}

@@ -128,6 +128,14 @@ def unlabelled_indices(labels, n_unl_per_class, seed, n_classes):
     return np.sort(np.concatenate(out)).astype(np.int64)
 
 
+def check_divisible(batch_size, world_size):
+    """Training batches are split into equal parts, one per process."""
+    if batch_size % world_size:
+        raise ConfigError(f'batch_size={batch_size} is not divisible by the {world_size} '
+                          f'processes: each takes batch_size/{world_size} examples of every batch '
+                          f'(the global batch stays batch_size)')
+
+
 class DeviceLoader:
     """Batches from a uint8 copy of the split that lives on ``device``.
 
@@ -137,11 +145,22 @@ class DeviceLoader:
     mean colour) runs on whole batches. With unlabelled examples (label -100) and
     ``lab_unl_ratio=(r_lab, r_unl)``, epochs interleave r_lab labelled and r_unl unlabelled
     examples as the original did.
+
+    Sharded (``world_size`` > 1, one loader per rank): every rank computes the same permutation
+    and batches of ``batch_size``, and yields the ``rank``-th of ``world_size`` consecutive
+    parts of each batch, so the ranks together see exactly the single-process batches, with the
+    same number of steps. The augmentation of the whole batch is drawn on every rank and each
+    takes its part: an example is augmented as it would be by a single process. With
+    ``drop_last`` (training) the parts must have equal sizes; otherwise they differ by at most
+    one and every example is seen once.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, device, augment=False,
                  shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0,
-                 channels_last=False):
+                 channels_last=False, rank=0, world_size=1):
+        if drop_last:
+            check_divisible(batch_size, world_size)
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.images = torch.as_tensor(images, dtype=torch.uint8).to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
@@ -184,13 +203,18 @@ class DeviceLoader:
     def normalize(self, x):
         return (x.float().div_(255) - self.mean) / self.std
 
-    def augment_batch(self, x):
-        """Flip, normalise and shift a uint8 batch, drawing from ``self.generator``."""
-        b, _, h, w = x.shape
+    def draw_augmentation(self, b):
+        """(flip (b,), shift (2, b, 1)) for a batch of ``b``, drawn from ``self.generator``."""
         g, dev = self.generator, self.device
         flip = torch.rand(b, generator=g, device=dev) < 0.5
+        return flip, torch.randint(-self.pad, self.pad + 1, (2, b, 1), generator=g, device=dev)
+
+    def augment_batch(self, x, draws=None):
+        """Flip, normalise and shift a uint8 batch with ``draws`` (default: new ones)."""
+        b, _, h, w = x.shape
+        dev = self.device
+        flip, shift = draws if draws is not None else self.draw_augmentation(b)
         x = self.normalize(torch.where(flip[:, None, None, None], x.flip(3), x))
-        shift = torch.randint(-self.pad, self.pad + 1, (2, b, 1), generator=g, device=dev)
         x = F.pad(x, (self.pad,) * 4)  # zeros after normalisation: the mean colour
         rows = torch.arange(h, device=dev) + self.pad + shift[0]  # (b, h)
         cols = torch.arange(w, device=dev) + self.pad + shift[1]
@@ -204,18 +228,25 @@ class DeviceLoader:
         n = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
         for start in range(0, n, self.batch_size):
             idx = pos[start:start + self.batch_size]
-            x, y = self.images[idx], self.labels[idx]
-            x = self.augment_batch(x) if self.augment else self.normalize(x)
+            b = len(idx)
+            lo, hi = self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
+            draws = self.draw_augmentation(b) if self.augment else None
+            if lo == hi:  # a last evaluation batch smaller than the number of ranks
+                continue
+            x, y = self.images[idx[lo:hi]], self.labels[idx[lo:hi]]
+            x = (self.augment_batch(x, (draws[0][lo:hi], draws[1][:, lo:hi])) if self.augment
+                 else self.normalize(x))
             yield x.contiguous(memory_format=self.memory_format), y
 
 
 def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=True,
-                channels_last=False):
+                channels_last=False, rank=0, world_size=1):
     """DeviceLoader for 'train', 'val' or 'test' from a config dict such as ``cf_trn``.
 
     Keys: ``call`` ('Cifar100' | 'Cifar10'), ``n_per_class``, ``nval_per_class``, ``augment``,
     ``seed`` (the subset seed), ``n_unl_per_class``, ``lab_unl_ratio``. ``seed`` here is the
-    run's seed for the epoch order and augmentation. Returns (loader, n_classes).
+    run's seed for the epoch order and augmentation; ``rank`` and ``world_size`` shard the
+    batches (see DeviceLoader). Returns (loader, n_classes).
     """
     cf = dict(cf_data)
     call = cf.pop('call', None)
@@ -252,7 +283,8 @@ def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=T
     train = split == 'train'
     loader = DeviceLoader(images[idx], mapped, batch_size, spec.mean, spec.std, device,
                           augment=augment and train, shuffle=train, drop_last=train,
-                          lab_unl_ratio=lab_unl_ratio, seed=seed, channels_last=channels_last)
+                          lab_unl_ratio=lab_unl_ratio, seed=seed, channels_last=channels_last,
+                          rank=rank, world_size=world_size)
     return loader, spec.n_classes
 
 

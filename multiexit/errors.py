@@ -31,6 +31,10 @@ class CheckpointWriteError(UserError):
     """A checkpoint could not be written (the previous one is intact)."""
 
 
+class PeerLostError(UserError):
+    """Another process of a torchrun job failed or stopped answering."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped training; the message says how to resume.
 
@@ -44,14 +48,21 @@ EXIT_CODE_INTERRUPTED = 130
 
 @contextlib.contextmanager
 def reported_as_one_line():
-    """Turn a UserError into one line on stderr and exit code 2 (MULTIEXIT_DEBUG=1: traceback)."""
+    """Turn a UserError into one line on stderr and exit code 2 (MULTIEXIT_DEBUG=1: traceback).
+
+    Under torchrun with several processes, each error line names its rank, and only rank 0
+    reports an interruption (all of them are interrupted together).
+    """
+    rank = int(os.environ.get('RANK', 0))
+    tag = f'[rank {rank}] ' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
     try:
         yield
     except TrainingInterrupted as e:
-        print(f'interrupted: {e}', file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f'interrupted: {e}', file=sys.stderr, flush=True)
         raise
     except UserError as e:
         if os.environ.get('MULTIEXIT_DEBUG'):
             raise
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'error: {tag}{e}', file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CODE) from None

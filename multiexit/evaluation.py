@@ -14,7 +14,8 @@ ECE_BINS = 15
 @torch.inference_mode()
 def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp=False):
     """Metrics of ``model`` over ``loader``; ``T`` (a loss temperature) adds adj_maxprob;
-    ``amp``: bf16 autocast."""
+    ``amp``: bf16 autocast. A sharded ``loader`` gives every rank the metrics of the whole split
+    (each example counted once)."""
     model.eval()
     metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
     batches = progress(loader) if progress else loader
@@ -22,6 +23,8 @@ def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp
         with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
             logits = model(x)
         metrics.update(logits, y, T)
+    if loader.world_size > 1:
+        metrics.sum_over_ranks()
     return metrics.compute()  # host sync, once
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
+from . import distributed, registry
 
 IGNORE = -100
 
@@ -76,7 +76,9 @@ class DistillationBasedLoss(DistillationLossConstTemp):
 
     After each training call, if the teacher's mean max-probability at the current T exceeds
     `maxprob`, T is multiplied by `Tmult`. T is a float64 buffer on the loss's device, updated
-    without a host sync, and part of ``state_dict()`` so that a resumed run keeps it.
+    without a host sync, and part of ``state_dict()`` so that a resumed run keeps it. Under
+    torch.distributed, the mean max-probability is averaged over the ranks (whose batches have
+    the same size) before the comparison, so every rank keeps the same T.
     """
 
     def __init__(self, C, maxprob, n_exits, acc_tops=(1,), Tmult=1.05, global_scale=1.0):
@@ -88,7 +90,8 @@ class DistillationBasedLoss(DistillationLossConstTemp):
         T = self.temperature  # float64, so that 1.05**n follows the original's Python float
         loss = self.distillation_loss(logits_list, y, T)
         if self.training:
-            hot = teacher_confidence(logits_list[-1], T.float()) > self.maxprob
+            confidence = teacher_confidence(logits_list[-1], T.float())
+            hot = distributed.mean_over_ranks(confidence) > self.maxprob
             self.temperature.copy_(torch.where(hot, T * self.Tmult, T))
         return loss
 

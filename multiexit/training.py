@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, data, losses, models
-from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, SnapshotError,
-                     TrainingInterrupted)
+from . import checkpoints, data, distributed, losses, models
+from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
+                     SnapshotError, TrainingInterrupted)
 from .evaluation import evaluate
 from .metrics import MultiExitAccuracy
 from .progress import bar
@@ -22,10 +22,14 @@ FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
 
 
 def resolve_device(gpu):
-    """torch.device for the original's ``gpu`` setting (an ordinal; -1 = CPU)."""
+    """torch.device for the original's ``gpu`` setting (an ordinal; -1 = CPU); under torchrun,
+    this process's device (``distributed.rank_device``)."""
     if isinstance(gpu, (list, tuple)):
-        raise ConfigError(f'gpu={list(gpu)}: several GPUs are not supported by this script; '
-                          'set gpu to one ordinal, or -1 for CPU')
+        raise ConfigError(f'gpu={list(gpu)}: a process drives one device; train on several '
+                          f'GPUs with one process each: torchrun --nproc_per_node={len(gpu)} '
+                          'train_cifar.py with ... (README: Several GPUs)')
+    if distributed.active():
+        return distributed.rank_device(gpu)
     if not isinstance(gpu, int) or isinstance(gpu, bool):
         raise ConfigError(f'gpu must be an int (CUDA ordinal, -1 = CPU), got {gpu!r}')
     if gpu < 0:
@@ -90,7 +94,9 @@ def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=N
                 T=None):
     """One epoch; returns (mean loss, metrics dict, index of the first step whose loss was not
     finite or None). ``model`` and ``loss_fn`` may be compiled; ``T`` is the loss's temperature
-    buffer (for adj_maxprob); ``amp``: bf16 autocast of forward and loss."""
+    buffer (for adj_maxprob); ``amp``: bf16 autocast of forward and loss. With a sharded
+    ``loader`` (each rank its part of every batch, ``model`` wrapped in DDP), the results are
+    those of the global batches, the same on every rank."""
     model.train()
     loss_fn.train()
     metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
@@ -109,26 +115,44 @@ def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=N
         bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
         first_bad = torch.where(bad, n_steps, first_bad)
         n_steps += 1
+    if loader.world_size > 1:
+        metrics.sum_over_ranks()
+        loss_sum = distributed.mean_over_ranks(loss_sum)  # equal parts: the global batches' loss
+        first_bad = distributed.min_over_ranks_(torch.where(first_bad < 0, n_steps, first_bad))
+        first_bad = torch.where(first_bad == n_steps, -1, first_bad)
     out = metrics.compute()  # host sync, once per epoch
     bad_step = int(first_bad)  # host sync, once per epoch
     return float(loss_sum) / max(n_steps, 1), out, (bad_step if bad_step >= 0 else None)
 
 
 class Run:
-    """Everything a training run holds; ``fit()`` trains it epoch by epoch."""
+    """Everything a training run holds; ``fit()`` trains it epoch by epoch.
+
+    Under torch.distributed (``distributed.process_group``), every rank builds a Run with the
+    same arguments and trains the same model on its part of every batch (DDP); rank 0's
+    ``seed`` and ``run_dir`` are used by all (``run_dir`` may be None elsewhere), and only rank
+    0 logs and writes checkpoints.
+    """
 
     def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
                  parent_snapshot='', snapshot_dir='snapshots', log=print, log_scalar=None,
-                 amp=True, compile=False, channels_last=True):
+                 amp=True, compile=False, channels_last=True, sync_bn=False):
         for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
                                      ('val_batch_size', val_batch_size, False),
                                      ('save_interval', save_interval, True)]:
             _positive_int(name, value, zero_ok)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        data.check_divisible(batch_size, self.world_size)
+        # rank 0's for all: a seed sacred drew differs per process; only rank 0 has a run dir
+        seed, run_dir = distributed.from_main((seed, str(run_dir)))
         self.cf_net = plain(cf_net)
         self.n_epochs, self.save_interval = n_epochs, save_interval
         self.run_dir = Path(run_dir)
-        self.log, self.log_scalar = log, log_scalar or (lambda *a: None)
+        quiet = lambda *a: None
+        self.log = log if self.is_main else quiet
+        self.log_scalar = (log_scalar or quiet) if self.is_main else quiet
         self.device = resolve_device(gpu)
         cuda = self.device.type == 'cuda'
         if cuda:
@@ -168,12 +192,16 @@ class Run:
         self.parent = self._parent_checkpoint(parent_snapshot, snapshot_dir)
         if self.parent and 'seed' in self.parent:
             self.seed = self.parent['seed']  # the data order of the run being continued
+        if self.rank:
+            torch.manual_seed(self.seed + self.rank)  # dropout: other masks than rank 0's
 
-        self.train_loader, _ = data.build_split(cf_trn, 'train', data_dir, batch_size,
-                                                self.device, seed=self.seed,
-                                                channels_last=self.channels_last)
+        shard = dict(rank=self.rank, world_size=self.world_size)
+        with distributed.local_main_first():  # one download per machine
+            self.train_loader, _ = data.build_split(cf_trn, 'train', data_dir, batch_size,
+                                                    self.device, seed=self.seed,
+                                                    channels_last=self.channels_last, **shard)
         self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device,
-                                              channels_last=self.channels_last)
+                                              channels_last=self.channels_last, **shard)
         if len(self.train_loader) == 0:
             raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
                               'training examples: no full batch per epoch')
@@ -181,9 +209,12 @@ class Run:
         self._saved = None  # (path, epoch) of the newest complete training state
         if self.parent:
             self._restore(self.parent)
+        step = self.model
+        if self.world_size > 1:  # self.model stays the plain module: evaluated, saved, restored
+            self.model, step = distributed.wrap(self.model, self.device, sync_bn)
         # Training batches have a fixed size (the last one is dropped), so the compiled graphs
         # (CUDA graphs with 'reduce-overhead') are reused every step; evaluation stays eager.
-        self.train_model = torch.compile(self.model, mode=self.compile) if self.compile else self.model
+        self.train_model = torch.compile(step, mode=self.compile) if self.compile else step
         self.train_loss = (torch.compile(self.loss_fn, mode=self.compile) if self.compile
                            else self.loss_fn)
 
@@ -217,20 +248,29 @@ class Run:
         self.optimizer.load_state_dict(extra['optimizer'])
         self.scheduler.load_state_dict(extra['scheduler'])
         self.loss_fn.load_state_dict(extra['loss'])
-        set_rng_state(extra['rng'])
+        per_rank = extra.get('rng_ranks')
+        if per_rank and len(per_rank) == self.world_size:
+            set_rng_state(per_rank[self.rank])
+        else:  # another number of processes: rank 0 continues, the others start their own
+            set_rng_state(extra['rng'])
+            if self.rank:
+                torch.manual_seed(self.seed + self.rank)
         self.best_val, self.best_epoch = extra['best_val'], extra['best_epoch']
         self._saved = (self.parent_path, self.epoch)
         best = self.parent_path.parent / f'ep{self.best_epoch}.pt'
-        if self.best_epoch is not None and best.is_file() and not self.save_interval:
+        if (self.is_main and self.best_epoch is not None and best.is_file()
+                and not self.save_interval):
             shutil.copy2(best, self.run_dir / best.name)  # the best snapshot so far moves along
         self.log(f'resuming {self.parent_path} exactly at epoch {self.epoch}')
 
-    def training_state(self):
+    def training_state(self, rng_ranks=None):
+        """Everything to continue exactly; ``rng_ranks``: every rank's RNG states under DDP
+        (rank 0's are ``rng``). The model's keys have no DDP ``module.`` prefix."""
         return {'format': 'multiexit-train-1', 'epoch': self.epoch, 'cf_net': self.cf_net,
                 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'scheduler': self.scheduler.state_dict(), 'loss': self.loss_fn.state_dict(),
                 'seed': self.seed, 'best_val': self.best_val, 'best_epoch': self.best_epoch,
-                'rng': rng_state()}
+                'rng': rng_state(), **({'rng_ranks': rng_ranks} if rng_ranks else {})}
 
     def _last_good(self):
         """Where the last complete state is, and how to continue from it."""
@@ -238,33 +278,36 @@ class Run:
             return 'no epoch had finished, so there is nothing to resume: start the run again'
         path, epoch = self._saved
         run = path.parent
-        return (f'{path} holds epoch {epoch}; resume with: python train_cifar.py with '
+        return (f'{path} holds epoch {epoch}; resume with: '
+                f'{distributed.launch_command("train_cifar.py")} with '
                 f'{run}/config.json parent_snapshot={run}')
 
     def _save(self, val_metrics):
+        """Rank 0 writes the checkpoints; every rank keeps the same account of them."""
+        rng_ranks = distributed.gathered(rng_state()) if self.world_size > 1 else None  # host sync
         try:
-            self._write_checkpoints(val_metrics)
+            self._write_checkpoints(val_metrics, rng_ranks)
         except OSError as e:
             raise CheckpointWriteError(
                 f'could not write a checkpoint to {self.run_dir} ({e.strerror or e}); '
                 f'{self._last_good()} once the problem (disk space?) is fixed') from None
         self._saved = (self.run_dir / checkpoints.LAST, self.epoch)
 
-    def _write_checkpoints(self, val_metrics):
+    def _write_checkpoints(self, val_metrics, rng_ranks):
         ep = self.epoch
-        if self.save_interval and ep % self.save_interval == 0:
-            checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
-                                                               val_metrics),
-                                    self.run_dir / f'ep{ep}.pt')
-        old_best = None
-        if not self.save_interval and val_metrics['acc1_avg'] > self.best_val:
-            checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
-                                                               val_metrics),
-                                    self.run_dir / f'ep{ep}.pt')
-            old_best, self.best_epoch = self.best_epoch, ep
+        new_best = not self.save_interval and val_metrics['acc1_avg'] > self.best_val
+        old_best = self.best_epoch
+        if new_best:
+            self.best_epoch = ep
         self.best_val = max(self.best_val, val_metrics['acc1_avg'])
-        checkpoints.save_atomic(self.training_state(), self.run_dir / checkpoints.LAST)
-        if old_best is not None:  # only once last.pt names the new best
+        if not self.is_main:
+            return
+        if new_best or (self.save_interval and ep % self.save_interval == 0):
+            checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
+                                                               val_metrics),
+                                    self.run_dir / f'ep{ep}.pt')
+        checkpoints.save_atomic(self.training_state(rng_ranks), self.run_dir / checkpoints.LAST)
+        if new_best and old_best is not None:  # only once last.pt names the new best
             (self.run_dir / f'ep{old_best}.pt').unlink(missing_ok=True)
 
     def _log_epoch(self, loss, trn, val, lr, seconds):
@@ -285,6 +328,8 @@ class Run:
 
         SIGINT and SIGTERM abandon the epoch in progress and raise TrainingInterrupted, whose
         message says how to resume from the last finished epoch (saved atomically in last.pt).
+        Under torchrun, a collective that fails because another process failed or stopped
+        answering raises PeerLostError, with the same instructions.
         """
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
@@ -293,6 +338,11 @@ class Run:
         except KeyboardInterrupt as e:
             raise TrainingInterrupted(f'{e or "interrupted"} during epoch {self.epoch + 1}; '
                                       f'{self._last_good()}') from None
+        except RuntimeError as e:
+            if not distributed.is_peer_failure(e):
+                raise
+            raise PeerLostError(f'{distributed.peer_failure(e, f" during epoch {self.epoch + 1}")}'
+                                f'; {self._last_good()}') from None
         finally:
             if on_main_thread:
                 signal.signal(signal.SIGTERM, previous)
@@ -302,6 +352,7 @@ class Run:
         val = {}
         is_dbt = isinstance(self.loss_fn, losses.DistillationBasedLoss)
         T = getattr(self.loss_fn, 'temperature', None)
+        progress = lambda desc: (lambda it: bar(it, desc)) if self.is_main else None
         while self.epoch < self.n_epochs:
             start = time.time()
             self.train_loader.set_epoch(self.epoch)
@@ -309,7 +360,7 @@ class Run:
             desc = f'epoch {self.epoch + 1}/{self.n_epochs}'
             loss, trn, bad_step = train_epoch(self.train_model, self.train_loss, self.optimizer,
                                               self.train_loader, self.n_exits, self.acc_tops,
-                                              lambda it: bar(it, desc), amp=self.amp, T=T)
+                                              progress(desc), amp=self.amp, T=T)
             if bad_step is not None:
                 raise NonFiniteLossError(
                     f'non-finite training loss at epoch {self.epoch + 1}, step {bad_step + 1}; '
@@ -317,8 +368,9 @@ class Run:
                     'learning rate or check the data')
             self.scheduler.step()  # after the epoch: epochs 0..149 at the initial lr (torch 0.4)
             self.epoch += 1
+            distributed.broadcast_buffers(self.model)  # evaluate and save rank 0's BN statistics
             val = evaluate(self.model, self.val_loader, self.n_exits, self.acc_tops, T,
-                           lambda it: bar(it, 'validation'), amp=self.amp)
+                           progress('validation'), amp=self.amp)
             if is_dbt:
                 trn['temperature'] = val['temperature'] = self.loss_fn.T
             self._save(val)

@@ -162,6 +162,7 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     ('train_cifar.py', ['smoke', 'cf_loss.n_exits=5'], 'cf_loss n_exits=5 but the model has 3'),
     ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
     ('train_cifar.py', ['smoke', 'gpu=3'], 'gpu=3 but this machine has'),
+    ('train_cifar.py', ['smoke', 'gpu=[0, 1]'], 'under torchrun: torchrun --nproc_per_node=2 '),
     ('train_cifar.py', ['data_dir=empty', 'n_epochs=1'], 'no cifar-100-python/ in empty'),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, message):

@@ -1,0 +1,296 @@
+"""DDP on the CPU: 2 gloo processes, through torch.multiprocessing and through torchrun."""
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from multiexit import data, distributed, losses, models
+from multiexit.errors import ConfigError
+from multiexit.evaluation import evaluate, load_model
+from multiexit.training import Run, train_epoch
+from conftest import ROOT
+
+NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayers_to_exit=2,
+           nlayers_between_exits=1, nplanes_mulv=[2, 4, 8], nplanes_addh=1, nplanes_init=1,
+           prune='min', plane_reduction=0.5, exit_width=16, btneck_widths=[2, 2, 2])
+# maxprob 0: T grows at every step, so the loss depends on it from the second step on
+LOSS = dict(call='DistillationBasedLoss', n_exits=3, acc_tops=[1, 5], C=0.5, maxprob=0.0)
+GLOBAL_BATCH, N_TRAIN, N_VAL = 16, 72, 37  # 4 steps and 8 examples dropped; an uneven last batch
+SPEC = data.DATASETS['Cifar10']
+
+
+def images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def train_loader(rank=0, world_size=1, batch_size=GLOBAL_BATCH):
+    x, y = images(N_TRAIN, 0)
+    return data.DeviceLoader(x, y, batch_size, SPEC.mean, SPEC.std, 'cpu', augment=True,
+                             shuffle=True, drop_last=True, seed=4, rank=rank,
+                             world_size=world_size)
+
+
+def val_loader(rank=0, world_size=1):
+    x, y = images(N_VAL, 1)
+    return data.DeviceLoader(x, y, 10, SPEC.mean, SPEC.std, 'cpu', rank=rank,
+                             world_size=world_size)
+
+
+class Recorded(torch.nn.Module):
+    """The loss, remembering its value at every step."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss, self.values = loss, []
+
+    def forward(self, logits, y):
+        out = self.loss(logits, y)
+        self.values.append(out.item())
+        return out
+
+
+def train_steps(rank, world_size):
+    """One epoch of the tiny MsdNet with DBT; with a group, DDP and sync_bn."""
+    torch.manual_seed(0)
+    model = models.build(NET)
+    loss = Recorded(losses.build(LOSS))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step_model = model
+    if world_size > 1:
+        model, step_model = distributed.wrap(model, torch.device('cpu'), sync_bn=True)
+    mean_loss, metrics, bad = train_epoch(step_model, loss, opt, train_loader(rank, world_size),
+                                          3, (1, 5), T=loss.loss.temperature)
+    return dict(losses=loss.values, mean_loss=mean_loss, metrics=metrics, bad=bad,
+                T=loss.loss.T, state=model.state_dict(), model=model)
+
+
+def temperatures(rank):
+    """T after two training calls whose teacher's max-probability differs between the ranks:
+    0.8 and 0.15 (mean 0.475 < maxprob), then 0.8 and 0.3 (mean 0.55 > maxprob)."""
+    loss = losses.build(dict(LOSS, maxprob=0.5))
+    out = []
+    for p in ((0.8, 0.15), (0.8, 0.3)):
+        prob = torch.full((4, 10), (1 - p[rank]) / 9)
+        prob[:, 0] = p[rank]
+        logits = [prob.log()] * 3
+        loss(logits, torch.zeros(4, dtype=torch.long))
+        out.append(loss.T)
+    return out
+
+
+def worker(rank, world_size, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{tmp}/rendezvous', rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    try:
+        out = train_steps(rank, world_size)
+        model = out.pop('model')
+        out['val_sharded'] = evaluate(model, val_loader(rank, world_size), 3)
+        out['val_whole'] = evaluate(model, val_loader(), 3)
+        out['T_disagreeing'] = temperatures(rank)
+        try:
+            smoke = dict(call='Cifar100', n_per_class=20, nval_per_class=5)
+            Run(NET, LOSS, smoke, smoke, dict(call='SGD', lr=0.1), dict(call='StepLR', step_size=1),
+                15, 10, 1, 0, tmp / 'no_data', -1, 0, None if rank else tmp)
+        except ConfigError as e:
+            out['odd_batch_error'] = str(e)
+        torch.save(out, tmp / f'rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('ddp')
+    torch.multiprocessing.spawn(worker, args=(2, tmp), nprocs=2, join=True)
+    return [torch.load(tmp / f'rank{r}.pt', weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope='module')
+def one_process():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: on 2 busy cores, 2 threads can be 100x slower
+    try:
+        return train_steps(0, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_parameters_and_temperature_are_identical_on_every_rank(two_ranks):
+    a, b = two_ranks
+    assert a['state'].keys() == b['state'].keys()
+    for k, v in a['state'].items():
+        assert torch.equal(v, b['state'][k]), k
+    assert a['T'] == b['T'] == pytest.approx(1.05 ** 4, rel=1e-12)
+    assert a['mean_loss'] == b['mean_loss'] and a['metrics'] == b['metrics']
+
+
+def test_two_ranks_with_sync_bn_equal_one_process_with_the_global_batch(two_ranks, one_process):
+    a, b = two_ranks
+    global_losses = [(x + y) / 2 for x, y in zip(a['losses'], b['losses'])]
+    assert len(global_losses) == len(one_process['losses']) == N_TRAIN // GLOBAL_BATCH
+    assert global_losses == pytest.approx(one_process['losses'], rel=1e-4)
+    assert a['mean_loss'] == pytest.approx(one_process['mean_loss'], rel=1e-4)
+    assert a['T'] == one_process['T']
+    for k, v in one_process['state'].items():
+        torch.testing.assert_close(a['state'][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # whole-batch metrics: exact sums over both ranks' parts
+    assert a['metrics']['acc1_avg'] == one_process['metrics']['acc1_avg']
+    assert a['metrics']['avg_maxprob'] == pytest.approx(one_process['metrics']['avg_maxprob'],
+                                                         rel=1e-4)
+
+
+def test_temperature_follows_the_mean_confidence_of_the_ranks(two_ranks):
+    # alone, rank 0 (0.8 > 0.5) would have raised T at once and rank 1 (0.3) not the second time
+    assert two_ranks[0]['T_disagreeing'] == two_ranks[1]['T_disagreeing'] == [1.0, 1.05]
+
+
+def test_sharded_validation_counts_every_example_once(two_ranks):
+    for out in two_ranks:
+        whole, sharded = out['val_whole'], out['val_sharded']
+        assert sharded.keys() == whole.keys()
+        for k in whole:
+            assert sharded[k] == pytest.approx(whole[k], rel=1e-6), k
+    assert two_ranks[0]['val_sharded'] == two_ranks[1]['val_sharded']
+
+
+def test_batch_size_must_split_evenly_over_the_ranks(two_ranks):
+    for out in two_ranks:
+        assert 'batch_size=15 is not divisible by the 2 processes' in out['odd_batch_error']
+
+
+def test_rank_parts_make_up_the_single_process_batches():
+    whole = list(train_loader())
+    parts = [list(train_loader(r, 4)) for r in range(4)]
+    assert all(len(p) == len(whole) for p in parts)  # the same number of steps on every rank
+    for step, (x, y) in enumerate(whole):
+        assert all(len(p[step][1]) == GLOBAL_BATCH // 4 for p in parts)
+        assert torch.equal(torch.cat([p[step][0] for p in parts]), x)  # augmentation included
+        assert torch.equal(torch.cat([p[step][1] for p in parts]), y)
+    with pytest.raises(ConfigError, match='batch_size=16 is not divisible by the 3 processes'):
+        train_loader(0, 3)
+    labels = torch.cat([y for r in range(3) for _, y in val_loader(r, 3)])
+    assert sorted(labels.tolist()) == sorted(val_loader().labels.tolist())
+
+
+def test_gpu_list_names_the_torchrun_command():
+    assert (distributed.torchrun_command([0, 1], ['train_cifar.py', 'with', 'smoke', 'gpu=[0,1]'])
+            == 'torchrun --nproc_per_node=2 train_cifar.py with smoke')
+    assert (distributed.torchrun_command([2, 3], ['train_cifar.py'])
+            == 'CUDA_VISIBLE_DEVICES=2,3 torchrun --nproc_per_node=2 train_cifar.py with')
+
+
+# ---- train_cifar.py under torchrun
+
+SMOKE = ['smoke', 'seed=3']
+
+
+def torchrun(args, cwd, snapshots):
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS='1')
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                             '--nproc_per_node=2', str(ROOT / 'train_cifar.py'), 'with', *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finished(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp('torchrun')
+    out, err = finished(torchrun(SMOKE + ['n_epochs=2'], work, work / 'snapshots'))
+    return work, out, err
+
+
+def test_torchrun_writes_one_sacred_run_from_rank_0(ddp_run):
+    work, out, _ = ddp_run
+    assert sorted(p.name for p in (work / 'snapshots').iterdir() if p.name != '_sources') == ['1']
+    run = work / 'snapshots' / '1'
+    assert read(run / 'run.json')['status'] == 'COMPLETED'
+    assert read(run / 'metrics.json')['train.loss']['steps'] == [1, 2]
+    assert (run / 'cout.txt').read_text().count('val top-1 of exit') == 1
+    assert out.count('val top-1 of exit') == 1  # the other rank logs nothing
+    assert not (work / 'snapshots' / 'unobserved').exists()
+
+
+def test_checkpoint_loads_in_one_process_and_gives_the_logged_validation(ddp_run):
+    work, _, _ = ddp_run
+    run = work / 'snapshots' / '1'
+    ckpt = torch.load(run / 'last.pt', weights_only=True)
+    assert not any(k.startswith('module.') for k in ckpt['model'])
+    assert len(ckpt['rng_ranks']) == 2
+    model, cf_net, _ = load_model(run / 'last.pt', 'cpu')  # strict
+    config = read(run / 'config.json')
+    loader, _ = data.build_split(config['cf_val'], 'val', work / 'data' / 'smoke', 250, 'cpu')
+    val = evaluate(model, loader, cf_net['n_exits'])
+    logged = read(run / 'metrics.json')
+    for name in ('acc1_avg', 'acc5_clf0', 'acc1_ens2'):
+        assert val[name] == logged[f'val.{name}']['values'][-1], name
+    assert val['avg_maxprob'] == pytest.approx(logged['val.avg_maxprob']['values'][-1], rel=1e-6)
+
+
+def rank_processes(proc):
+    """{rank: pid} of the workers torchrun started."""
+    def children(pid):
+        kids = [int(c) for t in os.listdir(f'/proc/{pid}/task')
+                for c in open(f'/proc/{pid}/task/{t}/children').read().split()]
+        return kids + [g for k in kids for g in children(k)]
+    ranks = {}
+    for pid in children(proc.pid):
+        env = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        ranks.update({int(e[5:]): pid for e in env if e.startswith(b'RANK=')})
+    return ranks
+
+
+def saved_epoch(run):
+    try:
+        return torch.load(run / 'last.pt', weights_only=True)['epoch']
+    except Exception:
+        return 0
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(ddp_run):
+    work, _, _ = ddp_run
+    snaps = work / 'killed'
+    proc = torchrun(SMOKE + ['n_epochs=50'], work, snaps)
+    end = time.time() + 300
+    while saved_epoch(snaps / '1') < 1 and time.time() < end and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(rank_processes(proc)[1], signal.SIGKILL)
+    killed = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - killed < 60
+    lines = [line for line in err.splitlines() if line.startswith('error: [rank 0] lost the')]
+    assert len(lines) == 1, err[-3000:]
+    assert err.count('Traceback') == 1 and 'ChildFailedError' in err  # torchrun's own, only
+    run = snaps / '1'
+    assert saved_epoch(run) == 1, 'killed too late: the comparison below needs epoch 1'
+    assert ('resume with: torchrun --nproc_per_node=2 train_cifar.py with '
+            f'{run}/config.json parent_snapshot={run}') in lines[0]
+    out, _ = finished(torchrun([f'{run}/config.json', f'parent_snapshot={run}', 'n_epochs=2'],
+                               work, snaps))
+    assert f'resuming {run}/last.pt exactly at epoch 1' in out
+    resumed = torch.load(snaps / '2' / 'last.pt', weights_only=True)
+    reference = torch.load(work / 'snapshots' / '1' / 'last.pt', weights_only=True)
+    assert resumed['epoch'] == reference['epoch'] == 2
+    for k, v in reference['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert torch.equal(resumed['loss']['temperature'], reference['loss']['temperature'])
