@@ -336,7 +336,7 @@ class Run:
         try:
             return self._fit()
         except KeyboardInterrupt as e:
-            raise TrainingInterrupted(f'{e or "interrupted"} during epoch {self.epoch + 1}; '
+            raise TrainingInterrupted(f'{str(e) or "SIGINT"} during epoch {self.epoch + 1}; '
                                       f'{self._last_good()}') from None
         except RuntimeError as e:
             if not distributed.is_peer_failure(e):

@@ -99,6 +99,7 @@ def test_signal_stops_cleanly_with_resume_instructions(workdir, tmp_path, sig):
     assert proc.returncode == 130, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith('interrupted: ')]
     assert len(lines) == 1 and f'parent_snapshot={run}' in lines[0] and 'Traceback' not in err
+    assert f'interrupted: {sig.name} during epoch' in lines[0]
     assert status(run) == 'INTERRUPTED'
     epoch = saved_epoch(run)
     assert epoch >= 1
