@@ -93,9 +93,6 @@ def time_ours(device, images, labels, warmup, steps, reference_loss=False, chann
     model, opt = build(device, channels_last, fused)
     loss_fn = losses.build(PAPER_LOSS).to(device)
     spec = DATASETS['Cifar100']
-    n = (warmup + steps) * BATCH
-    loader = DeviceLoader(images[:n], labels[:n], BATCH, spec.mean, spec.std, device,
-                          augment=True, shuffle=True, drop_last=True, channels_last=channels_last)
     step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
     step_loss = torch.compile(loss_fn, mode=compile_mode) if compile_mode else loss_fn
     if reference_loss:  # device data, but the original's host-synced temperature
@@ -113,7 +110,6 @@ def time_ours(device, images, labels, warmup, steps, reference_loss=False, chann
     timed = DeviceLoader(images[:steps * BATCH], labels[:steps * BATCH], BATCH, spec.mean,
                          spec.std, device, augment=True, shuffle=True, drop_last=True,
                          channels_last=channels_last)
-    del loader
     sync(device)
     start = time.perf_counter()
     train_epoch(step_model, step_loss, opt, timed, 11, (1, 5), amp=amp, T=T)  # syncs once
