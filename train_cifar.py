@@ -92,6 +92,9 @@ def config():
     amp = True  # CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU
     channels_last = True  # CUDA: NHWC memory format for model and batches; ignored on CPU
     compile = False  # CUDA: torch.compile mode for model and loss ('default', 'reduce-overhead')
+    cuda_graph = True  # CUDA: replay the whole training step as one captured CUDA graph
+    deterministic = False  # CUDA: deterministic algorithms, for bit-exact reruns (slower)
+    cudnn_benchmark = False  # CUDA: time cuDNN's algorithms per conv shape (MsdNet has ~100 shapes)
     sync_bn = False  # torchrun: BatchNorm statistics of the global batch, not each process's part
     ddp_timeout_s = 600  # torchrun: a process waiting this long for the others fails the job
 
@@ -158,7 +161,8 @@ def semisup():
 @ex.main
 def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
          val_batch_size, n_epochs, save_interval, data_dir, gpu, parent_snapshot,
-         generate_fake_data, amp, channels_last, compile, sync_bn, ddp_timeout_s):
+         generate_fake_data, amp, channels_last, compile, cuda_graph, deterministic,
+         cudnn_benchmark, sync_bn, ddp_timeout_s):
     with reported_as_one_line(), distributed.process_group(gpu, ddp_timeout_s):
         if isinstance(gpu, (list, tuple)):
             raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
@@ -172,7 +176,8 @@ def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_sched
         run = Run(cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size, val_batch_size,
                   n_epochs, save_interval, data_dir, gpu, _seed, run_dir, parent_snapshot,
                   SNAPSHOT_DIR, log_scalar=_run.log_scalar, amp=amp, compile=compile,
-                  channels_last=channels_last, sync_bn=sync_bn)
+                  channels_last=channels_last, sync_bn=sync_bn, cuda_graph=cuda_graph,
+                  deterministic=deterministic, cudnn_benchmark=cudnn_benchmark)
         val = run.fit()
         return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
                 **{f'val.{k}': v for k, v in val.items()}}

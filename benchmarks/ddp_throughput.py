@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from multiexit import distributed, losses, models  # noqa: E402
 from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
+from multiexit.train_step import TrainStep  # noqa: E402
 from multiexit.training import resolve_device, train_epoch  # noqa: E402
 
 PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
@@ -55,11 +56,12 @@ def measure(args):
     step = model
     if distributed.world_size() > 1:
         model, step = distributed.wrap(model, device, sync_bn=args.sync_bn)
-    train_epoch(step, loss_fn, opt, loader(args.warmup, args.batch, device, 1), 11, (1, 5))
+    step = TrainStep(step, loss_fn, opt, 11, (1, 5), device)
+    train_epoch(step, loader(args.warmup, args.batch, device, 1))
     timed = loader(args.steps, args.batch, device, 2)
     sync(device)
     start = time.perf_counter()
-    train_epoch(step, loss_fn, opt, timed, 11, (1, 5))  # ends with a host sync
+    train_epoch(step, timed)  # ends with a host sync
     sync(device)
     return args.steps * args.batch / (time.perf_counter() - start), device
 

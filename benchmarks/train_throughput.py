@@ -2,8 +2,9 @@
 
     python benchmarks/train_throughput.py                  # CUDA if available, else CPU
     python benchmarks/train_throughput.py --device cpu --steps 10
+    python benchmarks/train_throughput.py --modes reference,default --no-eval
 
-Modes, each adding one change to the previous (CUDA-only ones are skipped on the CPU):
+Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one change at a time:
   reference          the original's mechanics: per-image torchvision transforms in a DataLoader
                      without workers, fp32, eager, temperature as a Python float (host sync per
                      step), for-loop SGD
@@ -12,19 +13,34 @@ Modes, each adding one change to the previous (CUDA-only ones are skipped on the
   channels_last      + NHWC model and batches (CUDA)
   amp                + bf16 autocast (CUDA)
   fused_sgd          + fused SGD (CUDA)
-  compile            + torch.compile of model and loss (CUDA; --compile-mode)
-  default            what train_cifar.py does by default on this device
-Timing synchronises the device before reading the clock; warm-up steps (and compilation) are
-excluded and compilation is reported separately. Data are random images of CIFAR's shape.
-Writes benchmarks/results/<date>-<device>.json.
+  cuda_graph         + the whole step replayed as one CUDA graph (CUDA)
+  compile_default    fused_sgd + torch.compile mode 'default' (CUDA)
+  compile_reduce_overhead  fused_sgd + torch.compile mode 'reduce-overhead' (CUDA graphs of
+                     torch.compile's own)
+  cuda_graph_compile cuda_graph around a torch.compile'd ('default') model and loss (CUDA)
+  default            what train_cifar.py does by default on this device (the defaults of
+                     multiexit.training.Run)
+  cudnn_benchmark    default + torch.backends.cudnn.benchmark (autotuning per conv shape) (CUDA)
+Evaluation (batch 250): reference (the original's validate()), eager (bf16, channels_last on
+CUDA), cuda_graph (the forward pass as a CUDA graph, CUDA) and default (what Run does).
+Compilation, capture and cuDNN autotuning happen in the warm-up epoch, whose seconds are
+reported per mode (warmup_epoch_s). Timing synchronises the device before reading the clock; warm-up steps (and compilation) are
+excluded and compilation is reported separately. Data are random images of CIFAR's shape. A mode
+that fails is recorded with its error and the others still run; the JSON is rewritten after
+every mode, so a run stopped at its time limit keeps what it measured. The compile modes
+and cudnn_benchmark run last and are skipped once ``--deadline-s`` has passed.
+Writes benchmarks/results/<date>-<device>.json (or --json).
 """
 import argparse
 import datetime
+import inspect
 import json
 import platform
 import resource
+import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +49,48 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multiexit import losses, models, reference_style  # noqa: E402
+from multiexit import losses, models, reference_style, train_step  # noqa: E402
 from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
-from multiexit.evaluation import evaluate  # noqa: E402
-from multiexit.training import train_epoch  # noqa: E402
+from multiexit.evaluation import GraphedForward, evaluate  # noqa: E402
+from multiexit.training import Run, train_epoch  # noqa: E402
 
 PAPER_NET = dict(call='MsdNet')  # its defaults are the paper's configuration
 PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
                   global_scale=2.0 * 5 / 11)
 PAPER_OPT = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+# train_cifar.py's default configuration (100 + 50 images per class) and the 45,000-image one
+PAPER_RUN = dict(epochs=300, train_images=10_000, val_images=5_000)
 FULL_RUN = dict(epochs=300, train_images=45_000, val_images=5_000)
-CUDA_MODES = ('channels_last', 'amp', 'fused_sgd', 'compile')
 BATCH, EVAL_BATCH = 64, 250
+RUN_DEFAULTS = {k: v.default for k, v in inspect.signature(Run.__init__).parameters.items()
+                if k in ('amp', 'channels_last', 'compile', 'cuda_graph', 'cudnn_benchmark')}
+FAST = dict(channels_last=True, amp=True, fused=True)
+TRAIN_MODES = {  # name: (switches of time_ours, CUDA only); None: the reference loop
+    'reference': (None, False),
+    'device_data': (dict(reference_loss=True), False),
+    'device_temperature': (dict(), False),
+    'channels_last': (dict(channels_last=True), True),
+    'amp': (dict(channels_last=True, amp=True), True),
+    'fused_sgd': (FAST, True),
+    'cuda_graph': (dict(FAST, cuda_graph=True), True),
+    'default': ('default', False),
+    'compile_default': (dict(FAST, compile_mode='default'), True),
+    'compile_reduce_overhead': (dict(FAST, compile_mode='reduce-overhead'), True),
+    'cuda_graph_compile': (dict(FAST, cuda_graph=True, compile_mode='default'), True),
+    'cudnn_benchmark': ('default', True),
+}
+SLOW = ('compile_default', 'compile_reduce_overhead', 'cuda_graph_compile', 'cudnn_benchmark')
+EVAL_MODES = ('reference', 'eager', 'cuda_graph', 'default')
+
+
+def default_switches(cuda):
+    """Run's defaults on this device: the CUDA switches apply on CUDA only."""
+    if not cuda:
+        return {}
+    d = RUN_DEFAULTS
+    return dict(channels_last=d['channels_last'], amp=d['amp'], fused=True,
+                cuda_graph=d['cuda_graph'] and d['compile'] != 'reduce-overhead',
+                compile_mode=d['compile'] or None)
 
 
 def sync(device):
@@ -87,9 +133,9 @@ def time_reference(device, images, labels, warmup, steps):
 
 
 def time_ours(device, images, labels, warmup, steps, reference_loss=False, channels_last=False,
-              amp=False, fused=False, compile_mode=None):
+              amp=False, fused=False, compile_mode=None, cuda_graph=False):
     """Our loop (multiexit.training.train_epoch) with the given switches; returns (images/s,
-    compile seconds or None)."""
+    seconds of the warm-up epoch: compilation and capture included)."""
     model, opt = build(device, channels_last, fused)
     loss_fn = losses.build(PAPER_LOSS).to(device)
     spec = DATASETS['Cifar100']
@@ -100,21 +146,23 @@ def time_ours(device, images, labels, warmup, steps, reference_loss=False, chann
         step_loss = torch.nn.Module()
         step_loss.forward = ref
     T = None if reference_loss else loss_fn.temperature
-    warm = DeviceLoader(images[:warmup * BATCH], labels[:warmup * BATCH], BATCH, spec.mean,
-                        spec.std, device, augment=True, shuffle=True, drop_last=True,
-                        channels_last=channels_last)
+    step = train_step.build(step_model, step_loss, opt, 11, (1, 5), device, amp=amp, T=T,
+                            cuda_graph=cuda_graph)
+    loader = lambda n: DeviceLoader(images[:n * BATCH], labels[:n * BATCH], BATCH, spec.mean,
+                                    spec.std, device, augment=True, shuffle=True, drop_last=True,
+                                    channels_last=channels_last)
     start = time.perf_counter()
-    train_epoch(step_model, step_loss, opt, warm, 11, (1, 5), amp=amp, T=T)
+    train_epoch(step, loader(warmup))
     sync(device)
-    compile_s = time.perf_counter() - start if compile_mode else None
-    timed = DeviceLoader(images[:steps * BATCH], labels[:steps * BATCH], BATCH, spec.mean,
-                         spec.std, device, augment=True, shuffle=True, drop_last=True,
-                         channels_last=channels_last)
+    warmup_s = time.perf_counter() - start
+    timed = loader(steps)
     sync(device)
     start = time.perf_counter()
-    train_epoch(step_model, step_loss, opt, timed, 11, (1, 5), amp=amp, T=T)  # syncs once
+    train_epoch(step, timed)  # syncs once
     sync(device)
-    return steps * BATCH / (time.perf_counter() - start), compile_s
+    if cuda_graph and step.eager_only:
+        raise RuntimeError('the CUDA graph capture failed: the step ran eagerly')
+    return steps * BATCH / (time.perf_counter() - start), warmup_s
 
 
 def time_eval_reference(device, images, labels, batches):
@@ -134,18 +182,33 @@ def time_eval_reference(device, images, labels, batches):
     return batches * EVAL_BATCH / (time.perf_counter() - start)
 
 
-def time_eval_ours(device, images, labels, batches, channels_last, amp):
+def time_eval_ours(device, images, labels, batches, channels_last, amp, cuda_graph):
     model, _ = build(device, channels_last)
     spec = DATASETS['Cifar100']
     n = batches * EVAL_BATCH
     loader = DeviceLoader(images[:n], labels[:n], EVAL_BATCH, spec.mean, spec.std, device,
                           channels_last=channels_last)
-    evaluate(model, loader, 11, amp=amp)  # warm-up (cudnn autotuning)
+    forward = GraphedForward(model, amp=amp) if cuda_graph else None
+    for _ in range(2):  # warm-up: cuDNN autotuning, then the capture
+        evaluate(model, loader, 11, amp=amp, forward=forward)
     sync(device)
     start = time.perf_counter()
-    evaluate(model, loader, 11, amp=amp)
+    evaluate(model, loader, 11, amp=amp, forward=forward)
     sync(device)
+    if cuda_graph and forward.graph is None:
+        raise RuntimeError('the CUDA graph capture failed: evaluation ran eagerly')
     return n / (time.perf_counter() - start)
+
+
+def measure(name, fn, store, errors):
+    """store[name] = fn(), or errors[name] = the error; prints a line either way."""
+    try:
+        store[name] = fn()
+        print(f'{name:>24}: {store[name]:10.1f} images/s', flush=True)
+    except Exception as e:  # noqa: BLE001 - a failing mode must not stop the others
+        errors[name] = f'{type(e).__name__}: {e}'.splitlines()[0][:500]
+        print(f'{name:>24}: FAILED {errors[name]}', flush=True)
+        traceback.print_exc()
 
 
 def main():
@@ -154,87 +217,151 @@ def main():
     parser.add_argument('--steps', type=int, default=None, help='timed steps per mode')
     parser.add_argument('--warmup', type=int, default=None, help='untimed steps per mode')
     parser.add_argument('--eval-batches', type=int, default=None)
-    parser.add_argument('--compile-mode', default='reduce-overhead')
-    parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
+    parser.add_argument('--modes', default=','.join(TRAIN_MODES),
+                        help='training modes to time, comma-separated')
+    parser.add_argument('--no-eval', action='store_true', help='skip the evaluation timings')
+    parser.add_argument('--deadline-s', type=float, default=None,
+                        help='skip the compile and cudnn_benchmark modes once this many '
+                        'seconds have passed')
+    parser.add_argument('--cuda-tests', default=None,
+                        help='passed,failed,skipped of tests/test_cuda.py, added to the JSON')
+    parser.add_argument('--json', default=None, help='output file (default: '
+                        'benchmarks/results/<date>-<device>.json)')
     args = parser.parse_args()
+    t0 = time.perf_counter()
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
     steps = args.steps or (200 if cuda else 10)
     warmup = args.warmup or (30 if cuda else 2)
     eval_batches = args.eval_batches or (20 if cuda else 4)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    unknown = set(args.modes.split(',')) - set(TRAIN_MODES)
+    if unknown:
+        parser.error(f'unknown modes {sorted(unknown)}; known: {", ".join(TRAIN_MODES)}')
+    torch.backends.cudnn.benchmark = cuda and RUN_DEFAULTS['cudnn_benchmark']
     images, labels = fake_cifar((warmup + steps) * BATCH)
     np.random.seed(0)
 
-    train, compile_s = {}, None
-    train['reference'] = time_reference(device, images, labels, warmup, steps)
-    ladder = [('device_data', dict(reference_loss=True)), ('device_temperature', dict())]
-    if cuda:
-        ladder += [('channels_last', dict(channels_last=True)),
-                   ('amp', dict(channels_last=True, amp=True)),
-                   ('fused_sgd', dict(channels_last=True, amp=True, fused=True)),
-                   ('compile', dict(channels_last=True, amp=True, fused=True,
-                                    compile_mode=args.compile_mode))]
-    for name, switches in ladder:
-        train[name], c = time_ours(device, images, labels, warmup, steps, **switches)
-        compile_s = c if c is not None else compile_s
-        print(f'{name:>20}: {train[name]:8.1f} images/s', flush=True)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    # the defaults of train_cifar.py: amp, channels_last, fused SGD on CUDA; compile off
-    default = dict(channels_last=True, amp=True, fused=True) if cuda else {}
-    train['default'], _ = time_ours(device, images, labels, warmup, steps, **default)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-
-    evals = {'reference': time_eval_reference(device, images, labels, eval_batches),
-             'default': time_eval_ours(device, images, labels, eval_batches, channels_last=cuda,
-                                       amp=cuda)}
-    per_epoch = (FULL_RUN['train_images'] / train['default']
-                 + FULL_RUN['val_images'] / evals['default'])
-    reference_epoch = (FULL_RUN['train_images'] / train['reference']
-                       + FULL_RUN['val_images'] / evals['reference'])
+    device_name = torch.cuda.get_device_name(device) if cuda else 'cpu'
+    date = datetime.date.today().isoformat()
+    path = Path(args.json) if args.json else (
+        ROOT / 'benchmarks' / 'results' / f"{date}-{device_name.replace(' ', '-').lower()}.json")
+    train, warmup_s, evals, errors, skipped = {}, {}, {}, {}, []
     result = {
-        'device': torch.cuda.get_device_name(device) if cuda else 'cpu',
+        'device': device_name,
         'cpu': platform.processor() or platform.machine(),
         'cpu_threads': torch.get_num_threads(),
         'torch': torch.__version__,
-        'command': ' '.join([Path(sys.executable).name] + sys.argv),
-        'date': datetime.date.today().isoformat(),
+        'cuda': torch.version.cuda if cuda else None,
+        'cudnn': torch.backends.cudnn.version() if cuda else None,
+        'command': shlex.join(['python3'] + sys.argv),
+        'date': date,
         'batch_size': BATCH, 'eval_batch_size': EVAL_BATCH, 'timed_steps': steps,
-        'warmup_steps': warmup,
-        'train_images_per_s': train,
-        'eval_images_per_s': evals,
-        'speedup_default_vs_reference': {'train': train['default'] / train['reference'],
-                                         'eval': evals['default'] / evals['reference']},
-        'full_run': FULL_RUN,
-        'projected_full_run_s': FULL_RUN['epochs'] * per_epoch,
-        'projected_full_run_reference_s': FULL_RUN['epochs'] * reference_epoch,
-        'compile_s': compile_s,
-        'peak_memory_bytes': peak,
-        'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        'skipped_modes': [] if cuda else list(CUDA_MODES),
+        'warmup_steps': warmup, 'eval_batches': eval_batches,
+        'run_defaults': RUN_DEFAULTS,
+        'train_images_per_s': train, 'warmup_epoch_s': warmup_s, 'eval_images_per_s': evals,
+        'errors': errors, 'skipped_modes': skipped,
     }
+    if args.cuda_tests:
+        passed, failed, skipped_tests = (int(v) for v in args.cuda_tests.split(','))
+        result['cuda_tests'] = dict(passed=passed, failed=failed, skipped=skipped_tests)
+
+    def save():
+        finish(result, cuda)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + '\n')
+
+    for name in args.modes.split(','):
+        switches, cuda_only = TRAIN_MODES[name]
+        if cuda_only and not cuda:
+            skipped.append(name)
+            continue
+        if name in SLOW:
+            if args.deadline_s is not None and time.perf_counter() - t0 > args.deadline_s:
+                skipped.append(name)
+                print(f'{name:>24}: skipped (deadline)', flush=True)
+                continue
+        if switches is None:
+            measure(name, lambda: time_reference(device, images, labels, warmup, steps), train,
+                    errors)
+        else:
+            if switches == 'default':
+                switches = default_switches(cuda)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+
+            def run(switches=switches, name=name):
+                saved = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = saved or name == 'cudnn_benchmark'
+                try:
+                    ips, warmup_s[name] = time_ours(device, images, labels, warmup, steps,
+                                                    **switches)
+                finally:
+                    torch.backends.cudnn.benchmark = saved
+                return ips
+            measure(name, run, train, errors)
+            if name == 'default' and cuda:
+                result['peak_memory_bytes'] = torch.cuda.max_memory_allocated(device)
+        save()
+        if name == 'default' and not args.no_eval:
+            measure('eval reference', lambda: time_eval_reference(
+                device, images, labels, eval_batches), evals, errors)
+            for mode, graph in (('eager', False), ('cuda_graph', True)):
+                if graph and not cuda:
+                    continue
+                measure(f'eval {mode}', lambda graph=graph: time_eval_ours(
+                    device, images, labels, eval_batches, channels_last=cuda, amp=cuda,
+                    cuda_graph=graph), evals, errors)
+            default_eval = 'eval cuda_graph' if cuda and RUN_DEFAULTS['cuda_graph'] else 'eval eager'
+            if default_eval in evals:
+                evals['eval default'] = evals[default_eval]
+            for key in list(evals):  # 'eval x' -> 'x'
+                evals[key.split(' ', 1)[1]] = evals.pop(key)
+            save()
+    result['total_s'] = time.perf_counter() - t0
+    save()
     print(table(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = result['device'].replace(' ', '-').lower()
-    path = out / f"{result['date']}-{name}.json"
-    path.write_text(json.dumps(result, indent=2) + '\n')
     print(f'wrote {path}')
 
 
+def finish(r, cuda):
+    """The derived keys: speed-ups and projected run times, from what was measured."""
+    train, evals = r['train_images_per_s'], r['eval_images_per_s']
+    r['speedup_default_vs_reference'] = {
+        'train': train['default'] / train['reference'] if {'default', 'reference'} <= set(train)
+        else None,
+        'eval': evals['default'] / evals['reference'] if {'default', 'reference'} <= set(evals)
+        else None}
+    for key, run in (('paper', PAPER_RUN), ('full', FULL_RUN)):
+        r[f'{key}_run'] = run
+        for suffix, mode in (('', 'default'), ('_reference', 'reference')):
+            ok = mode in train and mode in evals
+            r[f'projected_{key}_run{suffix}_s'] = (
+                run['epochs'] * (run['train_images'] / train[mode] + run['val_images'] / evals[mode])
+                if ok else None)
+    r['max_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def table(r):
+    train = r['train_images_per_s']
+    ref = train.get('reference')
     lines = [f"{r['device']} (torch {r['torch']}), batch {r['batch_size']}",
-             f"{'mode':>20} {'train img/s':>12} {'x reference':>12}"]
-    for mode, ips in r['train_images_per_s'].items():
-        lines.append(f"{mode:>20} {ips:12.1f} {ips / r['train_images_per_s']['reference']:12.2f}")
+             f"{'mode':>24} {'train img/s':>12} {'x reference':>12}"]
+    for mode, ips in train.items():
+        lines.append(f"{mode:>24} {ips:12.1f} {ips / ref if ref else float('nan'):12.2f}")
+    for mode in r['errors']:
+        lines.append(f"{mode:>24} {'FAILED':>12}")
     e = r['eval_images_per_s']
-    lines.append(f"{'eval reference':>20} {e['reference']:12.1f}")
-    lines.append(f"{'eval default':>20} {e['default']:12.1f} {e['default'] / e['reference']:12.2f}")
-    lines.append(f"projected full run (300 epochs of 45,000 + 5,000 images): "
-                 f"{r['projected_full_run_s'] / 60:.1f} min (reference style "
-                 f"{r['projected_full_run_reference_s'] / 3600:.1f} h)")
+    for mode, ips in e.items():
+        ratio = ips / e['reference'] if 'reference' in e else float('nan')
+        lines.append(f"{'eval ' + mode:>24} {ips:12.1f} {ratio:12.2f}")
+    for key, label in (('paper', '10,000'), ('full', '45,000')):
+        s = r.get(f'projected_{key}_run_s')
+        ref_s = r.get(f'projected_{key}_run_reference_s')
+        if s:
+            lines.append(f"projected run, 300 epochs of {label} + 5,000 images: {s / 60:.1f} min"
+                         + (f" (reference style {ref_s / 3600:.1f} h)" if ref_s else ''))
+    if r.get('peak_memory_bytes'):
+        lines.append(f"peak GPU memory (default mode): {r['peak_memory_bytes'] / 2**20:.0f} MiB")
     return '\n'.join(lines)
 
 

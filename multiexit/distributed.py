@@ -23,10 +23,6 @@ def env_rank():
     return int(os.environ.get('RANK', 0))
 
 
-def _env_world_size():
-    return int(os.environ.get('WORLD_SIZE', 1))
-
-
 def active():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -69,10 +65,11 @@ def rank_device(gpu):
 
 @contextlib.contextmanager
 def process_group(gpu, timeout_s):
-    """Under torchrun with several processes: join the default group (NCCL on CUDA, gloo on
-    the CPU) for the duration; otherwise nothing. A collective that waits longer than
-    ``timeout_s`` for another process fails instead of hanging."""
-    if _env_world_size() <= 1:
+    """Under torchrun (WORLD_SIZE set, one process too): join the default group (NCCL on CUDA,
+    gloo on the CPU) for the duration; otherwise nothing. A collective that waits longer than
+    ``timeout_s`` for another process fails instead of hanging. A group of one process is
+    joined but not used: training and checkpoints are those of a plain single-process run."""
+    if 'WORLD_SIZE' not in os.environ:
         yield
         return
     if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:

@@ -1,5 +1,7 @@
 """Evaluation: metrics over a loader, loading a snapshot to evaluate, the per-exit report
 (accuracy, calibration, cost) and its table."""
+import sys
+
 import pandas as pd
 import torch
 
@@ -11,17 +13,74 @@ from .metrics import MultiExitAccuracy
 ECE_BINS = 15
 
 
+class GraphedForward:
+    """``model(x)`` in eval mode, replayed as a CUDA graph for batches of the first full shape.
+
+    The first batch runs eagerly (cuDNN autotuning), the next of the same shape is captured;
+    later batches of that shape are copied into the static input and replayed, other shapes (a
+    last, smaller batch) run eagerly. The returned logits are the graph's static outputs: use
+    them before the next call. The graph reads the weights and BatchNorm statistics in place, so
+    it stays valid while training updates them. A failed capture prints one warning line and
+    leaves the forward pass eager.
+    """
+
+    def __init__(self, model, amp=False):
+        self.model, self.amp = model, amp
+        self.graph = self.shape = self.static_x = self.static_out = None
+        self.warm = self.failed = False
+
+    def _eager(self, x):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            return self.model(x)
+
+    def __call__(self, x):
+        if self.graph is not None and x.shape == self.shape:
+            self.static_x.copy_(x)
+            self.graph.replay()
+            return self.static_out
+        if self.failed or self.graph is not None or x.device.type != 'cuda':
+            return self._eager(x)
+        if not self.warm:
+            self.warm = True
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                out = self._eager(x)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            return out
+        graph, self.static_x = torch.cuda.CUDAGraph(), x.clone()
+        try:
+            with torch.cuda.graph(graph):  # host sync (once)
+                self.static_out = self._eager(self.static_x)
+        except Exception as e:  # noqa: BLE001 - the eager forward is still correct
+            first = (str(e).strip().splitlines() or [''])[0]
+            print(f'warning: CUDA graph capture of the evaluation forward failed '
+                  f'({type(e).__name__}: {first}); evaluating eagerly', file=sys.stderr,
+                  flush=True)
+            self.failed, self.static_x, self.static_out = True, None, None
+            torch.cuda.synchronize(x.device)
+            return self._eager(x)
+        self.graph, self.shape = graph, x.shape
+        graph.replay()
+        return self.static_out
+
+
 @torch.inference_mode()
-def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp=False):
+def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp=False,
+             forward=None):
     """Metrics of ``model`` over ``loader``; ``T`` (a loss temperature) adds adj_maxprob;
-    ``amp``: bf16 autocast. A sharded ``loader`` gives every rank the metrics of the whole split
-    (each example counted once)."""
+    ``amp``: bf16 autocast; ``forward``: what computes the logits (default: ``model``; a
+    ``GraphedForward`` of it on CUDA). A sharded ``loader`` gives every rank the metrics of the
+    whole split (each example counted once)."""
     model.eval()
     metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
     batches = progress(loader) if progress else loader
     for x, y in batches:
-        with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
-            logits = model(x)
+        if forward is None:
+            with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
+                logits = model(x)
+        else:
+            logits = forward(x)
         metrics.update(logits, y, T)
     if loader.world_size > 1:
         metrics.sum_over_ranks()

@@ -31,9 +31,6 @@ class MultiExitAccuracy:
         self.n_exits = n_exits
         self.acc_tops = tuple(acc_tops)
         self.device = torch.device(device)
-        self.reset()
-
-    def reset(self):
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
         self._hits = zeros(2, self.n_exits, len(self.acc_tops))  # [clf | ens, exit, top]
         self._n_labelled = zeros()
@@ -41,6 +38,11 @@ class MultiExitAccuracy:
         self._maxprob = zeros()
         self._adj_maxprob = zeros()
         self._with_temperature = False
+
+    def reset(self):
+        """Zero the accumulators in place: a captured CUDA graph keeps writing to them."""
+        for t in (self._hits, self._n_labelled, self._n, self._maxprob, self._adj_maxprob):
+            t.zero_()
 
     def _topk_hits(self, scores, y, labelled):
         """(exits, tops) number of labelled examples whose label is in the top t."""

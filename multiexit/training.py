@@ -1,5 +1,6 @@
 """The training loop: epochs of device-resident data, validation, snapshots and exact resume."""
 import math
+import os
 import random
 import shutil
 import signal
@@ -10,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, data, distributed, losses, models
+from . import checkpoints, data, distributed, losses, models, train_step
 from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
                      SnapshotError, TrainingInterrupted)
-from .evaluation import evaluate
-from .metrics import MultiExitAccuracy
+from .evaluation import GraphedForward, evaluate
 from .progress import bar
 
 
@@ -90,39 +90,15 @@ def plain(obj):
     return obj
 
 
-def train_epoch(model, loss_fn, optimizer, loader, n_exits, acc_tops, progress=None, amp=False,
-                T=None):
-    """One epoch; returns (mean loss, metrics dict, index of the first step whose loss was not
-    finite or None). ``model`` and ``loss_fn`` may be compiled; ``T`` is the loss's temperature
-    buffer (for adj_maxprob); ``amp``: bf16 autocast of forward and loss. With a sharded
-    ``loader`` (each rank its part of every batch, ``model`` wrapped in DDP), the results are
-    those of the global batches, the same on every rank."""
-    model.train()
-    loss_fn.train()
-    metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
-    loss_sum = torch.zeros((), device=loader.device)
-    first_bad = torch.full((), -1, device=loader.device)  # kept on the device: no sync per step
-    n_steps = 0
+def train_epoch(step, loader, progress=None):
+    """One epoch of ``step`` (a ``train_step.TrainStep``) over ``loader``; returns (mean loss,
+    metrics dict, index of the first step whose loss was not finite or None). With a sharded
+    ``loader`` (each rank its part of every batch, the step's model wrapped in DDP), the results
+    are those of the global batches, the same on every rank."""
+    step.start_epoch()
     for x, y in (progress(loader) if progress else loader):
-        with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
-            logits = model(x)
-            metrics.update(logits, y, T)  # before the loss call, which may raise T in place
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
-        bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-        first_bad = torch.where(bad, n_steps, first_bad)
-        n_steps += 1
-    if loader.world_size > 1:
-        metrics.sum_over_ranks()
-        loss_sum = distributed.mean_over_ranks(loss_sum)  # equal parts: the global batches' loss
-        first_bad = distributed.min_over_ranks_(torch.where(first_bad < 0, n_steps, first_bad))
-        first_bad = torch.where(first_bad == n_steps, -1, first_bad)
-    out = metrics.compute()  # host sync, once per epoch
-    bad_step = int(first_bad)  # host sync, once per epoch
-    return float(loss_sum) / max(n_steps, 1), out, (bad_step if bad_step >= 0 else None)
+        step(x, y)
+    return step.finish_epoch(loader.world_size)  # host sync, once per epoch
 
 
 class Run:
@@ -137,7 +113,8 @@ class Run:
     def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
                  parent_snapshot='', snapshot_dir='snapshots', log=print, log_scalar=None,
-                 amp=True, compile=False, channels_last=True, sync_bn=False):
+                 amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
+                 deterministic=False, cudnn_benchmark=False):
         for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
                                      ('val_batch_size', val_batch_size, False),
                                      ('save_interval', save_interval, True)]:
@@ -155,8 +132,10 @@ class Run:
         self.log_scalar = (log_scalar or quiet) if self.is_main else quiet
         self.device = resolve_device(gpu)
         cuda = self.device.type == 'cuda'
-        if cuda:
-            torch.backends.cudnn.benchmark = True
+        if deterministic:  # bit-exact reruns and resumes on one GPU, at some cost in speed
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = cuda and cudnn_benchmark and not deterministic
         if compile not in (False, None, 'default', 'reduce-overhead', 'max-autotune'):
             raise ConfigError(f"compile must be False, 'default', 'reduce-overhead' or "
                               f"'max-autotune', got {compile!r}")
@@ -212,11 +191,20 @@ class Run:
         step = self.model
         if self.world_size > 1:  # self.model stays the plain module: evaluated, saved, restored
             self.model, step = distributed.wrap(self.model, self.device, sync_bn)
-        # Training batches have a fixed size (the last one is dropped), so the compiled graphs
-        # (CUDA graphs with 'reduce-overhead') are reused every step; evaluation stays eager.
-        self.train_model = torch.compile(step, mode=self.compile) if self.compile else step
-        self.train_loss = (torch.compile(self.loss_fn, mode=self.compile) if self.compile
-                           else self.loss_fn)
+        # Training batches have a fixed size (the last one is dropped), so one captured graph
+        # (ours, or torch.compile's with 'reduce-overhead') serves every step of an epoch.
+        # DDP's gradient all-reduce is not captured: several processes train eagerly.
+        graphed = cuda_graph and cuda and self.world_size == 1 and self.compile != 'reduce-overhead'
+        if cuda_graph and cuda and not graphed:
+            self.log('cuda_graph: not used ' + ('under torchrun (DDP)' if self.world_size > 1 else
+                                               "with compile='reduce-overhead' (its own graphs)"))
+        model = torch.compile(step, mode=self.compile) if self.compile else step
+        loss = torch.compile(self.loss_fn, mode=self.compile) if self.compile else self.loss_fn
+        self.step = train_step.build(model, loss, self.optimizer, self.n_exits, self.acc_tops,
+                                     self.device, amp=self.amp,
+                                     T=getattr(self.loss_fn, 'temperature', None),
+                                     cuda_graph=graphed)
+        self.val_forward = GraphedForward(self.model, amp=self.amp) if graphed else None
 
     def _parent_checkpoint(self, parent_snapshot, snapshot_dir):
         if not parent_snapshot:
@@ -358,9 +346,7 @@ class Run:
             self.train_loader.set_epoch(self.epoch)
             lr = self.optimizer.param_groups[0]['lr']
             desc = f'epoch {self.epoch + 1}/{self.n_epochs}'
-            loss, trn, bad_step = train_epoch(self.train_model, self.train_loss, self.optimizer,
-                                              self.train_loader, self.n_exits, self.acc_tops,
-                                              progress(desc), amp=self.amp, T=T)
+            loss, trn, bad_step = train_epoch(self.step, self.train_loader, progress(desc))
             if bad_step is not None:
                 raise NonFiniteLossError(
                     f'non-finite training loss at epoch {self.epoch + 1}, step {bad_step + 1}; '
@@ -370,7 +356,7 @@ class Run:
             self.epoch += 1
             distributed.broadcast_buffers(self.model)  # evaluate and save rank 0's BN statistics
             val = evaluate(self.model, self.val_loader, self.n_exits, self.acc_tops, T,
-                           progress('validation'), amp=self.amp)
+                           progress('validation'), amp=self.amp, forward=self.val_forward)
             if is_dbt:
                 trn['temperature'] = val['temperature'] = self.loss_fn.T
             self._save(val)

@@ -42,10 +42,17 @@ def fake_data(tmp_path_factory):
     return root
 
 
+def pythonpath():
+    """PYTHONPATH for a script's subprocess: the repository first, then what this process has
+    (packages installed aside, e.g. sacred from wheels on a GPU machine)."""
+    return os.pathsep.join([str(ROOT)] + ([os.environ['PYTHONPATH']]
+                                          if os.environ.get('PYTHONPATH') else []))
+
+
 def run_script(script, *args, cwd, snapshots, check=True):
     """Run train_cifar.py / eval.py as a user would; returns the CompletedProcess."""
     # one thread: tiny networks gain nothing from two, and parallel runs would oversubscribe
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
                OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from multiexit import data, distributed, losses, models
 from multiexit.errors import ConfigError
 from multiexit.evaluation import evaluate, load_model
+from multiexit.train_step import TrainStep
 from multiexit.training import Run, train_epoch
-from conftest import ROOT
+from conftest import ROOT, pythonpath
 
 NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayers_to_exit=2,
            nlayers_between_exits=1, nplanes_mulv=[2, 4, 8], nplanes_addh=1, nplanes_init=1,
@@ -67,8 +68,8 @@ def train_steps(rank, world_size):
     step_model = model
     if world_size > 1:
         model, step_model = distributed.wrap(model, torch.device('cpu'), sync_bn=True)
-    mean_loss, metrics, bad = train_epoch(step_model, loss, opt, train_loader(rank, world_size),
-                                          3, (1, 5), T=loss.loss.temperature)
+    step = TrainStep(step_model, loss, opt, 3, (1, 5), 'cpu', T=loss.loss.temperature)
+    mean_loss, metrics, bad = train_epoch(step, train_loader(rank, world_size))
     return dict(losses=loss.values, mean_loss=mean_loss, metrics=metrics, bad=bad,
                 T=loss.loss.T, state=model.state_dict(), model=model)
 
@@ -195,7 +196,7 @@ SMOKE = ['smoke', 'seed=3']
 
 
 def torchrun(args, cwd, snapshots):
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
                OMP_NUM_THREADS='1')
     return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                              '--nproc_per_node=2', str(ROOT / 'train_cifar.py'), 'with', *args],

@@ -5,6 +5,7 @@ import torch
 
 from multiexit import losses, models, reference_style
 from multiexit.data import DATASETS, DeviceLoader
+from multiexit.train_step import TrainStep
 from multiexit.training import train_epoch
 
 NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
@@ -34,12 +35,12 @@ def ours(images, labels, amp=False):
     """train_epoch on one batch at a time, to read the loss of every step."""
     model, opt = fresh()
     loss_fn = losses.build(LOSS)
+    step = TrainStep(model, loss_fn, opt, 3, (1, 5), 'cpu', amp=amp, T=loss_fn.temperature)
     out = []
     for i in range(STEPS):
         part = slice(i * BATCH, (i + 1) * BATCH)
         loader = DeviceLoader(images[part], labels[part], BATCH, SPEC.mean, SPEC.std, 'cpu')
-        loss, _, bad = train_epoch(model, loss_fn, opt, loader, 3, (1, 5), amp=amp,
-                                   T=loss_fn.temperature)
+        loss, _, bad = train_epoch(step, loader)
         assert bad is None
         out.append(loss)
     return np.array(out), loss_fn.T

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, pythonpath
 from experiments import grid
 from multiexit.errors import ConfigError
 from multiexit.runs import load_runs
@@ -20,7 +20,7 @@ QUICK = grid.PRESETS['quick']
 def run_grid(*args, cwd):
     # One thread per process: the smoke network gains nothing from more, and on shared cores
     # oversubscribed threads make each run many times slower.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS='1')
     env.pop('MULTIEXIT_SNAPSHOTS', None)
     proc = subprocess.run([sys.executable, '-m', 'experiments.grid', *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

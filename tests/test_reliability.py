@@ -12,13 +12,13 @@ import torch
 from multiexit import checkpoints
 from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
 from multiexit.training import Run
-from conftest import ROOT, run_script
+from conftest import ROOT, pythonpath, run_script
 
 TINY = ['smoke', 'n_epochs=4', 'seed=5']
 
 
 def start(args, cwd, snapshots):
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=str(ROOT),
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
                OMP_NUM_THREADS='1')
     return subprocess.Popen([sys.executable, str(ROOT / 'train_cifar.py'), 'with', *args],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

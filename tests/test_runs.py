@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, pythonpath
 from multiexit.errors import ConfigError, SnapshotError
 from multiexit.runs import load_runs, parse_filter, plot_curves, select
 from test_anytime import assert_png
@@ -142,7 +142,7 @@ def test_training_curves_png(snaps, tmp_path):
 
 
 def runs_cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=pythonpath())
     env.pop('MULTIEXIT_SNAPSHOTS', None)
     return subprocess.run([sys.executable, '-m', 'multiexit.runs', *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)

@@ -1,0 +1,304 @@
+"""The CUDA path: loader, numerics against the CPU, the default fast step (bf16, channels_last,
+fused SGD, CUDA graph), the scripts, resume, evaluation, early exit and torchrun. Skipped without
+a GPU; `benchmarks/gpu_check.py` runs them on one."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PAPER_NET, ROOT, pythonpath, run_script
+from multiexit import budgeted, losses, models, train_step
+from multiexit.data import DATASETS, DeviceLoader
+from multiexit.inference import early_exit_predict
+from multiexit.training import Run, train_epoch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+CUDA = torch.device('cuda')
+SPEC = DATASETS['Cifar100']
+PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
+                  global_scale=2.0 * 5 / 11)
+OPT = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+RUN_DEFAULTS = {k: v.default for k, v in inspect.signature(Run.__init__).parameters.items()}
+# generated data: 30 training images per class, of which 10 for validation (2,000 + 1,000)
+SCRIPT_DATA = ['generate_fake_data=True', 'cf_trn.n_per_class=30', 'cf_trn.nval_per_class=10']
+
+
+@pytest.fixture(autouse=True)
+def fp32_means_fp32():
+    """TF32 convolutions (cuDNN's default) would make 'fp32 on CUDA' a 1e-3 approximation."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+            torch.randint(0, 100, (n,), generator=g))
+
+
+def test_device_loader_keeps_uint8_on_the_gpu_and_the_cpu_order():
+    x, _ = images(200)
+    ids = torch.arange(200)  # labels that name the examples, to read the order back
+    kw = dict(augment=True, shuffle=True, drop_last=True, seed=3)
+    gpu = DeviceLoader(x, ids, 64, SPEC.mean, SPEC.std, CUDA, channels_last=True, **kw)
+    cpu = DeviceLoader(x, ids, 64, SPEC.mean, SPEC.std, 'cpu', **kw)
+    assert gpu.images.is_cuda and gpu.images.dtype == torch.uint8
+    for epoch in (0, 5):
+        gpu.set_epoch(epoch)
+        cpu.set_epoch(epoch)
+        got = list(gpu)
+        assert len(got) == 3
+        for xb, yb in got:
+            assert xb.is_cuda and xb.dtype == torch.float32 and xb.shape == (64, 3, 32, 32)
+            assert xb.is_contiguous(memory_format=torch.channels_last)
+        order = torch.cat([yb.cpu() for _, yb in got])
+        assert torch.equal(order, torch.cat([yb for _, yb in cpu]))
+    assert not torch.equal(order, ids[:192])  # shuffled
+
+
+def paper_step(device, fused=False, amp=False, channels_last=False, cuda_graph=False,
+               loss=PAPER_LOSS):
+    torch.manual_seed(0)
+    model = models.build(PAPER_NET).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = losses.build(loss).to(device)
+    opt = torch.optim.SGD(model.parameters(), **OPT, **(dict(fused=True) if fused else {}))
+    step = train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=amp,
+                            T=loss_fn.temperature, cuda_graph=cuda_graph)
+    return model, loss_fn, step
+
+
+def fixed_batch(device, n=64, seed=1, channels_last=False):
+    x, y = images(n, seed)
+    loader = DeviceLoader(x, y, n, SPEC.mean, SPEC.std, device, channels_last=channels_last)
+    return next(iter(loader))
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_one_fp32_step_on_cuda_equals_the_cpu_step():
+    out = {}
+    for device in ('cpu', CUDA):
+        model, loss_fn, step = paper_step(device)
+        before = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+        step.start_epoch()
+        step(*fixed_batch(device))
+        loss, _, bad = step.finish_epoch()
+        after = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+        out[str(device)] = loss, after, after - before
+        assert bad is None
+    (loss_cpu, w_cpu, d_cpu), (loss_gpu, w_gpu, d_gpu) = out['cpu'], out['cuda']
+    assert loss_gpu == pytest.approx(loss_cpu, rel=1e-3)
+    assert rel(w_gpu, w_cpu) < 1e-3
+    assert rel(d_gpu, d_cpu) < 1e-2  # the update itself, not only the (much larger) weights
+    assert d_cpu.abs().max() > 0
+
+
+def trajectory(step, loss_fn, batch, n):
+    """Loss and T after each of ``n`` steps on the same batch (one host sync per step: a test)."""
+    losses_, temps = [], []
+    for _ in range(n):
+        step.start_epoch()
+        step(*batch)
+        loss, _, bad = step.finish_epoch()
+        assert bad is None
+        losses_.append(loss)
+        temps.append(loss_fn.T)
+    return np.array(losses_), np.array(temps)
+
+
+# A maxprob below a fresh network's confidence (about 0.02 here), so that T moves at once.
+MOVING_T = dict(PAPER_LOSS, maxprob=0.015)
+
+
+def test_default_cuda_path_trains_like_fp32_eager():
+    """Paper loss (maxprob 0.5) on one batch, 30 steps: in fp32 on the CPU the loss falls from
+    44 to 15 by step 23, where the teacher's confidence passes 0.5 and T starts to rise. Stated
+    tolerance: the mean loss within 5 % of fp32 eager, T within two multiplications by 1.05."""
+    d = RUN_DEFAULTS
+    assert d['amp'] and d['channels_last'] and d['cuda_graph']
+    model, loss_fn, step = paper_step(CUDA, fused=True, amp=True, channels_last=True,
+                                      cuda_graph=True)
+    fast, T_fast = trajectory(step, loss_fn, fixed_batch(CUDA, channels_last=True), 30)
+    assert step.captures == 1 and not step.eager_only  # the graph was replayed
+    _, ref_loss_fn, ref_step = paper_step(CUDA)
+    slow, T_slow = trajectory(ref_step, ref_loss_fn, fixed_batch(CUDA), 30)
+    assert np.isfinite(fast).all()
+    assert fast.min() < 0.6 * fast[0]  # it learns the batch
+    ratios = T_fast[1:] / T_fast[:-1]
+    assert np.all(np.isclose(ratios, 1.0) | np.isclose(ratios, 1.05))  # DBT's only moves
+    assert T_fast[-1] > 1.05 ** 3
+    assert abs(np.log(T_fast[-1] / T_slow[-1])) <= 2 * np.log(1.05) + 1e-9
+    assert abs(fast.mean() / slow.mean() - 1) < 0.05
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def test_graph_replay_equals_the_eager_step(deterministic_cudnn):
+    """fp32, no autocast, 3 eager warm-up steps, the capture and 2 replays: the captured step
+    computes what the eager one does. Stated tolerance: as close as two eager runs are to each
+    other (rounding that differs between runs, if any, grows over steps), and at most 1e-6."""
+    batch = fixed_batch(CUDA)
+    weights, temps, loss_values = [], [], []
+    for graphed in (False, False, True):
+        model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=graphed, loss=MOVING_T)
+        values, T = trajectory(step, loss_fn, batch, 6)
+        if graphed:
+            assert step.captures == 1
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        temps.append(T)
+        loss_values.append(values)
+    noise = rel(weights[1], weights[0])
+    assert rel(weights[2], weights[0]) <= max(1e-6, 10 * noise), noise
+    assert temps[2][-1] > 1.05  # T moved
+    np.testing.assert_array_equal(temps[2], temps[0])
+    np.testing.assert_allclose(loss_values[2], loss_values[0], rtol=max(1e-6, 10 * noise))
+
+
+def test_a_new_learning_rate_is_captured_afresh():
+    model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=True)
+    batch = fixed_batch(CUDA)
+    trajectory(step, loss_fn, batch, 5)
+    assert step.captures == 1
+    for g in step.optimizer.param_groups:
+        g['lr'] = 0.0  # nothing may move now, if the new lr is used
+    before = [p.detach().clone() for p in model.parameters()]
+    trajectory(step, loss_fn, batch, 1)
+    assert step.captures == 2
+    # with lr = 0 neither the gradient, the weight decay nor the momentum moves a weight
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_a_failed_capture_warns_once_and_trains_eagerly(capfd):
+    class SyncsInForward(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            if out[0].sum().item() > 1e30:  # a host sync: not capturable
+                raise AssertionError
+            return out
+
+    model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=True)
+    step.model = SyncsInForward(model)
+    losses_, _ = trajectory(step, loss_fn, fixed_batch(CUDA), 6)
+    assert step.eager_only and step.captures == 0
+    assert np.isfinite(losses_).all() and losses_[-1] < losses_[0]
+    err = capfd.readouterr().err
+    assert err.count('warning: CUDA graph capture') == 1
+
+
+@pytest.fixture(scope='module')
+def script_runs(tmp_path_factory):
+    """1: the defaults, 2 epochs; 2: deterministic, 2 epochs; 3: deterministic, 1 epoch;
+    4: run 3 resumed to 2 epochs; 5: eval.py of run 1."""
+    work = tmp_path_factory.mktemp('cuda_work')
+    snaps = work / 'snapshots'
+    data = ['data_dir=data/gen', *SCRIPT_DATA]
+    det = ['deterministic=True', f'cf_loss.maxprob={MOVING_T["maxprob"]}', 'seed=2']
+    run = lambda script, *a: run_script(script, *a, cwd=work, snapshots=snaps)
+    procs = {
+        'default': run('train_cifar.py', 'with', *data, 'n_epochs=2', 'gpu=0', 'snapshot_name=d'),
+        'full': run('train_cifar.py', 'with', *data, *det, 'n_epochs=2'),
+        'part': run('train_cifar.py', 'with', *data, *det, 'n_epochs=1'),
+        'resumed': run('train_cifar.py', 'with', str(snaps / '3' / 'config.json'),
+                       'n_epochs=2', 'parent_snapshot=3'),
+        'eval': run('eval.py', 'with', 'snapshot_name=d'),
+    }
+    return work, snaps, procs
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def test_train_cifar_on_cuda_completes_with_the_fast_path(script_runs):
+    _, snaps, procs = script_runs
+    assert read(snaps / '1' / 'run.json')['status'] == 'COMPLETED'
+    config = read(snaps / '1' / 'config.json')
+    assert config['gpu'] == 0 and config['cuda_graph'] and config['amp']
+    assert 'warning: CUDA graph capture' not in procs['default'].stderr
+    metrics = read(snaps / '1' / 'metrics.json')
+    assert metrics['train.loss']['steps'] == [1, 2]
+    assert all(np.isfinite(metrics['train.loss']['values']))
+
+
+def test_resume_on_cuda_is_bit_exact_with_deterministic_algorithms(script_runs):
+    _, snaps, procs = script_runs
+    full = torch.load(snaps / '2' / 'last.pt', weights_only=True)
+    resumed = torch.load(snaps / '4' / 'last.pt', weights_only=True)
+    assert full['epoch'] == resumed['epoch'] == 2
+    assert float(full['loss']['temperature']) > 1.05  # T moved, so keeping it is checked
+    assert torch.equal(full['loss']['temperature'], resumed['loss']['temperature'])
+    for k, v in full['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    a, b = read(snaps / '2' / 'metrics.json'), read(snaps / '4' / 'metrics.json')
+    for key in ('train.loss', 'val.acc1_avg', 'temperature'):
+        assert b[key]['values'] == a[key]['values'][1:], key
+    assert 'resuming' in procs['resumed'].stdout
+
+
+def test_eval_on_cuda(script_runs):
+    _, snaps, procs = script_runs
+    result = read(snaps / '5' / 'run.json')['result']
+    assert read(snaps / '5' / 'config.json')['gpu'] == 0
+    assert 0 <= result['acc1_avg'] <= 1 and 'macs_clf10' in result
+    assert (snaps / '5' / 'budgeted.csv').is_file()
+
+
+def test_early_exit_on_cuda_gives_the_budgeted_decisions():
+    torch.manual_seed(0)
+    net = models.build(PAPER_NET).to(CUDA)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # BatchNorm statistics of the noise (see benchmarks/early_exit.py)
+        net.train()
+        for _ in range(3):
+            net(torch.randn(128, 3, 32, 32, generator=g).to(CUDA))
+    net.eval()
+    with torch.inference_mode():
+        calib = torch.stack(net(torch.randn(256, 3, 32, 32, generator=g).to(CUDA)))
+        x = torch.randn(256, 3, 32, 32, generator=g).to(CUDA)
+        conf, _ = budgeted.confidences(torch.stack(net(x)).cpu())
+    thresholds = budgeted.fit_thresholds(budgeted.confidences(calib.cpu())[0],
+                                         budgeted.geometric_fractions(11, 0.7))
+    expected = budgeted.exit_indices(conf, thresholds)
+    assert expected.unique().numel() >= 5  # several exits used: the comparison means something
+    _, exit_of = early_exit_predict(net, x, thresholds)
+    assert exit_of.is_cuda
+    differ = exit_of.cpu() != expected
+    # a subset runs other kernels than the full batch: only a tie within rounding may flip
+    near = (conf - torch.as_tensor(thresholds, dtype=conf.dtype)[:, None]).abs().amin(0) < 1e-4
+    assert not (differ & ~near).any()
+
+
+def test_torchrun_one_process_nccl(tmp_path):
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(tmp_path / 'snapshots'), PYTHONPATH=pythonpath(),
+               OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+         str(ROOT / 'train_cifar.py'), 'with', 'data_dir=data/gen', *SCRIPT_DATA, 'n_epochs=1'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p for p in (tmp_path / 'snapshots').iterdir() if p.name.isdigit()]
+    assert len(runs) == 1
+    assert read(runs[0] / 'run.json')['status'] == 'COMPLETED'
+    assert (runs[0] / 'last.pt').is_file()
