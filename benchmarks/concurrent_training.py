@@ -39,7 +39,7 @@ def worker(barrier, seconds, results, index):
     step = train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=sw['amp'],
                             T=loss_fn.temperature, cuda_graph=sw['cuda_graph'])
     spec = DATASETS['Cifar100']
-    images, labels = fake_cifar(50 * BATCH, seed=index)
+    images, labels = fake_cifar(20 * BATCH, seed=index)
     loader = DeviceLoader(images, labels, BATCH, spec.mean, spec.std, device, augment=True,
                           shuffle=True, drop_last=True, channels_last=sw['channels_last'])
     train_epoch(step, loader)  # warm-up and capture

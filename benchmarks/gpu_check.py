@@ -10,6 +10,7 @@ reported and the next one still runs:
   cuda_tests   pytest tests/test_cuda.py
   throughput   benchmarks/train_throughput.py, every mode, with the test counts: its JSON goes to
                benchmarks/results/<date>-<device>.json (and OUT_DIR/throughput.json)
+  profile      benchmarks/profile_step.py: kernels per step, their GPU time, the top kernels
   early_exit   benchmarks/early_exit.py --device cuda
   concurrency  benchmarks/concurrent_training.py: 1, 2 and 4 training processes on the GPU
 Writes OUT_DIR/summary.json and OUT_DIR/stages.log (every stage's output) and prints a summary
@@ -29,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ('.whl', '../shared/device-wheels')  # relative to the repository
 # seconds per stage (limit, kept for the stages after it), for the full check and --quick
-LIMITS = {False: dict(cuda_tests=(200, 230), throughput=(240, 100), early_exit=(40, 60),
-                      concurrency=(90, 0)),
-          True: dict(cuda_tests=(150, 100), throughput=(80, 50), early_exit=(20, 30),
-                     concurrency=(40, 0))}
+# (2026-11-26, H100: tests 121 s, early exit 16 s, eager modes ~400 images/s: launch bound)
+LIMITS = {False: dict(cuda_tests=(200, 250), throughput=(220, 150), profile=(50, 110),
+                      early_exit=(30, 90), concurrency=(90, 0)),
+          True: dict(cuda_tests=(150, 100), throughput=(80, 60), profile=(30, 40),
+                     early_exit=(20, 30), concurrency=(40, 0))}
 QUICK_MODES = 'reference,fused_sgd,cuda_graph,default,compile_default'
 
 
@@ -161,12 +163,13 @@ def main():
 
     throughput = out / 'throughput.json'
     if 'throughput' not in skip:
-        quick = (['--steps', '100', '--warmup', '10', '--modes', QUICK_MODES] if args.quick
-                 else ['--steps', '150', '--warmup', '15'])
+        quick = (['--steps', '100', '--eager-steps', '20', '--warmup', '5', '--modes',
+                  QUICK_MODES] if args.quick
+                 else ['--steps', '200', '--eager-steps', '40', '--warmup', '8'])
         limit, reserve = limits['throughput']
         limit = min(limit, checker.left() - reserve)
         cmd = [py, 'benchmarks/train_throughput.py', *quick, '--json', throughput,
-               '--deadline-s', str(max(limit - 100, 0))]  # a compilation takes a minute or more
+               '--deadline-s', str(max(limit - 90, 0))]  # a compilation takes a minute or more
         if counts:
             cmd += ['--cuda-tests', ','.join(map(str, counts))]
         checker.stage('throughput', cmd, limit, reserve)
@@ -179,13 +182,16 @@ def main():
                 f"{r['date']}-{r['device'].replace(' ', '-').lower()}.json")
             shutil.copy(throughput, dest)
 
+    if 'profile' not in skip:
+        checker.stage('profile', [py, 'benchmarks/profile_step.py', '--json',
+                                  out / 'profile.json'], *limits['profile'])
     if 'early_exit' not in skip:
         checker.stage('early_exit', [py, 'benchmarks/early_exit.py', '--device', 'cuda',
                                      '--images', '1024', '--calibration', '1024', '--batch-size',
                                      '256', '--out', out / 'early_exit.json'],
                       *limits['early_exit'])
     if 'concurrency' not in skip:
-        seconds = '4' if args.quick else '8'
+        seconds = '4' if args.quick else '6'
         procs = ['1', '2'] if args.quick else ['1', '2', '4']
         checker.stage('concurrency', [py, 'benchmarks/concurrent_training.py', '--procs', *procs,
                                       '--seconds', seconds, '--json', out / 'concurrency.json'],
@@ -193,7 +199,7 @@ def main():
 
     summary = dict(command=' '.join(['python3'] + sys.argv), rows=checker.rows, total_s=round(time.time() - checker.start, 1),
                    cuda_tests=counts)
-    for name in ('throughput', 'early_exit', 'concurrency'):
+    for name in ('throughput', 'profile', 'early_exit', 'concurrency'):
         f = out / f'{name}.json'
         summary[name] = json.loads(f.read_text()) if f.is_file() else None
     (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
@@ -223,6 +229,13 @@ def table(s):
     if c:
         lines += [f"{n} concurrent training process(es): {row['total_images_per_s']:.0f} img/s"
                   for n, row in c['procs'].items()]
+    p = s.get('profile')
+    if p:
+        lines.append(f"profile: {p['kernels_per_step']:.0f} kernels per step, "
+                     f"{p['gpu_kernel_ms_per_step']:.1f} ms of GPU time; eager step "
+                     f"{p['eager_step_ms']:.1f} ms, graph replay {p['graph_replay_ms']:.1f} ms")
+        lines += [f"  {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x {k['name'][:80]}"
+                  for k in p['top_kernels'][:8]]
     e = s.get('early_exit')
     if e:
         lines.append(f"early exit: full forward {e['full_forward']['images_per_s']:.0f} img/s; "

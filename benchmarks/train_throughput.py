@@ -14,6 +14,7 @@ Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one chan
   amp                + bf16 autocast (CUDA)
   fused_sgd          + fused SGD (CUDA)
   cuda_graph         + the whole step replayed as one CUDA graph (CUDA)
+  cuda_graph_fp32    cuda_graph without bf16 autocast (TF32 convolutions) (CUDA)
   compile_default    fused_sgd + torch.compile mode 'default' (CUDA)
   compile_reduce_overhead  fused_sgd + torch.compile mode 'reduce-overhead' (CUDA graphs of
                      torch.compile's own)
@@ -73,6 +74,7 @@ TRAIN_MODES = {  # name: (switches of time_ours, CUDA only); None: the reference
     'amp': (dict(channels_last=True, amp=True), True),
     'fused_sgd': (FAST, True),
     'cuda_graph': (dict(FAST, cuda_graph=True), True),
+    'cuda_graph_fp32': (dict(FAST, amp=False, cuda_graph=True), True),
     'default': ('default', False),
     'compile_default': (dict(FAST, compile_mode='default'), True),
     'compile_reduce_overhead': (dict(FAST, compile_mode='reduce-overhead'), True),
@@ -216,6 +218,9 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--steps', type=int, default=None, help='timed steps per mode')
     parser.add_argument('--warmup', type=int, default=None, help='untimed steps per mode')
+    parser.add_argument('--eager-steps', type=int, default=None,
+                        help='timed steps of the modes without a CUDA graph (default: --steps); '
+                        'on a slow host CPU these are launch bound and slow')
     parser.add_argument('--eval-batches', type=int, default=None)
     parser.add_argument('--modes', default=','.join(TRAIN_MODES),
                         help='training modes to time, comma-separated')
@@ -234,6 +239,7 @@ def main():
     steps = args.steps or (200 if cuda else 10)
     warmup = args.warmup or (30 if cuda else 2)
     eval_batches = args.eval_batches or (20 if cuda else 4)
+    eager_steps = args.eager_steps or steps
     unknown = set(args.modes.split(',')) - set(TRAIN_MODES)
     if unknown:
         parser.error(f'unknown modes {sorted(unknown)}; known: {", ".join(TRAIN_MODES)}')
@@ -256,7 +262,7 @@ def main():
         'command': shlex.join(['python3'] + sys.argv),
         'date': date,
         'batch_size': BATCH, 'eval_batch_size': EVAL_BATCH, 'timed_steps': steps,
-        'warmup_steps': warmup, 'eval_batches': eval_batches,
+        'timed_steps_eager': eager_steps, 'warmup_steps': warmup, 'eval_batches': eval_batches,
         'run_defaults': RUN_DEFAULTS,
         'train_images_per_s': train, 'warmup_epoch_s': warmup_s, 'eval_images_per_s': evals,
         'errors': errors, 'skipped_modes': skipped,
@@ -280,9 +286,12 @@ def main():
                 skipped.append(name)
                 print(f'{name:>24}: skipped (deadline)', flush=True)
                 continue
+        graphed = isinstance(switches, dict) and (switches.get('cuda_graph') or
+                                                  switches.get('compile_mode') == 'reduce-overhead')
+        n_steps = steps if graphed or switches == 'default' else eager_steps
         if switches is None:
-            measure(name, lambda: time_reference(device, images, labels, warmup, steps), train,
-                    errors)
+            measure(name, lambda: time_reference(device, images, labels, warmup, eager_steps),
+                    train, errors)
         else:
             if switches == 'default':
                 switches = default_switches(cuda)
@@ -293,7 +302,7 @@ def main():
                 saved = torch.backends.cudnn.benchmark
                 torch.backends.cudnn.benchmark = saved or name == 'cudnn_benchmark'
                 try:
-                    ips, warmup_s[name] = time_ours(device, images, labels, warmup, steps,
+                    ips, warmup_s[name] = time_ours(device, images, labels, warmup, n_steps,
                                                     **switches)
                 finally:
                     torch.backends.cudnn.benchmark = saved
