@@ -51,8 +51,9 @@ PAPER_VAL = dict(n_per_class=150, nval_per_class=50)
 @ex.config
 def config():
     gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU
-    snapshot_name = 'test:0'  # run id, snapshot_name given at training, run dir, file; or a list
-    checkpoint = 'best'  # in a run: 'best' (validation acc1_avg), 'last' or an epoch number
+    snapshot_name = None  # run id, snapshot_name given at training, run dir, file, or a list
+    #   of them (None: 'test:0', the name train_cifar.py gives by default)
+    checkpoint = None  # in a run: None or 'best' (validation acc1_avg), 'last' or an epoch number
     cf_test = dict(  # test data (None: the training run's data set and subset seed)
         call=None,  # 'Cifar100' or 'Cifar10'
         seed=None,  # seed of the class permutation used at training (the label map)
@@ -116,6 +117,8 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         if 1 not in acc_tops:
             raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
                               f'curves are top-1)')
+        snapshot_name = 'test:0' if snapshot_name is None else snapshot_name
+        checkpoint = 'best' if checkpoint is None else checkpoint
         names = [str(n) for n in (snapshot_name if isinstance(snapshot_name, (list, tuple))
                                   else [snapshot_name])]
         if not names or len(set(names)) != len(names):

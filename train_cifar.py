@@ -45,7 +45,7 @@ ex.captured_out_filter = strip_progress
 def config():
     gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU (torchrun: 0 or -1)
     snapshot_name = 'test:0'  # a name for this run; eval.py finds its snapshots by it
-    parent_snapshot = ''  # resume from a run id, snapshot name or checkpoint path ('' = fresh)
+    parent_snapshot = None  # resume from a run id, snapshot name or checkpoint path (None: fresh)
     data_dir = 'data'  # holds cifar-100-python/ (downloaded there through torchvision if missing)
     generate_fake_data = False  # write a small generated CIFAR-format data set to data_dir if absent
 
@@ -67,7 +67,7 @@ def config():
     )
     cf_loss = dict(  # the training loss: distillation-based training with annealed temperature
         call='DistillationBasedLoss',  # or 'DistillationLossConstTemp' (+ T) or 'ClassificationOnlyLoss'
-        n_exits=11,  # must match cf_net (None: the model's number of exits)
+        n_exits=None,  # None: as many as cf_net has (11); a number must match cf_net's
         acc_tops=[1, 5],  # top-k accuracies reported
         C=0.5,  # weight of the distillation terms; 1 - C weighs the cross-entropies
         maxprob=0.5,  # T grows by Tmult after a batch while the teacher's mean max-prob exceeds this
@@ -106,7 +106,6 @@ def smoke():
     generate_fake_data = True
     cf_net = dict(n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1, nplanes_mulv=[2, 4, 8],
                   exit_width=16, btneck_widths=[2, 2, 2])
-    cf_loss = dict(n_exits=None)
     cf_trn = dict(n_per_class=20, nval_per_class=5)
     n_epochs = 1
     val_batch_size = 250
@@ -117,7 +116,7 @@ def resnet56():
     # He et al.'s CIFAR ResNet-56 with 6 early exits (SDN placement) and its training schedule.
     cf_net = dict(call='ResNet', depth=56, out_dim=100, exit_after=None, head='pool',
                   head_width=128)
-    cf_loss = dict(n_exits=None, global_scale=2.0 * 5 / 7)  # the default's 2*5/n_exits, 7 exits
+    cf_loss = dict(global_scale=2.0 * 5 / 7)  # the default's 2*5/n_exits, 7 exits
     cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)
     batch_size = 128
     n_epochs = 164
@@ -129,7 +128,7 @@ def resnet110():
     # As resnet56, with ResNet-110.
     cf_net = dict(call='ResNet', depth=110, out_dim=100, exit_after=None, head='pool',
                   head_width=128)
-    cf_loss = dict(n_exits=None, global_scale=2.0 * 5 / 7)
+    cf_loss = dict(global_scale=2.0 * 5 / 7)
     cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)
     batch_size = 128
     n_epochs = 164
@@ -141,7 +140,7 @@ def wrn28_10():
     # Zagoruyko & Komodakis' WRN-28-10 with 6 early exits (SDN placement) and its schedule.
     cf_net = dict(call='WideResNet', depth=28, widen_factor=10, dropout=0.0, out_dim=100,
                   exit_after=None, head='pool', head_width=128)
-    cf_loss = dict(n_exits=None, global_scale=2.0 * 5 / 7)
+    cf_loss = dict(global_scale=2.0 * 5 / 7)
     cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     batch_size = 128
     n_epochs = 200

@@ -112,7 +112,7 @@ class Run:
 
     def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
-                 parent_snapshot='', snapshot_dir='snapshots', log=print, log_scalar=None,
+                 parent_snapshot=None, snapshot_dir='snapshots', log=print, log_scalar=None,
                  amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
                  deterministic=False, cudnn_benchmark=False):
         for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),

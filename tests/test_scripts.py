@@ -28,8 +28,17 @@ def trained(workdir):
         'part': run('train_cifar.py', 'with', *SMALL, 'n_epochs=1', 'seed=1'),
         'resumed': run('train_cifar.py', 'with', *SMALL, 'n_epochs=2', 'parent_snapshot=2'),
         'eval': run('eval.py', 'with', 'snapshot_name=full'),
+        'eval_id': run('eval.py', 'with', 'snapshot_name=1', 'checkpoint=last'),
     }
     return snaps, procs
+
+
+def test_first_commands_print_no_sacred_warnings(trained):
+    """A run id, an epoch number or the smoke config must not read as 'Changed type of config
+    entry' warnings: the defaults have the types (or None) that users give."""
+    _, procs = trained
+    for name, proc in procs.items():
+        assert 'WARNING' not in proc.stderr, (name, proc.stderr[-2000:])
 
 
 def read(path):
