@@ -165,9 +165,11 @@ def state(table, cell, snapshots):
 
 def evaluation(table, run_id):
     """The newest COMPLETED test evaluation of a training run's best snapshot, or None."""
-    filters = [('experiment', 'eval'), ('status', 'COMPLETED'), ('snapshot_name', run_id),
-               ('checkpoint', 'best')]
-    return _newest(runs.select(table, filters, strict=False))
+    filters = [('experiment', 'eval'), ('status', 'COMPLETED'), ('snapshot_name', run_id)]
+    found = runs.select(table, filters, strict=False)
+    if 'checkpoint' in found.columns:  # eval.py's default, None, is its best snapshot
+        found = found[found['checkpoint'].isna() | (found['checkpoint'] == 'best')]
+    return _newest(found)
 
 
 def call(script, updates, snapshots):

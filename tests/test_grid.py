@@ -137,7 +137,7 @@ def test_rerun_skips_done_cells_resumes_killed_ones_and_adds_semisup(quick):
     assert re.search(r'grid-quick/standard/n20/s0: done \(training run \d+, test run \d+\)',
                      second.stdout)
     resumed = new_train['grid-quick/dbt/n20/s0'].iloc[0]
-    assert str(resumed['parent_snapshot']) == killed and resumed['status'] == 'COMPLETED'
+    assert int(resumed['parent_snapshot']) == int(killed) and resumed['status'] == 'COMPLETED'
     semi = new_train['grid-quick/semisup/n20/s0'].iloc[0]
     assert semi['named_configs'] == 'smoke,semisup'
     assert all(' gpu=-1' in line for line in second.stdout.splitlines()
