@@ -24,7 +24,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # rais
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
-from multiexit import checkpoints, data, flops, plots  # noqa: E402
+from multiexit import checkpoints, datasets, flops, plots  # noqa: E402
 from multiexit.budgeted import budget_sweep  # noqa: E402
 from multiexit.errors import ConfigError, reported_as_one_line  # noqa: E402
 from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,  # noqa: E402
@@ -44,8 +44,8 @@ PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11
                  nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
                  nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
                  exit_width=128, btneck_widths=[4, 4, 4])
-# The paper's split, for a file of the original code that comes without its training config.
-PAPER_VAL = dict(n_per_class=150, nval_per_class=50)
+# The paper's data, for a file of the original code that comes without its training config.
+PAPER_VAL = dict(call='Cifar100', n_per_class=150, nval_per_class=50, seed=0)
 
 
 @ex.config
@@ -55,7 +55,7 @@ def config():
     #   of them (None: 'test:0', the name train_cifar.py gives by default)
     checkpoint = None  # in a run: None or 'best' (validation acc1_avg), 'last' or an epoch number
     cf_test = dict(  # test data (None: the training run's data set and subset seed)
-        call=None,  # 'Cifar100' or 'Cifar10'
+        call=None,  # 'Cifar100', 'Cifar10', 'ImageFolder' (its val/) or 'ImageNet' (val_images/)
         seed=None,  # seed of the class permutation used at training (the label map)
     )
     cf_val = None  # split to fit early-exit thresholds on (None: the training run's cf_val)
@@ -86,20 +86,27 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     if cf_loss.get('n_exits', n_exits) != n_exits:
         raise ConfigError(f"cf_loss n_exits={cf_loss['n_exits']} but {path} has {n_exits} exits")
     acc_tops = tuple(cf_loss['acc_tops'])
+    if max(acc_tops) > net['out_dim']:
+        raise ConfigError(f'cf_loss acc_tops={list(acc_tops)}: top-{max(acc_tops)} needs as many '
+                          f"classes, {path} has {net['out_dim']}")
     trained = training_config(path)
-    cf_trn = trained.get('cf_trn', {})
-    cf = dict(call=cf_test.get('call') or cf_trn.get('call', 'Cifar100'),
-              seed=cf_test['seed'] if cf_test.get('seed') is not None else cf_trn.get('seed', 0))
-    cf_val = plain(cf_val) or trained.get('cf_val') or dict(PAPER_VAL, **cf)
+    cf_trn = trained.get('cf_trn') or PAPER_VAL
+    # the test split of the training run's data set (with its other keys, such as image_size)
+    cf = dict(cf_trn, call=cf_test.get('call') or cf_trn['call'],
+              seed=cf_test['seed'] if cf_test.get('seed') is not None else cf_trn['seed'])
+    cf_val = plain(cf_val) or trained.get('cf_val') or dict(PAPER_VAL, call=cf['call'],
+                                                            seed=cf['seed'])
     data_dir = data_dir or trained.get('data_dir', 'data')
-    test_loader, _ = data.build_split(cf, 'test', data_dir, batch_size, device)
-    val_loader, _ = data.build_split(cf_val, 'val', data_dir, batch_size, device)
+    test_data = datasets.build(cf, 'test')
+    test_loader = test_data.loader('test', data_dir, batch_size, device)
+    val_loader = datasets.build(cf_val, 'val').loader('val', data_dir, batch_size, device)
     print(f'{path} (epoch {ckpt.get("epoch", "?")}) on {cf["call"]} test, '
           f'{len(test_loader.labels)} images from {data_dir}; thresholds fitted on '
           f'{len(val_loader.labels)} validation images')
     test = exit_logits(model, test_loader, progress=lambda it: bar(it, 'test'))
     val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
-    costs = flops.exit_costs(model, (3, net.get('in_shape', 32), net.get('in_shape', 32)))
+    size = test_data.input_size
+    costs = flops.exit_costs(model, (3, size, size))
     report = exit_report(*test, costs, acc_tops)
     anytime = anytime_frame(report, n_exits, acc_tops)
     print(per_exit_table(anytime, acc_tops))

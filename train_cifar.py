@@ -12,10 +12,7 @@ checkpoints (last.pt to resume, ep<N>.pt model snapshots).
 """
 import logging
 import os
-import sys
 import warnings
-
-import torch
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
 from sacred import SETTINGS, Experiment  # noqa: E402
@@ -23,10 +20,10 @@ from sacred.observers import FileStorageObserver  # noqa: E402
 from sacred.utils import create_basic_stream_logger  # noqa: E402
 
 from multiexit import distributed
-from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line
-from multiexit.data import write_fake_cifar
+from multiexit.errors import EXIT_CODE_INTERRUPTED
 from multiexit.progress import strip_progress
-from multiexit.training import Run
+from multiexit.training import train
+from multiexit.training_settings import training_settings
 
 SETTINGS.CAPTURE_MODE = 'sys'
 SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
@@ -43,11 +40,9 @@ ex.captured_out_filter = strip_progress
 
 @ex.config
 def config():
-    gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU (torchrun: 0 or -1)
-    snapshot_name = 'test:0'  # a name for this run; eval.py finds its snapshots by it
-    parent_snapshot = None  # resume from a run id, snapshot name or checkpoint path (None: fresh)
+    # The device, CUDA switches, torchrun and snapshot settings (gpu, amp, parent_snapshot, ...)
+    # are those of every training script: multiexit/training_settings.py.
     data_dir = 'data'  # holds cifar-100-python/ (downloaded there through torchvision if missing)
-    generate_fake_data = False  # write a small generated CIFAR-format data set to data_dir if absent
 
     cf_net = dict(  # the network: MsdNet as in the paper (5,067,588 parameters, 11 exits)
         call='MsdNet',
@@ -88,15 +83,9 @@ def config():
     val_batch_size = 250  # validation batch
     n_epochs = 300  # training epochs
     cf_scheduler = dict(call='MultiStepLR', milestones=[150, 225], gamma=0.1)  # stepped per epoch
-    save_interval = 0  # 0: keep the snapshot with the best validation acc1_avg; N: every N epochs
-    amp = True  # CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU
-    channels_last = True  # CUDA: NHWC memory format for model and batches; ignored on CPU
-    compile = False  # CUDA: torch.compile mode for model and loss ('default', 'reduce-overhead')
-    cuda_graph = True  # CUDA: replay the whole training step as one captured CUDA graph
-    deterministic = False  # CUDA: deterministic algorithms, for bit-exact reruns (slower)
-    cudnn_benchmark = False  # CUDA: time cuDNN's algorithms per conv shape (MsdNet has ~100 shapes)
-    sync_bn = False  # torchrun: BatchNorm statistics of the global batch, not each process's part
-    ddp_timeout_s = 600  # torchrun: a process waiting this long for the others fails the job
+
+
+ex.config(training_settings)
 
 
 @ex.named_config
@@ -158,28 +147,11 @@ def semisup():
 
 
 @ex.main
-def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
-         val_batch_size, n_epochs, save_interval, data_dir, gpu, parent_snapshot,
-         generate_fake_data, amp, channels_last, compile, cuda_graph, deterministic,
-         cudnn_benchmark, sync_bn, ddp_timeout_s):
-    with reported_as_one_line(), distributed.process_group(gpu, ddp_timeout_s):
-        if isinstance(gpu, (list, tuple)):
-            raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
-                              f'{distributed.torchrun_command(gpu, sys.argv)}')
-        run_dir = None  # ranks other than 0 write nothing
-        if distributed.env_rank() == 0:
-            run_dir = _run.observers[0].dir if _run.observers else 'snapshots/unobserved'
-            os.makedirs(run_dir, exist_ok=True)
-        if generate_fake_data:
-            write_fake_cifar(data_dir, cf_trn['call'], n_train_per_class=30, n_test_per_class=10)
-        run = Run(cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size, val_batch_size,
-                  n_epochs, save_interval, data_dir, gpu, _seed, run_dir, parent_snapshot,
-                  SNAPSHOT_DIR, log_scalar=_run.log_scalar, amp=amp, compile=compile,
-                  channels_last=channels_last, sync_bn=sync_bn, cuda_graph=cuda_graph,
-                  deterministic=deterministic, cudnn_benchmark=cudnn_benchmark)
-        val = run.fit()
-        return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
-                **{f'val.{k}': v for k, v in val.items()}}
+def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
+    # train() reads _config; the dicts are parameters so that sacred accepts the keys that
+    # named configs and `with cf_net.depth=...` add to them
+    run_dir = _run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved'
+    return train(_config, _seed, run_dir, SNAPSHOT_DIR, _run.log_scalar, 'train_cifar.py')
 
 
 if __name__ == '__main__':

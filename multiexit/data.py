@@ -1,5 +1,6 @@
-"""CIFAR-10/100 from the python-version pickles, subsets as in the original, and a loader that
-keeps the images on the training device as uint8 and augments whole batches there.
+"""What every data set shares (the original's subsets, the epoch order and each process's part
+of a batch) and CIFAR-10/100: the python-version pickles, and a loader that keeps the images on
+the training device as uint8 and augments whole batches there.
 """
 import pickle
 import shutil
@@ -128,6 +129,26 @@ def unlabelled_indices(labels, n_unl_per_class, seed, n_classes):
     return np.sort(np.concatenate(out)).astype(np.int64)
 
 
+def split_selection(labels, split, n_per_class, nval_per_class, seed, n_unl_per_class,
+                    n_classes):
+    """(indices, their labels) of a split, as the original selected them: ``n_unl_per_class``
+    images per class lose their label (``unlabelled_indices``; they join the training split
+    with label -100), then ``subset_indices`` draws the split from the rest and maps the
+    labels through its class permutation."""
+    labels = np.array(labels, dtype=np.int64)
+    unl = np.empty(0, dtype=np.int64)
+    if n_unl_per_class and split != 'test':
+        unl = unlabelled_indices(labels, n_unl_per_class, seed, n_classes)
+        labels[unl] = IGNORE
+    idx, label_map = subset_indices(labels, split, n_per_class if split != 'test' else None,
+                                    nval_per_class, seed, n_classes)
+    mapped = label_map[labels[idx]]
+    if split == 'train' and len(unl):
+        idx = np.concatenate([idx, unl])
+        mapped = np.concatenate([mapped, np.full(len(unl), IGNORE)])
+    return idx, mapped
+
+
 def check_divisible(batch_size, world_size):
     """Training batches are split into equal parts, one per process."""
     if batch_size % world_size:
@@ -136,55 +157,47 @@ def check_divisible(batch_size, world_size):
                           f'(the global batch stays batch_size)')
 
 
-class DeviceLoader:
-    """Batches from a uint8 copy of the split that lives on ``device``.
+def check_split_sizes(split, n_per_class, nval_per_class):
+    """The validation split is carved from the training images of every class."""
+    if split != 'test' and not nval_per_class:
+        raise ConfigError('nval_per_class must be > 0 (the validation split is carved from train)')
+    if n_per_class is not None and (n_per_class <= 0 or nval_per_class >= n_per_class):
+        raise ConfigError(f'need 0 < nval_per_class < n_per_class, got nval_per_class='
+                          f'{nval_per_class}, n_per_class={n_per_class}')
+
+
+class EpochOrder:
+    """Which examples an epoch visits, in which order, cut into batches, and each process's part.
 
     Each epoch is one permutation (from a generator seeded with (seed, epoch), so a run resumed
-    at an epoch boundary sees the same data) cut into slices; augmentation (horizontal flip,
-    normalisation, shift by up to ``pad`` pixels filled with 0 after normalisation, i.e. with the
-    mean colour) runs on whole batches. With unlabelled examples (label -100) and
+    at an epoch boundary sees the same data) cut into batches of ``batch_size``; with
+    ``drop_last`` the incomplete last one is dropped. With unlabelled examples (label -100) and
     ``lab_unl_ratio=(r_lab, r_unl)``, epochs interleave r_lab labelled and r_unl unlabelled
     examples as the original did.
 
-    Sharded (``world_size`` > 1, one loader per rank): every rank computes the same permutation
-    and batches of ``batch_size``, and yields the ``rank``-th of ``world_size`` consecutive
-    parts of each batch, so the ranks together see exactly the single-process batches, with the
-    same number of steps. The augmentation of the whole batch is drawn on every rank and each
-    takes its part: an example is augmented as it would be by a single process. With
-    ``drop_last`` (training) the parts must have equal sizes; otherwise they differ by at most
-    one and every example is seen once.
+    Sharded (``world_size`` > 1, one order per rank): every rank computes the same batches and
+    takes the ``rank``-th of ``world_size`` consecutive parts of each, so the ranks together see
+    exactly the single-process batches, with the same number of steps. With ``drop_last``
+    (training) the parts must have equal sizes; otherwise they differ by at most one and every
+    example is seen once.
     """
 
-    def __init__(self, images, labels, batch_size, mean, std, device, augment=False,
-                 shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0,
-                 channels_last=False, rank=0, world_size=1):
+    def __init__(self, labels, batch_size, shuffle=False, drop_last=False, lab_unl_ratio=(0, 0),
+                 seed=0, rank=0, world_size=1):
         if drop_last:
             check_divisible(batch_size, world_size)
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.images = torch.as_tensor(images, dtype=torch.uint8).to(self.device)
-        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-        self.batch_size = int(batch_size)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.augment, self.shuffle, self.drop_last, self.pad = augment, shuffle, drop_last, pad
-        self.seed = seed
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.epoch = 0
+        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         unl = (torch.as_tensor(labels) == IGNORE).numpy()
         self._lab_pos = np.where(~unl)[0]
         self._unl_pos = np.where(unl)[0]
         self.r_lab, self.r_unl = lab_unl_ratio
         if len(self._unl_pos) and not (self.r_lab or self.r_unl):
             raise ConfigError('unlabelled examples need lab_unl_ratio=(r_lab, r_unl), e.g. (1, 1)')
-        self.generator = torch.Generator(device=self.device)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _epoch_positions(self):
-        """Order of the examples in this epoch (CPU; one small copy to the device per epoch)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+    def positions(self, epoch):
+        """Order of the examples in ``epoch`` (CPU)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         lab, unl = torch.from_numpy(self._lab_pos), torch.from_numpy(self._unl_pos)
         perm = lambda idx: idx[torch.randperm(len(idx), generator=g)] if self.shuffle else idx
         if not len(unl) or self.r_unl == 0:
@@ -196,9 +209,52 @@ class DeviceLoader:
                           perm(unl)[:n_tup * self.r_unl].view(self.r_unl, n_tup)])
         return rows.T.reshape(-1)
 
-    def __len__(self):
-        n = len(self._epoch_positions())
+    def n_batches(self, epoch=0):
+        n = len(self.positions(epoch))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self, epoch, device='cpu'):
+        """(positions of the whole batch on ``device``, lo, hi) per batch: this rank's part is
+        ``[lo:hi]``, which is empty for a last evaluation batch smaller than the number of
+        ranks. The positions move to ``device`` once per epoch."""
+        pos = self.positions(epoch).to(device)
+        n = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
+        for start in range(0, n, self.batch_size):
+            idx = pos[start:start + self.batch_size]
+            b = len(idx)
+            yield idx, self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
+
+
+class DeviceLoader:
+    """Batches from a uint8 copy of the split that lives on ``device``, in an ``EpochOrder``.
+
+    Augmentation (horizontal flip, normalisation, shift by up to ``pad`` pixels filled with 0
+    after normalisation, i.e. with the mean colour) runs on whole batches, drawn from a
+    generator seeded with (seed, epoch). Sharded, every rank draws the augmentation of the whole
+    batch and takes its part: an example is augmented as it would be by a single process.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, device, augment=False,
+                 shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0,
+                 channels_last=False, rank=0, world_size=1):
+        self.order = EpochOrder(labels, batch_size, shuffle, drop_last, lab_unl_ratio, seed,
+                                rank, world_size)
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.images = torch.as_tensor(images, dtype=torch.uint8).to(self.device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.augment, self.pad, self.seed = augment, pad, seed
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.epoch = 0
+        self.generator = torch.Generator(device=self.device)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.order.n_batches(self.epoch)
 
     def normalize(self, x):
         return (x.float().div_(255) - self.mean) / self.std
@@ -223,14 +279,9 @@ class DeviceLoader:
         return x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
     def __iter__(self):
-        pos = self._epoch_positions().to(self.device)
         self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-        n = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
-        for start in range(0, n, self.batch_size):
-            idx = pos[start:start + self.batch_size]
-            b = len(idx)
-            lo, hi = self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
-            draws = self.draw_augmentation(b) if self.augment else None
+        for idx, lo, hi in self.order.batches(self.epoch, self.device):
+            draws = self.draw_augmentation(len(idx)) if self.augment else None
             if lo == hi:  # a last evaluation batch smaller than the number of ranks
                 continue
             x, y = self.images[idx[lo:hi]], self.labels[idx[lo:hi]]
@@ -260,26 +311,13 @@ def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=T
     if cf:
         raise ConfigError(f'unknown data keys {sorted(cf)}; known: call, n_per_class, '
                           'nval_per_class, augment, seed, n_unl_per_class, lab_unl_ratio')
-    if split != 'test' and not nval_per_class:
-        raise ConfigError('nval_per_class must be > 0 (the validation split is carved from train)')
-    if n_per_class is not None and (n_per_class <= 0 or nval_per_class >= n_per_class):
-        raise ConfigError(f'need 0 < nval_per_class < n_per_class, got nval_per_class='
-                          f'{nval_per_class}, n_per_class={n_per_class}')
+    check_split_sizes(split, n_per_class, nval_per_class)
     images, labels = load_cifar(call, data_dir, train=split != 'test', download=download)
     if labels.max() >= spec.n_classes:
         raise DataError(f'labels up to {labels.max()} in {data_dir}/{spec.folder} but '
                         f'{spec.n_classes} classes expected')
-    labels = labels.copy()
-    unl = np.empty(0, dtype=np.int64)
-    if n_unl and split != 'test':
-        unl = unlabelled_indices(labels, n_unl, subset_seed, spec.n_classes)
-        labels[unl] = IGNORE
-    idx, label_map = subset_indices(labels, split, n_per_class if split != 'test' else None,
-                                    nval_per_class, subset_seed, spec.n_classes)
-    mapped = label_map[labels[idx]]
-    if split == 'train' and len(unl):
-        idx = np.concatenate([idx, unl])
-        mapped = np.concatenate([mapped, np.full(len(unl), IGNORE)])
+    idx, mapped = split_selection(labels, split, n_per_class, nval_per_class, subset_seed,
+                                  n_unl, spec.n_classes)
     train = split == 'train'
     loader = DeviceLoader(images[idx], mapped, batch_size, spec.mean, spec.std, device,
                           augment=augment and train, shuffle=train, drop_last=train,
@@ -332,3 +370,30 @@ def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per
     except OSError:  # another process got there first: keep its copy
         shutil.rmtree(tmp)
     return folder
+
+
+class Cifar100:
+    """CIFAR-100 in ``data_dir/cifar-100-python/`` (downloaded there if missing), a data set of
+    ``multiexit.datasets``; the keyword arguments are the keys of ``build_split``'s dict."""
+    input_size = 32
+
+    def __init__(self, n_per_class=None, nval_per_class=None, augment=False, seed=0,
+                 n_unl_per_class=0, lab_unl_ratio=(0, 0)):
+        self.cf = dict(call=type(self).__name__, n_per_class=n_per_class,
+                       nval_per_class=nval_per_class, augment=augment, seed=seed,
+                       n_unl_per_class=n_unl_per_class, lab_unl_ratio=lab_unl_ratio)
+
+    def n_classes(self, data_dir):
+        return dataset_spec(self.cf['call']).n_classes
+
+    def loader(self, split, data_dir, batch_size, device, seed=0, channels_last=False, rank=0,
+               world_size=1):
+        return build_split(self.cf, split, data_dir, batch_size, device, seed=seed,
+                           channels_last=channels_last, rank=rank, world_size=world_size)[0]
+
+    def write_fake(self, data_dir):
+        write_fake_cifar(data_dir, self.cf['call'], n_train_per_class=30, n_test_per_class=10)
+
+
+class Cifar10(Cifar100):
+    """CIFAR-10 in ``data_dir/cifar-10-batches-py/``."""

@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, data, distributed, losses, models, train_step
+from . import checkpoints, data, datasets, distributed, losses, models, train_step
 from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
-                     SnapshotError, TrainingInterrupted)
+                     SnapshotError, TrainingInterrupted, reported_as_one_line)
 from .evaluation import GraphedForward, evaluate
 from .progress import bar
 
@@ -104,17 +105,20 @@ def train_epoch(step, loader, progress=None):
 class Run:
     """Everything a training run holds; ``fit()`` trains it epoch by epoch.
 
-    Under torch.distributed (``distributed.process_group``), every rank builds a Run with the
-    same arguments and trains the same model on its part of every batch (DDP); rank 0's
-    ``seed`` and ``run_dir`` are used by all (``run_dir`` may be None elsewhere), and only rank
-    0 logs and writes checkpoints.
+    The data come from the data set that ``cf_trn['call']`` names in ``multiexit.datasets``
+    (``cf_val`` names the same one), in ``data_dir``; ``cf_net['out_dim']=None`` takes its
+    number of classes. Under torch.distributed (``distributed.process_group``), every rank
+    builds a Run with the same arguments and trains the same model on its part of every batch
+    (DDP); rank 0's ``seed`` and ``run_dir`` are used by all (``run_dir`` may be None
+    elsewhere), and only rank 0 logs and writes checkpoints. ``script`` is what the messages
+    say to run to resume.
     """
 
     def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
                  parent_snapshot=None, snapshot_dir='snapshots', log=print, log_scalar=None,
                  amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
-                 deterministic=False, cudnn_benchmark=False):
+                 deterministic=False, cudnn_benchmark=False, script='train_cifar.py'):
         for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
                                      ('val_batch_size', val_batch_size, False),
                                      ('save_interval', save_interval, True)]:
@@ -124,8 +128,7 @@ class Run:
         data.check_divisible(batch_size, self.world_size)
         # rank 0's for all: a seed sacred drew differs per process; only rank 0 has a run dir
         seed, run_dir = distributed.from_main((seed, str(run_dir)))
-        self.cf_net = plain(cf_net)
-        self.n_epochs, self.save_interval = n_epochs, save_interval
+        self.n_epochs, self.save_interval, self.script = n_epochs, save_interval, script
         self.run_dir = Path(run_dir)
         quiet = lambda *a: None
         self.log = log if self.is_main else quiet
@@ -144,8 +147,23 @@ class Run:
                                                       compile if cuda else False)
         self.seed = seed
         # Configuration first, data last: a bad value is reported before any work is done.
+        trn_data, val_data = datasets.build(cf_trn, 'trn'), datasets.build(cf_val, 'val')
+        if cf_val.get('call') != cf_trn.get('call'):
+            raise ConfigError(f"cf_val call={cf_val.get('call')!r} differs from cf_trn call="
+                              f"{cf_trn.get('call')!r}: validation is carved from the training set")
+        n_classes = trn_data.n_classes(data_dir)
+        self.cf_net = plain(cf_net)
+        if self.cf_net.get('out_dim') is None:  # None: as many as the data set has
+            self.cf_net['out_dim'] = n_classes
+        if self.cf_net['out_dim'] != n_classes:
+            raise ConfigError(f"cf_net out_dim={self.cf_net['out_dim']} but {cf_trn['call']} has "
+                              f'{n_classes} classes')
         torch.manual_seed(self.seed)
         self.model = models.build(self.cf_net).to(self.device)
+        in_shape = getattr(self.model, 'in_shape', trn_data.input_size)
+        if in_shape != trn_data.input_size:
+            raise ConfigError(f'cf_net in_shape={in_shape} but cf_trn gives images of '
+                              f'{trn_data.input_size}x{trn_data.input_size}')
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.n_exits = len(self.model.exits)
@@ -153,16 +171,12 @@ class Run:
             cf_loss = dict(cf_loss, n_exits=self.n_exits)
         self.loss_fn = losses.build(cf_loss).to(self.device)
         self.acc_tops = tuple(self.loss_fn.acc_tops)
+        if max(self.acc_tops) > n_classes:
+            raise ConfigError(f'cf_loss acc_tops={list(self.acc_tops)}: top-{max(self.acc_tops)} '
+                              f'needs as many classes, {cf_trn["call"]} has {n_classes}')
         if self.loss_fn.n_exits != self.n_exits:
             raise ConfigError(f'cf_loss n_exits={self.loss_fn.n_exits} but the model has '
                               f'{self.n_exits} exits (cf_net)')
-        n_classes = data.dataset_spec(cf_trn.get('call')).n_classes
-        out_dim = self.cf_net.get('out_dim', n_classes)
-        if out_dim != n_classes:
-            raise ConfigError(f'cf_net out_dim={out_dim} but {cf_trn["call"]} has {n_classes} classes')
-        if cf_val.get('call') != cf_trn.get('call'):
-            raise ConfigError(f"cf_val call={cf_val.get('call')!r} differs from cf_trn call="
-                              f"{cf_trn.get('call')!r}: validation is carved from the training file")
         if cuda and cf_opt.get('call') in FUSED and not {'fused', 'foreach'} & set(cf_opt):
             cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
         self.optimizer = _from_module(torch.optim, cf_opt, 'cf_opt', self.model.parameters())
@@ -174,13 +188,11 @@ class Run:
         if self.rank:
             torch.manual_seed(self.seed + self.rank)  # dropout: other masks than rank 0's
 
-        shard = dict(rank=self.rank, world_size=self.world_size)
+        shard = dict(rank=self.rank, world_size=self.world_size, channels_last=self.channels_last)
         with distributed.local_main_first():  # one download per machine
-            self.train_loader, _ = data.build_split(cf_trn, 'train', data_dir, batch_size,
-                                                    self.device, seed=self.seed,
-                                                    channels_last=self.channels_last, **shard)
-        self.val_loader, _ = data.build_split(cf_val, 'val', data_dir, val_batch_size, self.device,
-                                              channels_last=self.channels_last, **shard)
+            self.train_loader = trn_data.loader('train', data_dir, batch_size, self.device,
+                                                seed=self.seed, **shard)
+        self.val_loader = val_data.loader('val', data_dir, val_batch_size, self.device, **shard)
         if len(self.train_loader) == 0:
             raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
                               'training examples: no full batch per epoch')
@@ -205,6 +217,17 @@ class Run:
                                      T=getattr(self.loss_fn, 'temperature', None),
                                      cuda_graph=graphed)
         self.val_forward = GraphedForward(self.model, amp=self.amp) if graphed else None
+
+    @classmethod
+    def from_config(cls, config, seed, run_dir, snapshot_dir, log_scalar, script):
+        """The Run of a training script's sacred config (``training_settings`` and its own)."""
+        keys = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
+                'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu')
+        switches = ('amp', 'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',
+                    'cudnn_benchmark')
+        return cls(*(config[k] for k in keys), seed, run_dir, config['parent_snapshot'],
+                   snapshot_dir, log_scalar=log_scalar, script=script,
+                   **{k: config[k] for k in switches})
 
     def _parent_checkpoint(self, parent_snapshot, snapshot_dir):
         if not parent_snapshot:
@@ -267,7 +290,7 @@ class Run:
         path, epoch = self._saved
         run = path.parent
         return (f'{path} holds epoch {epoch}; resume with: '
-                f'{distributed.launch_command("train_cifar.py")} with '
+                f'{distributed.launch_command(self.script)} with '
                 f'{run}/config.json parent_snapshot={run}')
 
     def _save(self, val_metrics):
@@ -362,6 +385,27 @@ class Run:
             self._save(val)
             self._log_epoch(loss, trn, val, lr, time.time() - start)
         return val
+
+
+def train(config, seed, run_dir, snapshot_dir, log_scalar, script):
+    """What a training script's main does with its sacred ``config``: under torchrun, join the
+    process group; write the generated data set if asked; train; return the sacred result.
+    ``run_dir``: the run folder of sacred's observer (rank 0's is used)."""
+    gpu = config['gpu']
+    with reported_as_one_line(), distributed.process_group(gpu, config['ddp_timeout_s']):
+        if isinstance(gpu, (list, tuple)):
+            raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
+                              f'{distributed.torchrun_command(gpu, sys.argv)}')
+        if distributed.env_rank() == 0:
+            os.makedirs(run_dir, exist_ok=True)
+        else:
+            run_dir = None  # ranks other than 0 write nothing
+        if config['generate_fake_data']:
+            datasets.build(config['cf_trn']).write_fake(config['data_dir'])
+        run = Run.from_config(config, seed, run_dir, snapshot_dir, log_scalar, script)
+        val = run.fit()
+        return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
+                **{f'val.{k}': v for k, v in val.items()}}
 
 
 def _raise_interrupt(signum, frame):

@@ -139,7 +139,7 @@ def test_semi_supervised_interleaves_labelled_and_unlabelled(fake_data):
     loader, _ = data.build_split(cf, 'train', fake_data, 30, 'cpu')
     labels = loader.labels
     assert (labels == -100).sum() == 400 and (labels >= 0).sum() == 600
-    order = labels[loader._epoch_positions()]
+    order = labels[loader.order.positions(loader.epoch)]
     assert len(order) == 3 * 200  # n_tup = min(600 // 1, 400 // 2)
     pattern = (order == -100).view(-1, 3)
     assert pattern.tolist() == [[False, True, True]] * 200

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 PAGES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
-SACRED_SCRIPTS = ('train_cifar.py', 'eval.py')
+SACRED_SCRIPTS = ('train_cifar.py', 'train_imagenet.py', 'eval.py')
 FENCE = re.compile(r'^```[^\n]*\n(.*?)^```', re.M | re.S)
 INLINE = re.compile(r'`((?:python3?|torchrun) [^`]+)`')
 
@@ -60,8 +60,10 @@ def config_of(script):
         warnings.simplefilter('ignore')
         module = importlib.import_module(script[:-3])
     ex = module.ex
-    return dict(ex.configurations[0]()), {name: dict(scope())
-                                          for name, scope in ex.named_configs.items()}
+    config = {}
+    for scope in ex.configurations:  # the script's own, then training_settings
+        config.update(scope(preset=config))
+    return config, {name: dict(scope()) for name, scope in ex.named_configs.items()}
 
 
 def has_key(config, dotted):

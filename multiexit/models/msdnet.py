@@ -191,7 +191,7 @@ class MsdNet(MultiExitNet):
             raise ValueError(f'MsdNet: the exit heads need the coarsest scale between 5x5 and '
                              f'12x12, but in_shape={in_shape} with n_scales={n_scales} gives '
                              f'{coarsest}x{coarsest} (use n_scales=3 for 32, 4 for 224)')
-        self.n_exits = n_exits
+        self.n_exits, self.in_shape = n_exits, in_shape
         block_nlayers = [nlayers_to_exit] + [nlayers_between_exits] * (n_exits - 1)
         n_layers = 1 + sum(block_nlayers)
         tab = nplanes_table(n_scales, n_layers, nplanes_init, nplanes_mulv, nplanes_addh,
