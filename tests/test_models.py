@@ -25,7 +25,11 @@ TINY = {
     'ResNet': dict(call='ResNet', depth=8, exit_after=[0, 1], head='conv', head_width=8,
                    out_dim=10),
     'WideResNet': dict(call='WideResNet', depth=10, widen_factor=1, exit_after=[0, 1], out_dim=10),
+    'ImageNetResNet': dict(call='ImageNetResNet', depth=18, exit_after=[0, 1], head='conv',
+                           head_width=8, out_dim=10),
 }
+# ResNet-18's 11 M parameters overshoot on 16 images at 0.1 (the loss rises at steps 2 and 3)
+LEARNING_RATE = {'ImageNetResNet': 0.02}
 
 
 @pytest.fixture(scope='module')
@@ -159,7 +163,7 @@ def test_registered_model_learns_a_fixed_batch(name):
     torch.manual_seed(0)
     model = models.build(TINY[name]).train()
     loss_fn = losses.build(dict(call='ClassificationOnlyLoss', n_exits=TINY_EXITS))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE.get(name, 0.1), momentum=0.9)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     values = []
     for _ in range(6):

@@ -8,10 +8,12 @@ Contract of a registered model (used by per-exit costs and early-exit inference)
 - every constructor argument is an explicit keyword argument (``registry.build`` relies on it).
 """
 from .. import registry
+from .imagenet_resnet import ImageNetResNet
 from .msdnet import MsdNet
 from .resnet import ResNet, WideResNet
 
-REGISTRY = {'MsdNet': MsdNet, 'ResNet': ResNet, 'WideResNet': WideResNet}
+REGISTRY = {'MsdNet': MsdNet, 'ResNet': ResNet, 'WideResNet': WideResNet,
+            'ImageNetResNet': ImageNetResNet}
 
 
 def build(cf_net):
@@ -28,4 +30,5 @@ def load_original_state_dict(model, state_dict):
     return model
 
 
-__all__ = ['MsdNet', 'ResNet', 'WideResNet', 'REGISTRY', 'build', 'load_original_state_dict']
+__all__ = ['MsdNet', 'ResNet', 'WideResNet', 'ImageNetResNet', 'REGISTRY', 'build',
+           'load_original_state_dict']
