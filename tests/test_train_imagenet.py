@@ -1,0 +1,131 @@
+"""train_imagenet.py and eval.py end to end on generated JPEG folders, on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, pythonpath, run_script
+from multiexit import flops
+from multiexit.evaluation import load_model
+from multiexit.metrics import metric_names
+from multiexit.runs import load_runs
+
+SMOKE = ['smoke', 'seed=1']  # 5 classes of 10 training images (2 held out), 8 per batch
+ORIGINAL_LAYOUT = ['cf_trn.call=ImageNet', 'cf_val.call=ImageNet']
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('imagenet_work')
+
+
+@pytest.fixture(scope='module')
+def trained(workdir):
+    """Runs 1: 2 epochs; 2: 1 epoch; 3: run 2 resumed to 2 epochs; 4: 1 epoch from the
+    original layout; 5: eval of run 1."""
+    snaps = workdir / 'snapshots'
+    run = lambda script, *a: run_script(script, *a, cwd=workdir, snapshots=snaps)
+    procs = {
+        'full': run('train_imagenet.py', 'with', *SMOKE, 'n_epochs=2', 'snapshot_name=full'),
+        'part': run('train_imagenet.py', 'with', *SMOKE),
+        'resumed': run('train_imagenet.py', 'with', str(snaps / '2' / 'config.json'),
+                       'n_epochs=2', 'parent_snapshot=2'),
+        'original': run('train_imagenet.py', 'with', *SMOKE, *ORIGINAL_LAYOUT),
+        'eval': run('eval.py', 'with', 'snapshot_name=full'),
+    }
+    return snaps, procs
+
+
+def test_smoke_trains_one_epoch_on_generated_jpegs(trained, workdir):
+    snaps, procs = trained
+    assert read(snaps / '2' / 'run.json')['status'] == 'COMPLETED'
+    config = read(snaps / '2' / 'config.json')
+    assert config['cf_trn']['call'] == 'ImageFolder' and config['cf_trn']['n_workers'] == 2
+    assert len(list((workdir / 'data' / 'smoke-images' / 'train').glob('*/*.JPEG'))) == 50
+    ckpt = torch.load(snaps / '2' / 'last.pt', weights_only=True)
+    assert ckpt['epoch'] == 1 and ckpt['cf_net']['out_dim'] == 5  # from the folder
+    metrics = read(snaps / '2' / 'metrics.json')
+    assert metrics['train.loss']['steps'] == [1]
+    for name, proc in procs.items():
+        assert 'WARNING' not in proc.stderr, (name, proc.stderr[-2000:])
+
+
+def test_resume_continues_exactly(trained):
+    snaps, procs = trained
+    full = torch.load(snaps / '1' / 'last.pt', weights_only=True)
+    resumed = torch.load(snaps / '3' / 'last.pt', weights_only=True)
+    assert full['epoch'] == resumed['epoch'] == 2
+    for k, v in full['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert torch.equal(full['loss']['temperature'], resumed['loss']['temperature'])
+    a, b = read(snaps / '1' / 'metrics.json'), read(snaps / '3' / 'metrics.json')
+    assert b['train.loss']['steps'] == [2]
+    assert b['train.loss']['values'] == a['train.loss']['values'][1:]
+    assert 'resuming' in procs['resumed'].stdout
+
+
+def test_the_original_layout_trains_exactly_as_the_standard_one(trained):
+    snaps, _ = trained
+    standard = torch.load(snaps / '2' / 'last.pt', weights_only=True)
+    original = torch.load(snaps / '4' / 'last.pt', weights_only=True)
+    for k, v in standard['model'].items():
+        assert torch.equal(v, original['model'][k]), k
+
+
+def test_eval_reports_every_exit_with_macs_at_224_pixels(trained):
+    snaps, procs = trained
+    result = read(snaps / '5' / 'run.json')['result']
+    per_exit = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params')
+                for k in range(3)}
+    assert set(result) == set(metric_names(3, (1, 5))) | per_exit
+    model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
+    costs = flops.exit_costs(model, (3, 224, 224))
+    assert [result[f'macs_clf{k}'] for k in range(3)] == [c['macs'] for c in costs]
+    assert 'on ImageFolder test, 20 images' in procs['eval'].stdout
+    anytime = pd.read_csv(snaps / '5' / 'anytime.csv')
+    assert anytime['exit'].tolist() == [0, 1, 2]
+    assert len(pd.read_csv(snaps / '5' / 'budgeted.csv')) > 0
+    assert (snaps / '5' / 'budgeted.png').is_file()
+
+
+def test_runs_lists_the_imagenet_runs(trained):
+    snaps, _ = trained
+    runs = load_runs(snaps).set_index('run')
+    assert runs.loc['1', 'experiment'] == 'train_imagenet' and runs.loc['5', 'experiment'] == 'eval'
+    assert runs.loc['1', 'cf_trn.call'] == 'ImageFolder' and runs.loc['1', 'final_epoch'] == 2
+
+
+@pytest.mark.parametrize('args, message', [
+    (['data_dir=nowhere'], 'no nowhere/train/'),
+    (['smoke', 'cf_trn.image_size=160'], 'cf_net in_shape=224 but cf_trn gives images of 160x160'),
+    (['smoke', 'cf_trn.n_workers=-1'], 'n_workers must be an integer >= 0'),
+    (['smoke', 'cf_net.out_dim=1000'], 'cf_net out_dim=1000 but ImageFolder has 5 classes'),
+])
+def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, args, message):
+    proc = run_script('train_imagenet.py', 'with', *args, cwd=workdir,
+                      snapshots=workdir / 'bad', check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+
+
+def test_torchrun_two_cpu_processes(trained, workdir, tmp_path):
+    """Each process reads its part of every batch with its own loader processes."""
+    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(tmp_path / 'snapshots'),
+               PYTHONPATH=pythonpath(), OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         str(ROOT / 'train_imagenet.py'), 'with', *SMOKE, 'gpu=-1'],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p for p in (tmp_path / 'snapshots').iterdir() if p.name.isdigit()]
+    assert len(runs) == 1 and read(runs[0] / 'run.json')['status'] == 'COMPLETED'
