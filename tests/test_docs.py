@@ -117,7 +117,8 @@ def test_documented_command_runs_something_that_exists(page, command):
 def test_the_pages_hold_commands_to_check():
     found = all_commands()
     scripts = {program(shlex.split(c))[1] for _, c in found if program(shlex.split(c))}
-    assert {'train_cifar.py', 'eval.py', 'experiments.grid', 'multiexit.runs'} <= scripts
+    assert {'train_cifar.py', 'train_imagenet.py', 'eval.py', 'experiments.grid',
+            'multiexit.runs'} <= scripts
     assert sum(' with ' in c for _, c in found) > 10
 
 
@@ -136,3 +137,6 @@ def test_a_wrong_key_or_script_is_caught():
     with pytest.raises(AssertionError, match='no config key'):
         test_documented_command_runs_something_that_exists(
             'page', 'torchrun --nproc_per_node=2 train_cifar.py with sync_bm=True')
+    check_settings('train_imagenet.py', ['resnet50', 'cf_net.head=conv', 'sync_bn=True'])
+    with pytest.raises(AssertionError, match='no config key'):
+        check_settings('train_imagenet.py', ['cf_trn.image_sise=160'])
