@@ -1,4 +1,4 @@
-"""The CUDA path: loader, numerics against the CPU, the default fast step (bf16, channels_last,
+"""The CUDA path: loaders, numerics against the CPU, the default fast step (bf16, channels_last,
 fused SGD, CUDA graph), the scripts, resume, evaluation, early exit and torchrun. Skipped without
 a GPU; `benchmarks/gpu_check.py` runs them on one."""
 import inspect
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import PAPER_NET, ROOT, pythonpath, run_script
-from multiexit import budgeted, losses, models, train_step
+from multiexit import budgeted, datasets, losses, models, train_step
 from multiexit.data import DATASETS, DeviceLoader
+from multiexit.image_folders import write_fake_image_folders
 from multiexit.inference import early_exit_predict
 from multiexit.training import Run, train_epoch
 
@@ -302,3 +303,26 @@ def test_torchrun_one_process_nccl(tmp_path):
     assert len(runs) == 1
     assert read(runs[0] / 'run.json')['status'] == 'COMPLETED'
     assert (runs[0] / 'last.pt').is_file()
+
+
+def test_image_loader_pins_and_normalises_on_the_gpu_as_on_the_cpu(tmp_path):
+    root = write_fake_image_folders(tmp_path / 'images')
+    cf = dict(call='ImageFolder', nval_per_class=2, augment=True, image_size=64, n_workers=2)
+    gpu = datasets.build(cf).loader('train', root, 8, CUDA, seed=1, channels_last=True)
+    cpu = datasets.build(cf).loader('train', root, 8, 'cpu', seed=1)
+    assert gpu._loader.pin_memory
+    pairs = list(zip(gpu, cpu))
+    assert len(pairs) == 5
+    for (xg, yg), (xc, yc) in pairs:
+        assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-5)
+        assert torch.equal(yg.cpu(), yc)
+
+
+def test_train_imagenet_smoke_on_cuda_with_the_fast_path(tmp_path):
+    snaps = tmp_path / 'snapshots'
+    proc = run_script('train_imagenet.py', 'with', 'smoke', 'gpu=0', cwd=tmp_path, snapshots=snaps)
+    assert read(snaps / '1' / 'run.json')['status'] == 'COMPLETED'
+    assert 'warning: CUDA graph capture' not in proc.stderr
+    run_script('eval.py', 'with', 'snapshot_name=1', cwd=tmp_path, snapshots=snaps)
+    assert read(snaps / '2' / 'run.json')['result']['macs_clf2'] > 0
