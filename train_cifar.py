@@ -10,38 +10,21 @@
 Each run writes snapshots/<run id>/: config.json, run.json, cout.txt, metrics.json, and the
 checkpoints (last.pt to resume, ep<N>.pt model snapshots).
 """
-import logging
-import os
 import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
-from sacred import SETTINGS, Experiment  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402
-from sacred.utils import create_basic_stream_logger  # noqa: E402
+from sacred import Experiment  # noqa: E402
 
-from multiexit import distributed
-from multiexit.errors import EXIT_CODE_INTERRUPTED
-from multiexit.progress import strip_progress
-from multiexit.training import train
-from multiexit.training_settings import training_settings
-
-SETTINGS.CAPTURE_MODE = 'sys'
-SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
-SNAPSHOT_DIR = os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')
+import training_experiment  # noqa: E402
 
 ex = Experiment('train_cifar', save_git_info=False)
-if distributed.env_rank() == 0:
-    ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
-else:  # under torchrun, rank 0 alone writes the run and logs; the others report only errors
-    ex.logger = create_basic_stream_logger()
-    ex.logger.setLevel(logging.ERROR)
-ex.captured_out_filter = strip_progress
+training_experiment.set_up(ex)  # runs in snapshots/, the settings of every training script, main
 
 
 @ex.config
 def config():
     # The device, CUDA switches, torchrun and snapshot settings (gpu, amp, parent_snapshot, ...)
-    # are those of every training script: multiexit/training_settings.py.
+    # are those of every training script: training_experiment.py.
     data_dir = 'data'  # holds cifar-100-python/ (downloaded there through torchvision if missing)
 
     cf_net = dict(  # the network: MsdNet as in the paper (5,067,588 parameters, 11 exits)
@@ -84,8 +67,6 @@ def config():
     n_epochs = 300  # training epochs
     cf_scheduler = dict(call='MultiStepLR', milestones=[150, 225], gamma=0.1)  # stepped per epoch
 
-
-ex.config(training_settings)
 
 
 @ex.named_config
@@ -146,16 +127,5 @@ def semisup():
     cf_trn = dict(n_per_class=150, nval_per_class=50, n_unl_per_class=350, lab_unl_ratio=[1, 1])
 
 
-@ex.main
-def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
-    # train() reads _config; the dicts are parameters so that sacred accepts the keys that
-    # named configs and `with cf_net.depth=...` add to them
-    run_dir = _run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved'
-    return train(_config, _seed, run_dir, SNAPSHOT_DIR, _run.log_scalar, 'train_cifar.py')
-
-
 if __name__ == '__main__':
-    try:
-        ex.run_commandline()
-    except KeyboardInterrupt:  # reported in main(); sacred marked the run INTERRUPTED
-        raise SystemExit(EXIT_CODE_INTERRUPTED) from None
+    training_experiment.run_commandline(ex)

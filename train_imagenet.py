@@ -12,38 +12,21 @@ sacred experiment (docs/imagenet.md).
 
 Each run writes snapshots/<run id>/ as train_cifar.py does; eval.py evaluates it.
 """
-import logging
-import os
 import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
-from sacred import SETTINGS, Experiment  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402
-from sacred.utils import create_basic_stream_logger  # noqa: E402
+from sacred import Experiment  # noqa: E402
 
-from multiexit import distributed
-from multiexit.errors import EXIT_CODE_INTERRUPTED
-from multiexit.progress import strip_progress
-from multiexit.training import train
-from multiexit.training_settings import training_settings
-
-SETTINGS.CAPTURE_MODE = 'sys'
-SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
-SNAPSHOT_DIR = os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')
+import training_experiment  # noqa: E402
 
 ex = Experiment('train_imagenet', save_git_info=False)
-if distributed.env_rank() == 0:
-    ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
-else:  # under torchrun, rank 0 alone writes the run and logs; the others report only errors
-    ex.logger = create_basic_stream_logger()
-    ex.logger.setLevel(logging.ERROR)
-ex.captured_out_filter = strip_progress
+training_experiment.set_up(ex)  # runs in snapshots/, the settings of every training script, main
 
 
 @ex.config
 def config():
     # The device, CUDA switches, torchrun and snapshot settings (gpu, amp, parent_snapshot, ...)
-    # are those of every training script: multiexit/training_settings.py.
+    # are those of every training script: training_experiment.py.
     data_dir = 'data/imagenet'  # holds train/<class>/ and val/<class>/ (docs/imagenet.md)
 
     cf_net = dict(  # the network: MSDNet's ImageNet model with step 4 (23,975,768 parameters)
@@ -84,14 +67,12 @@ def config():
     cf_val = dict(cf_trn, augment=False)  # validation data: the held-out part of train/
     # The paper's ImageNet schedule is not in the original code; this is MSDNet's (Huang et al.
     # 2018, and its PyTorch code): SGD, 90 epochs, batch 256, lr 0.1 divided by 10 at 30 and 60.
-    cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)  # torch.optim
+    cf_opt = dict(call='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)  # momentum
     batch_size = 256  # training batch (all processes together); the incomplete last one is dropped
     val_batch_size = 256  # validation batch
     n_epochs = 90  # training epochs
     cf_scheduler = dict(call='MultiStepLR', milestones=[30, 60], gamma=0.1)  # stepped per epoch
 
-
-ex.config(training_settings)
 
 
 @ex.named_config
@@ -138,16 +119,5 @@ def smoke():
     n_epochs = 1
 
 
-@ex.main
-def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
-    # train() reads _config; the dicts are parameters so that sacred accepts the keys that
-    # named configs and `with cf_net.depth=...` add to them
-    run_dir = _run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved'
-    return train(_config, _seed, run_dir, SNAPSHOT_DIR, _run.log_scalar, 'train_imagenet.py')
-
-
 if __name__ == '__main__':
-    try:
-        ex.run_commandline()
-    except KeyboardInterrupt:  # reported in main(); sacred marked the run INTERRUPTED
-        raise SystemExit(EXIT_CODE_INTERRUPTED) from None
+    training_experiment.run_commandline(ex)

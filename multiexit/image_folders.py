@@ -148,7 +148,8 @@ class ImageFolder:
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
             raise ConfigError(f'image_size must be an integer > 0, got {image_size!r}')
         self.n_per_class, self.nval_per_class = n_per_class, nval_per_class
-        self.augment, self.seed, self.image_size, self.n_workers = augment, seed, image_size, n_workers
+        self.augment, self.seed = augment, seed
+        self.image_size, self.n_workers = image_size, n_workers
         self.n_unl_per_class, self.lab_unl_ratio = n_unl_per_class or 0, tuple(lab_unl_ratio)
 
     @property

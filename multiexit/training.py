@@ -220,7 +220,8 @@ class Run:
 
     @classmethod
     def from_config(cls, config, seed, run_dir, snapshot_dir, log_scalar, script):
-        """The Run of a training script's sacred config (``training_settings`` and its own)."""
+        """The Run of a training script's sacred config (its own settings and those that
+        training_experiment.py gives every training script)."""
         keys = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
                 'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu')
         switches = ('amp', 'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',

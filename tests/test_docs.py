@@ -61,7 +61,7 @@ def config_of(script):
         module = importlib.import_module(script[:-3])
     ex = module.ex
     config = {}
-    for scope in ex.configurations:  # the script's own, then training_settings
+    for scope in ex.configurations:  # training_experiment's settings, the script's own
         config.update(scope(preset=config))
     return config, {name: dict(scope()) for name, scope in ex.named_configs.items()}
 

@@ -1,4 +1,5 @@
-"""Image folders: both layouts, the original's ImageNet transforms, the loader's order and shares."""
+"""Image folders: both layouts, the original's ImageNet transforms, the loader's order and
+shares."""
 import math
 
 import numpy as np
@@ -67,7 +68,8 @@ def test_both_layouts_give_the_same_test_samples(folder):
 def test_the_file_list_is_made_once(folder, monkeypatch):
     calls = []
     scan = image_folders.make_dataset
-    monkeypatch.setattr(image_folders, 'make_dataset', lambda *a, **k: calls.append(a) or scan(*a, **k))
+    monkeypatch.setattr(image_folders, 'make_dataset',
+                        lambda *a, **k: calls.append(a) or scan(*a, **k))
     image_folders._scan.cache_clear()
     for cf in (dict(), dict(augment=False)):  # cf_trn and cf_val of a run
         for split in ('train', 'val'):

@@ -50,7 +50,7 @@ def test_smoke_trains_one_epoch_on_generated_jpegs(trained, workdir):
     config = read(snaps / '2' / 'config.json')
     assert config['cf_trn']['call'] == 'ImageFolder' and config['cf_trn']['n_workers'] == 2
     assert len(list((workdir / 'data' / 'smoke-images' / 'train').glob('*/*.JPEG'))) == 50
-    ckpt = torch.load(snaps / '2' / 'last.pt', weights_only=True)
+    ckpt = last(snaps / '2')
     assert ckpt['epoch'] == 1 and ckpt['cf_net']['out_dim'] == 5  # from the folder
     metrics = read(snaps / '2' / 'metrics.json')
     assert metrics['train.loss']['steps'] == [1]
@@ -58,26 +58,26 @@ def test_smoke_trains_one_epoch_on_generated_jpegs(trained, workdir):
         assert 'WARNING' not in proc.stderr, (name, proc.stderr[-2000:])
 
 
+def last(run):
+    return torch.load(run / 'last.pt', weights_only=True)
+
+
 def test_resume_continues_exactly(trained):
+    """Run 2 resumed for its second epoch ends where run 1 did, bit for bit."""
     snaps, procs = trained
-    full = torch.load(snaps / '1' / 'last.pt', weights_only=True)
-    resumed = torch.load(snaps / '3' / 'last.pt', weights_only=True)
-    assert full['epoch'] == resumed['epoch'] == 2
-    for k, v in full['model'].items():
-        assert torch.equal(v, resumed['model'][k]), k
-    assert torch.equal(full['loss']['temperature'], resumed['loss']['temperature'])
-    a, b = read(snaps / '1' / 'metrics.json'), read(snaps / '3' / 'metrics.json')
-    assert b['train.loss']['steps'] == [2]
-    assert b['train.loss']['values'] == a['train.loss']['values'][1:]
-    assert 'resuming' in procs['resumed'].stdout
+    full, resumed = last(snaps / '1'), last(snaps / '3')
+    assert 'resuming' in procs['resumed'].stdout and full['epoch'] == resumed['epoch'] == 2
+    state = lambda ckpt: [*ckpt['model'].values(), ckpt['loss']['temperature']]
+    assert all(map(torch.equal, state(full), state(resumed)))
+    losses = [read(snaps / run / 'metrics.json')['train.loss'] for run in ('1', '3')]
+    assert losses[1]['steps'] == [2] and losses[1]['values'] == losses[0]['values'][1:]
 
 
 def test_the_original_layout_trains_exactly_as_the_standard_one(trained):
     snaps, _ = trained
-    standard = torch.load(snaps / '2' / 'last.pt', weights_only=True)
-    original = torch.load(snaps / '4' / 'last.pt', weights_only=True)
-    for k, v in standard['model'].items():
-        assert torch.equal(v, original['model'][k]), k
+    standard, original = last(snaps / '2')['model'], last(snaps / '4')['model']
+    assert standard.keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in standard.items())
 
 
 def test_eval_reports_every_exit_with_macs_at_224_pixels(trained):
@@ -118,14 +118,18 @@ def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, args, message)
     assert 'Traceback' not in proc.stderr
 
 
-def test_torchrun_two_cpu_processes(trained, workdir, tmp_path):
-    """Each process reads its part of every batch with its own loader processes."""
+def test_torchrun_two_processes_train_as_one(trained, workdir, tmp_path):
+    """Each process reads its half of every batch with its own loader processes; with the
+    statistics of the whole batch in BatchNorm, the two train as run 2 did alone."""
     env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(tmp_path / 'snapshots'),
                PYTHONPATH=pythonpath(), OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         str(ROOT / 'train_imagenet.py'), 'with', *SMOKE, 'gpu=-1'],
+         str(ROOT / 'train_imagenet.py'), 'with', *SMOKE, 'gpu=-1', 'sync_bn=True'],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [p for p in (tmp_path / 'snapshots').iterdir() if p.name.isdigit()]
     assert len(runs) == 1 and read(runs[0] / 'run.json')['status'] == 'COMPLETED'
+    alone, two = (read(run / 'metrics.json') for run in (trained[0] / '2', runs[0]))
+    assert two['train.loss']['values'] == pytest.approx(alone['train.loss']['values'], rel=1e-4)
+    assert two['val.acc1_clf0']['values'] == alone['val.acc1_clf0']['values']
