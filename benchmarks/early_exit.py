@@ -32,7 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multiexit import checkpoints, data, flops, models  # noqa: E402
+from multiexit import checkpoints, datasets, flops, models  # noqa: E402
 from multiexit.budgeted import (confidences, exit_indices, fit_thresholds,  # noqa: E402
                                 geometric_fractions)
 from multiexit.evaluation import load_model  # noqa: E402
@@ -78,9 +78,8 @@ def snapshot_images(path, n_cal, n_timed, device):
     """(calibration, timed) normalised images: the run's validation and test splits."""
     run_dir = path if path.is_dir() else path.parent
     cf = json.loads((run_dir / 'config.json').read_text())
-    val, _ = data.build_split(cf['cf_val'], 'val', cf['data_dir'], n_cal, device)
-    test_cf = {'call': cf['cf_trn']['call'], 'seed': cf['cf_trn']['seed']}
-    test, _ = data.build_split(test_cf, 'test', cf['data_dir'], n_timed, device)
+    val = datasets.build(cf['cf_val'], 'val').loader('val', cf['data_dir'], n_cal, device)
+    test = datasets.build(cf['cf_trn']).loader('test', cf['data_dir'], n_timed, device)
     return next(iter(val))[0], next(iter(test))[0]
 
 
@@ -109,8 +108,9 @@ def load_inputs(args, device):
         return (model, cf_net, *snapshot_images(path, args.calibration, args.images, device),
                 str(path))
     cf_net = json.loads(args.cf_net)
-    calibration = torch.randn(args.calibration, 3, 32, 32, device=device)
-    timed = torch.randn(args.images, 3, 32, 32, device=device)
+    size = cf_net.get('in_shape', 32)
+    calibration = torch.randn(args.calibration, 3, size, size, device=device)
+    timed = torch.randn(args.images, 3, size, size, device=device)
     model = random_weight_model(cf_net, calibration, args.batch_size)
     return (model, cf_net, calibration, timed,
             'random weights, BatchNorm statistics of the calibration images')
