@@ -92,7 +92,7 @@ class Training:
         assert self.proc.returncode == -signal.SIGKILL, self.stderr[-2000:]  # it was running
 
 
-def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(workdir):
+def test_sigkill_at_three_observed_points_then_resume_equals_an_uninterrupted_run(workdir):
     snaps = workdir / 'killed'  # sacred numbers the runs 1, 2, ... in the order they start
     # during start-up: the run has started, no epoch has finished
     first = Training(TINY, workdir, snaps)
