@@ -10,8 +10,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .losses import cross_entropy, soft_cross_entropy
-
 
 class PadCrop:
     """Shift by (dy, dx) uniform in {-pad..pad}, filling with 0 (the original's PadCrop)."""
@@ -47,6 +45,18 @@ def loader(images, labels, batch_size, mean, std, augment, train):
     steps += [PadCrop(4)] if augment else []
     return DataLoader(PilImages(images, labels, transforms.Compose(steps)), batch_size,
                       shuffle=train, drop_last=train, num_workers=0)
+
+
+def cross_entropy(logits, y):
+    """The original's F.cross_entropy: the mean over the examples whose label is not -100."""
+    return F.cross_entropy(logits, y, ignore_index=-100)
+
+
+def soft_cross_entropy(prob_t, logits, T):
+    """H(p, q) = -mean_batch sum_k p_k log q_k with q = softmax(z / T) (reference README,
+    section 2). Written out here, not imported from multiexit.losses, so that the equivalence
+    test compares that module with the original's formulas rather than with itself."""
+    return -(prob_t * F.log_softmax(logits / T, dim=1)).sum(dim=1).mean()
 
 
 class DistillationBasedLoss:

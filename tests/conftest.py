@@ -10,12 +10,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / 'data'
 SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
+# Set by .ci/run: there the reference is always present, so a test that needs it must not skip.
+REQUIRE_REFERENCE = 'MULTIEXIT_REQUIRE_REFERENCE'
 
 # The paper's network (reference README section 1).
 PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11,
                  nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
                  nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
                  exit_width=128, btneck_widths=[4, 4, 4])
+
+# A temperature that moves: maxprob far below the confidence of a fresh 100-class teacher (about
+# 0.02) makes DBT raise T from the first step, so a resume that lost T does not go unnoticed.
+RISING_T = 'cf_loss.maxprob=0.015'
 
 
 @pytest.fixture(scope='session')
@@ -27,7 +33,10 @@ def semantics():
 def reference_checkpoint():
     path = SHARED_REFERENCE / 'msdnet_cifar100_reference.pt'
     if not path.is_file():
-        pytest.skip(f'{path} not present')
+        message = f'{path} not present'
+        if os.environ.get(REQUIRE_REFERENCE):
+            pytest.fail(f'{message}, and {REQUIRE_REFERENCE} is set', pytrace=False)
+        pytest.skip(message)
     return torch.load(path, weights_only=True)
 
 
@@ -49,11 +58,12 @@ def pythonpath():
                                           if os.environ.get('PYTHONPATH') else []))
 
 
-def run_script(script, *args, cwd, snapshots, check=True):
-    """Run train_cifar.py / eval.py as a user would; returns the CompletedProcess."""
+def run_script(script, *args, cwd, snapshots, check=True, env=None):
+    """Run train_cifar.py / eval.py as a user would, with ``env`` added to the environment;
+    returns the CompletedProcess."""
     # one thread: tiny networks gain nothing from two, and parallel runs would oversubscribe
     env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
-               OMP_NUM_THREADS='1')
+               OMP_NUM_THREADS='1', **(env or {}))
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

@@ -21,6 +21,25 @@ def test_exit_is_the_first_confident_exit_and_costs_all_heads_so_far():
     assert shares == pytest.approx([1 / 4, 1 / 4, 2 / 4])
 
 
+def test_a_confidence_equal_to_its_threshold_leaves():
+    conf = torch.tensor([[0.5, 0.25, 0.75],
+                         [0.5, 0.5, 0.5],
+                         [0.1, 0.1, 0.1]])
+    assert budgeted.exit_indices(conf, [0.5, 0.5, -math.inf]).tolist() == [0, 1, 0]
+
+
+def test_ties_at_a_fitted_threshold_leave_together_and_stop_running():
+    conf = torch.tensor([[0.9, 0.6, 0.6, 0.2, 0.1, 0.1],
+                         [0.1, 0.95, 0.95, 0.7, 0.5, 0.3],
+                         [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    # 2 of 6 should leave at exit 0: its threshold is the second confidence, 0.6, which sample 2
+    # ties, so 3 leave; exit 1 then picks 2 of the 3 still running (0.7, 0.5, 0.3): 0.5. Had
+    # the tied samples kept running, their 0.95 would have set exit 1's threshold.
+    thresholds = budgeted.fit_thresholds(conf, torch.tensor([1 / 3, 1 / 3, 1 / 3]))
+    assert thresholds.tolist() == pytest.approx([0.6, 0.5, -math.inf])
+    assert budgeted.exit_indices(conf, thresholds).tolist() == [0, 0, 0, 1, 1, 2]
+
+
 def test_geometric_fractions():
     p = budgeted.geometric_fractions(4, 0.5)
     assert p.sum().item() == pytest.approx(1)

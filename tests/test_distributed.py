@@ -16,7 +16,7 @@ from multiexit.errors import ConfigError
 from multiexit.evaluation import evaluate, load_model
 from multiexit.train_step import TrainStep
 from multiexit.training import Run, train_epoch
-from conftest import ROOT, pythonpath
+from conftest import RISING_T, ROOT, pythonpath
 
 NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayers_to_exit=2,
            nlayers_between_exits=1, nplanes_mulv=[2, 4, 8], nplanes_addh=1, nplanes_init=1,
@@ -192,7 +192,7 @@ def test_gpu_list_names_the_torchrun_command():
 
 # ---- train_cifar.py under torchrun
 
-SMOKE = ['smoke', 'seed=3']
+SMOKE = ['smoke', 'seed=3', RISING_T]
 
 
 def torchrun(args, cwd, snapshots):
@@ -284,6 +284,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(ddp_run):
     assert err.count('Traceback') == 1 and 'ChildFailedError' in err  # torchrun's own, only
     run = snaps / '1'
     assert saved_epoch(run) == 1, 'killed too late: the comparison below needs epoch 1'
+    assert torch.load(run / 'last.pt', weights_only=True)['loss']['temperature'] > 1  # it moved
     assert ('resume with: torchrun --nproc_per_node=2 train_cifar.py with '
             f'{run}/config.json parent_snapshot={run}') in lines[0]
     out, _ = finished(torchrun([f'{run}/config.json', f'parent_snapshot={run}', 'n_epochs=2'],

@@ -7,6 +7,7 @@ from multiexit import losses, models, reference_style
 from multiexit.data import DATASETS, DeviceLoader
 from multiexit.train_step import TrainStep
 from multiexit.training import train_epoch
+from test_losses import GS, reference_inputs
 
 NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
            nplanes_mulv=[2, 4, 8], exit_width=16, btneck_widths=[2, 2, 2], out_dim=10)
@@ -58,6 +59,17 @@ def test_default_path_equals_reference_mechanics_in_fp32(batches):
     assert len(expected) == STEPS
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     assert T == pytest.approx(loss_fn.T, rel=1e-12) and T > 1.05 ** 40
+
+
+@pytest.mark.parametrize('scale, first, second, T_after2', [(1, 49.181129, 49.181129, 1.0),
+                                                        (10, 253.937973, 260.014587, 1.1025)])
+def test_reference_loss_gives_the_originals_values(scale, first, second, T_after2):
+    """The reference mechanics' own loss against the values measured on the original code."""
+    loss = reference_style.DistillationBasedLoss(C=0.5, maxprob=0.5, n_exits=11, global_scale=GS)
+    logits, y = reference_inputs(scale)
+    assert loss(logits, y).item() == pytest.approx(first, rel=1e-6)
+    assert loss(logits, y).item() == pytest.approx(second, rel=1e-6)
+    assert loss.T == pytest.approx(T_after2, rel=1e-12)
 
 
 def test_bf16_autocast_stays_close_to_fp32(batches):

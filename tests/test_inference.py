@@ -70,6 +70,23 @@ def test_early_exit_equals_budgeted_decisions_and_skips_computation(net, q):
     assert any(pruned for k in seen for _, pruned in seen[k])  # the None path was exercised
 
 
+@pytest.mark.parametrize('k', [0, 1, 2])
+def test_a_confidence_equal_to_its_threshold_leaves(net, k):
+    """Exit k's threshold is one sample's confidence there, exactly: the earlier exits let
+    nobody leave, so exit k sees the whole batch, as in the full forward pass."""
+    x = images(16, seed=4)
+    with torch.inference_mode():
+        conf, _ = budgeted.confidences(torch.stack(net.eval()(x)))
+    n_exits = len(net.exits)
+    tied = conf[k].argsort()[len(x) // 2]  # a median sample: some above it leave, some below stay
+    thresholds = [math.inf] * n_exits
+    thresholds[k], thresholds[-1] = conf[k, tied].item(), -math.inf
+    expected = budgeted.exit_indices(conf, thresholds)
+    assert expected[tied] == k and (expected == n_exits - 1).any()
+    _, exits = early_exit_predict(net, x, thresholds)
+    assert torch.equal(exits, expected)
+
+
 def test_all_leave_at_the_first_exit(net):
     x = images(8, seed=3)
     seen, handles = block_batch_sizes(net)

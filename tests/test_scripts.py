@@ -1,5 +1,7 @@
 """train_cifar.py and eval.py end to end, on generated data, on CPU."""
 import json
+import math
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -7,10 +9,10 @@ import pytest
 import torch
 
 from multiexit.metrics import metric_names
-from conftest import run_script
+from conftest import RISING_T, run_script
 from test_anytime import assert_png
 
-SMALL = ['smoke', 'cf_scheduler.milestones=[1]']
+SMALL = ['smoke', 'cf_scheduler.milestones=[1]', RISING_T]
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +67,10 @@ def test_metrics_logged_per_epoch(trained):
     assert all(metrics[k]['steps'] == [1, 2] for k in expected)
     # torch-0.4 schedule: the drop at milestone 1 applies from the second epoch on
     assert metrics['lr']['values'] == pytest.approx([0.1, 0.01])
-    assert metrics['temperature']['values'][-1] >= 1.0
+    T = metrics['temperature']['values']
+    assert metrics['train.temperature']['values'] == metrics['val.temperature']['values'] == T
+    steps = [math.log(t) / math.log(1.05) for t in T]  # T is 1.05 to the number of raises
+    assert steps == pytest.approx([round(n) for n in steps], abs=1e-6) and 0 < steps[0] <= steps[1]
 
 
 def test_cout_has_the_table_but_no_progress_bars(trained):
@@ -90,6 +95,8 @@ def test_resume_continues_exactly(trained):
     full = torch.load(snaps / '1' / 'last.pt', weights_only=True)
     resumed = torch.load(snaps / '3' / 'last.pt', weights_only=True)
     assert full['epoch'] == resumed['epoch'] == 2
+    parent_T = torch.load(snaps / '2' / 'last.pt', weights_only=True)['loss']['temperature']
+    assert parent_T > 1  # the resumed run has a temperature to continue from
     for k, v in full['model'].items():
         assert torch.equal(v, resumed['model'][k]), k
     assert torch.equal(full['loss']['temperature'], resumed['loss']['temperature'])
@@ -172,7 +179,6 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
     ('train_cifar.py', ['smoke', 'gpu=3'], 'gpu=3 but this machine has'),
     ('train_cifar.py', ['smoke', 'gpu=[0, 1]'], 'under torchrun: torchrun --nproc_per_node=2 '),
-    ('train_cifar.py', ['data_dir=empty', 'n_epochs=1'], 'no cifar-100-python/ in empty'),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, message):
     snaps, _ = trained
@@ -183,6 +189,23 @@ def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, 
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
     assert set(before) <= {p.name for p in snaps.iterdir()}  # nothing written earlier is lost
+
+
+def test_missing_data_whose_download_fails_is_one_line(tmp_path):
+    """The download goes through a proxy that refuses every connection (a bound port nobody
+    listens on), so it fails here whether or not the machine has network."""
+    with socket.socket() as closed:
+        closed.bind(('127.0.0.1', 0))
+        proxy = f'http://127.0.0.1:{closed.getsockname()[1]}'
+        env = {name: proxy for name in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY')}
+        env.update(no_proxy='', NO_PROXY='')
+        proc = run_script('train_cifar.py', 'with', 'data_dir=empty', 'n_epochs=1', cwd=tmp_path,
+                          snapshots=tmp_path / 'snapshots', check=False, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert 'no cifar-100-python/ in empty and the download failed' in errors[0]
+    assert 'Connection refused' in errors[0]  # our proxy's refusal, not a lack of network
+    assert 'Traceback' not in proc.stderr
 
 
 def test_semi_supervised_run(workdir, tmp_path):
