@@ -25,6 +25,9 @@ from multiexit.checkpoints import LAST
 ROOT = Path(__file__).resolve().parents[1]
 # Updates that change where a run trains, not what it computes: a cell done on another GPU is done.
 DEVICE_KEYS = {'gpu'}
+# Output to a log file: without progress bars, which would fill it, and each line at once, so
+# that it can be followed (tail -f).
+TO_FILE = {'TQDM_DISABLE': '1', 'PYTHONUNBUFFERED': '1'}
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ def call(script, updates, snapshots, stop, log=None, env=None, training=False, p
     """
     cmd = [sys.executable, str(ROOT / script), 'with', *updates]
     env = dict(os.environ if env is None else env, MULTIEXIT_SNAPSHOTS=str(snapshots))
+    if log is not None:
+        env.update(TO_FILE)
     print(f'$ MULTIEXIT_SNAPSHOTS={shlex.quote(str(snapshots))} {shlex.join(cmd)}', flush=True,
           file=log or sys.stdout)
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -168,10 +173,12 @@ def run_cell(cell, snapshots, stop, log=None, env=None, warn=print, say=print, p
 
     ``say`` reports each step; ``log``, ``env`` and ``preexec`` go to ``call``."""
     def step(script, updates, training=False):
+        """(how the script ended, the runs after it)."""
         start = os.path.getsize(log.name) if log is not None else 0
         code = call(script, updates, snapshots, stop, log, env, training, preexec)
         error = last_error(log.name, start) if log is not None else None
-        return f'{script} exit code {code}' + (f' ({error})' if error else ''), load(snapshots, warn)
+        ended = f'{script} exit code {code}' + (f' ({error})' if error else '')
+        return ended, load(snapshots, warn)
 
     train, parent, test = state(load(snapshots, warn), cell, snapshots)
     if train is not None and test is not None:

@@ -16,6 +16,7 @@ without finishing them.
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 
@@ -59,7 +60,6 @@ class CellTask(submitit.helpers.Checkpointable):
                  f'pid {os.getpid()}, CUDA_VISIBLE_DEVICES='
                  f'{os.environ.get("CUDA_VISIBLE_DEVICES", "")}')
             outcome = run_cell(self.cell, self.snapshots, self._stop, log=log,
-                               env=dict(os.environ, TQDM_DISABLE='1'),
                                warn=lambda m: note(f'warning: {m}'), say=note,
                                preexec=_ignore_preemption_signal)
         if outcome.status in ('failed', 'interrupted'):
@@ -98,6 +98,9 @@ def add_arguments(parser):
 
 def options(args):
     """The submission options of the command line, as recorded in cluster.json."""
+    if args.cluster == 'slurm' and shutil.which('sbatch') is None:
+        raise ConfigError('--cluster slurm: no sbatch command here; submit from a machine of the '
+                          'SLURM cluster (its login node)')
     extra = {}
     for item in args.sbatch:
         key, sep, value = item.partition('=')

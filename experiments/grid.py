@@ -204,36 +204,46 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
     command = shlex.join(['python3', '-m', 'experiments.grid', *argv])  # to say: run it again
-    with reported_as_one_line():
-        check(args, extra)
-        preset = PRESETS['quick' if args.quick else 'full']
-        methods = list(args.methods or preset.methods)
-        if args.semisup and 'semisup' not in methods:
-            methods.append('semisup')
-        epochs = args.epochs if args.epochs is not None else preset.epochs
-        sizes, seeds = args.sizes or preset.sizes, args.seeds or preset.seeds
-        cells = plan(preset, methods, sizes, seeds, epochs, extra)
-        description = '; '.join(
-            [f'{len(cells)} training runs: methods {" ".join(methods)}',
-             f'sizes {" ".join(map(str, sizes))}', f'seeds {" ".join(map(str, seeds))}',
-             f'{epochs} epochs']
-            + [f'with {" ".join(preset.named_configs)}'] * bool(preset.named_configs)
-            + [f'-- {" ".join(extra)}'] * bool(extra))
-        print(description, flush=True)
-        results = Results(cells, methods, args.out, description)
-        record = cluster.read_record(args.out)
-        if args.resubmit and record is None:
-            raise ConfigError(f'--resubmit: no submission recorded in {args.out / cluster.RECORD};'
-                              f' submit with --cluster slurm')
-        submitted = record is not None and any(c.name in record['tasks'] for c in cells)
-        if args.cluster or args.resubmit or submitted:
-            if args.jobs > 1 or args.gpus is not None:
-                raise ConfigError(f'these cells were submitted to a cluster ({args.out / cluster.RECORD}):'
-                                  f' collect them with the plain command, or remove that file '
-                                  f'to run them here')
-            on_cluster(args, cells, record, results, preset.prefix, grid_command(args, extra))
-        else:
-            on_this_machine(args, cells, results, command)
+    try:
+        with reported_as_one_line():
+            run(args, extra, command)
+    except KeyboardInterrupt:  # before the cells started or after they finished
+        print(f'interrupted: SIGINT; to continue, run the same command again: {command}',
+              file=sys.stderr)
+        raise SystemExit(EXIT_CODE_INTERRUPTED) from None
+
+
+def run(args, extra, command):
+    """Plans the cells; runs them on this machine, or submits or collects them on a cluster."""
+    check(args, extra)
+    preset = PRESETS['quick' if args.quick else 'full']
+    methods = list(args.methods or preset.methods)
+    if args.semisup and 'semisup' not in methods:
+        methods.append('semisup')
+    epochs = args.epochs if args.epochs is not None else preset.epochs
+    sizes, seeds = args.sizes or preset.sizes, args.seeds or preset.seeds
+    cells = plan(preset, methods, sizes, seeds, epochs, extra)
+    description = '; '.join(
+        [f'{len(cells)} training runs: methods {" ".join(methods)}',
+         f'sizes {" ".join(map(str, sizes))}', f'seeds {" ".join(map(str, seeds))}',
+         f'{epochs} epochs']
+        + [f'with {" ".join(preset.named_configs)}'] * bool(preset.named_configs)
+        + [f'-- {" ".join(extra)}'] * bool(extra))
+    print(description, flush=True)
+    results = Results(cells, methods, args.out, description)
+    record = cluster.read_record(args.out)
+    if args.resubmit and record is None:
+        raise ConfigError(f'--resubmit: no submission recorded in {args.out / cluster.RECORD};'
+                          f' submit with --cluster slurm')
+    submitted = record is not None and any(c.name in record['tasks'] for c in cells)
+    if args.cluster or args.resubmit or submitted:
+        if args.jobs > 1 or args.gpus is not None:
+            raise ConfigError(f'these cells were submitted to a cluster '
+                              f'({args.out / cluster.RECORD}): collect them with the plain '
+                              f'command, or remove that file to run them here')
+        on_cluster(args, cells, record, results, preset.prefix, grid_command(args, extra))
+    else:
+        on_this_machine(args, cells, results, command)
 
 
 def grid_command(args, extra):
@@ -266,9 +276,9 @@ def on_this_machine(args, cells, results, command):
     """Trains, resumes and tests what is missing, one cell after another or --jobs at once."""
     warn = warn_once()
     table = load(args.snapshots, warn)
-    todo = []
-    for i, cell in enumerate(cells, 1):
-        head = f'[{i}/{len(cells)}] {cell.name}'
+    todo, heads = [], {c.name: f'[{i}/{len(cells)}] {c.name}' for i, c in enumerate(cells, 1)}
+    for cell in cells:
+        head = heads[cell.name]
         train, parent, test = state(table, cell, args.snapshots)
         if test is not None:
             print(f'{head}: done (training run {train["run"]}, test run {test["run"]})')
@@ -288,7 +298,7 @@ def on_this_machine(args, cells, results, command):
     failed, stopped = [], 0
     with stop.handling_signals():
         if args.jobs == 1:
-            finished = one_after_another(todo, args.snapshots, stop, gpus, warn)
+            finished = one_after_another(todo, heads, args.snapshots, stop, gpus, warn)
         else:
             finished = local.run_parallel(todo, args.snapshots, args.out, args.jobs, gpus, stop)
         for cell, outcome in finished:
@@ -298,8 +308,8 @@ def on_this_machine(args, cells, results, command):
                 results.add(cell, outcome.train, outcome.test)
                 results.write()
             elif outcome.status == 'failed':
-                failed.append(f'{cell.name} ({outcome.reason}'
-                              + (f'; log {local.log_path(args.out, cell)})' if args.jobs > 1 else ')'))
+                log = f'; log {local.log_path(args.out, cell)}' if args.jobs > 1 else ''
+                failed.append(f'{cell.name} ({outcome.reason}{log})')
             else:
                 stopped += 1
         if stop.signum is not None:
@@ -316,14 +326,14 @@ def on_this_machine(args, cells, results, command):
         raise SystemExit(EXIT_CELLS_FAILED)
 
 
-def one_after_another(cells, snapshots, stop, gpus, warn):
+def one_after_another(cells, heads, snapshots, stop, gpus, warn):
     """Yields (cell, Outcome) of each cell in turn, its processes' output on the terminal."""
-    for i, cell in enumerate(cells, 1):
+    for cell in cells:
         if stop.signum is not None:
             return
-        head = f'[{i}/{len(cells)}] {cell.name}'
+        head = heads[cell.name]
         gpu = gpus.take() if gpus else None
-        env = gpus.env(gpu, log_file=False) if gpus else None
+        env = gpus.env(gpu) if gpus else None
         outcome = run_cell(cell, snapshots, stop, env=env, warn=warn,
                            say=lambda message: print(f'{head}: {message}', flush=True))
         if gpus:
@@ -335,7 +345,9 @@ def one_after_another(cells, snapshots, stop, gpus, warn):
 
 def on_cluster(args, cells, record, results, name, collect):
     """Submits the cells that are neither done nor queued or running (--cluster, --resubmit);
-    else collects: says where every cell is, and writes the tables of the done ones."""
+    says where every cell is; writes the tables of the done ones."""
+    submit = bool(args.cluster or args.resubmit)
+    opts = cluster.options(args) if args.cluster else record['options']
     table = load(args.snapshots, warn_once())
     todo = []
     for cell in cells:
@@ -345,31 +357,32 @@ def on_cluster(args, cells, record, results, name, collect):
         else:
             todo.append(cell)
     states = cluster.task_states(record, [c.name for c in todo]) if record else {}
-    active = [c for c in todo if states.get(c.name, (None, ''))[1] == 'active']
+    active = [c for c in todo if states.get(c.name, (None, None))[1] == 'active']
     missing = [c for c in todo if c not in active]
+    submitted = {}
+    if submit and missing and not args.dry_run:
+        logs = [local.log_path(args.out, c) for c in missing]
+        ids = cluster.submit(missing, opts, args.snapshots, logs, args.out, name, record)
+        submitted = {c.name: i for c, i in zip(missing, ids)}
     for i, cell in enumerate(cells, 1):
         job_id, task = states.get(cell.name, (None, None))
         log = local.log_path(args.out, cell)
         error = last_error(log)
         print(f'[{i}/{len(cells)}] {cell.name}: ' + (
             'done' if cell.name in results.rows else
+            f'submitted (task {submitted[cell.name]})' if cell.name in submitted else
             f'queued or running (task {job_id})' if task == 'active' else
             'not submitted' if job_id is None else
             f'failed (task {job_id}, {task}' + (f': {error}' if error else '') + f'); log {log}'))
-    submit = args.cluster or args.resubmit
-    if submit and args.dry_run:
-        print(f'would submit {plural(len(missing), "cell")}')
-    if submit and missing and not args.dry_run:
-        opts = cluster.options(args) if args.cluster else record['options']
-        ids = cluster.submit(missing, opts, args.snapshots,
-                             [local.log_path(args.out, c) for c in missing], args.out, name, record)
-        print(f'submitted {plural(len(missing), "cell")} to {opts["cluster"]}: '
-              + ', '.join(f'{c.name} task {i}' for c, i in zip(missing, ids)))
-        print(f'collect the results later with: {collect}')
     if args.dry_run:
+        if submit:
+            print(f'would submit {plural(len(missing), "cell")} to {opts["cluster"]}')
         return
     results.show()
-    if active:
+    if submitted:
+        print(f'submitted {plural(len(submitted), "cell")} to {opts["cluster"]} (task ids '
+              f'above); collect the results later with: {collect}')
+    elif active:
         print(f'{plural(len(active), "cell")} queued or running; collect again later with: '
               f'{collect}')
     if missing and not submit:
@@ -377,7 +390,6 @@ def on_cluster(args, cells, record, results, name, collect):
               f'queued or running: {", ".join(c.name for c in missing)}; submit them again with: '
               f'{collect} --resubmit', file=sys.stderr)
         raise SystemExit(EXIT_CELLS_FAILED)
-
 
 if __name__ == '__main__':
     main()

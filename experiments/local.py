@@ -52,10 +52,8 @@ class Gpus:
             with self.lock:
                 self.running[gpu] -= 1
 
-    def env(self, gpu, log_file=True):
+    def env(self, gpu):
         env = dict(os.environ)
-        if log_file:
-            env['TQDM_DISABLE'] = '1'  # progress bars would fill the log
         if gpu is not None:
             env['CUDA_VISIBLE_DEVICES'] = gpu
         else:
