@@ -8,6 +8,7 @@ training run with a last.pt is resumed. So running a cell again, after an interr
 failure or a preemption, continues where it stopped.
 """
 import contextlib
+import datetime
 import os
 import shlex
 import signal
@@ -166,6 +167,24 @@ def call(script, updates, snapshots, stop, log=None, env=None, training=False, p
             stop.send(proc, signal.SIGTERM)
             proc.wait()
         stop.training.discard(proc)
+
+
+def log_path(out, cell):
+    """Where the output of a cell's processes goes, when not to the terminal."""
+    return Path(out) / 'logs' / f'{cell.name}.log'
+
+
+def run_logged(cell, snapshots, stop, path, header, env=None, preexec=None):
+    """``run_cell`` with the output of its processes, and notes on its steps, appended to the
+    log file ``path``, after a line with the time and ``header``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as log:
+        def note(message):
+            print(f'# {message}', file=log, flush=True)
+        note(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {header}')
+        return run_cell(cell, snapshots, stop, log=log, env=env, preexec=preexec,
+                        warn=lambda message: note(f'warning: {message}'), say=note)
 
 
 def run_cell(cell, snapshots, stop, log=None, env=None, warn=print, say=print, preexec=None):

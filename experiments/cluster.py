@@ -24,7 +24,7 @@ import submitit
 
 from multiexit.errors import ConfigError
 
-from .cells import ROOT, Stop, run_cell
+from .cells import ROOT, Stop, run_logged
 
 RECORD = 'cluster.json'
 CLUSTERS = ('slurm', 'local')
@@ -52,16 +52,11 @@ class CellTask(submitit.helpers.Checkpointable):
 
     def __call__(self):
         self._stop = Stop()
-        os.makedirs(os.path.dirname(self.log), exist_ok=True)
-        with open(self.log, 'a') as log:
-            def note(message):
-                print(f'# {message}', file=log, flush=True)
-            note(f'task {submitit.JobEnvironment().job_id} on {socket.gethostname()}, '
-                 f'pid {os.getpid()}, CUDA_VISIBLE_DEVICES='
-                 f'{os.environ.get("CUDA_VISIBLE_DEVICES", "")}')
-            outcome = run_cell(self.cell, self.snapshots, self._stop, log=log,
-                               warn=lambda m: note(f'warning: {m}'), say=note,
-                               preexec=_ignore_preemption_signal)
+        outcome = run_logged(self.cell, self.snapshots, self._stop, self.log,
+                             f'task {submitit.JobEnvironment().job_id} on {socket.gethostname()}, '
+                             f'pid {os.getpid()}, CUDA_VISIBLE_DEVICES='
+                             f'{os.environ.get("CUDA_VISIBLE_DEVICES", "")}',
+                             preexec=_ignore_preemption_signal)
         if outcome.status in ('failed', 'interrupted'):
             raise CellFailed(f'{self.cell.name}: {outcome.reason or "interrupted"}; log {self.log}')
         return {'train_run': outcome.train['run'], 'test_run': outcome.test['run']}

@@ -44,7 +44,8 @@ if not __package__:  # python3 experiments/grid.py: the repository is not on the
 import pandas as pd  # noqa: E402
 
 from experiments import cluster, local, tables  # noqa: E402
-from experiments.cells import Cell, Stop, last_error, load, run_cell, state  # noqa: E402
+from experiments.cells import (Cell, Stop, last_error, load, log_path, run_cell,  # noqa: E402
+                               state)
 from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line  # noqa: E402
 
 EXIT_CELLS_FAILED = 1
@@ -291,16 +292,18 @@ def on_this_machine(args, cells, results, command):
             todo.append(cell)
     if args.dry_run:
         return
-    gpus = None if args.jobs == 1 and args.gpus is None else local.Gpus(
-        local.visible_gpus() if args.gpus is None else
-        [] if args.gpus == 'none' else args.gpus.split(','), args.jobs)
+    devices = None  # one cell after another, without --gpus: as a single run would run
+    if args.jobs > 1 or args.gpus is not None:
+        devices = local.Devices(local.visible_gpus() if args.gpus is None else
+                                [] if args.gpus == 'none' else args.gpus.split(','), args.jobs)
     stop = Stop()
     failed, stopped = [], 0
     with stop.handling_signals():
         if args.jobs == 1:
-            finished = one_after_another(todo, heads, args.snapshots, stop, gpus, warn)
+            finished = one_after_another(todo, heads, args.snapshots, stop, devices, warn)
         else:
-            finished = local.run_parallel(todo, args.snapshots, args.out, args.jobs, gpus, stop)
+            finished = local.run_parallel(todo, args.snapshots, args.out, args.jobs, devices,
+                                           stop)
         for cell, outcome in finished:
             if outcome is None:
                 continue
@@ -308,7 +311,7 @@ def on_this_machine(args, cells, results, command):
                 results.add(cell, outcome.train, outcome.test)
                 results.write()
             elif outcome.status == 'failed':
-                log = f'; log {local.log_path(args.out, cell)}' if args.jobs > 1 else ''
+                log = f'; log {log_path(args.out, cell)}' if args.jobs > 1 else ''
                 failed.append(f'{cell.name} ({outcome.reason}{log})')
             else:
                 stopped += 1
@@ -326,18 +329,18 @@ def on_this_machine(args, cells, results, command):
         raise SystemExit(EXIT_CELLS_FAILED)
 
 
-def one_after_another(cells, heads, snapshots, stop, gpus, warn):
+def one_after_another(cells, heads, snapshots, stop, devices, warn):
     """Yields (cell, Outcome) of each cell in turn, its processes' output on the terminal."""
     for cell in cells:
         if stop.signum is not None:
             return
         head = heads[cell.name]
-        gpu = gpus.take() if gpus else None
-        env = gpus.env(gpu) if gpus else None
+        gpu = devices.take() if devices else None
+        env = devices.env(gpu) if devices else None
         outcome = run_cell(cell, snapshots, stop, env=env, warn=warn,
                            say=lambda message: print(f'{head}: {message}', flush=True))
-        if gpus:
-            gpus.give(gpu)
+        if devices:
+            devices.give(gpu)
         if outcome.status == 'failed':
             print(f'{head}: failed: {outcome.reason}', flush=True)
         yield cell, outcome
@@ -361,12 +364,12 @@ def on_cluster(args, cells, record, results, name, collect):
     missing = [c for c in todo if c not in active]
     submitted = {}
     if submit and missing and not args.dry_run:
-        logs = [local.log_path(args.out, c) for c in missing]
+        logs = [log_path(args.out, c) for c in missing]
         ids = cluster.submit(missing, opts, args.snapshots, logs, args.out, name, record)
         submitted = {c.name: i for c, i in zip(missing, ids)}
     for i, cell in enumerate(cells, 1):
         job_id, task = states.get(cell.name, (None, None))
-        log = local.log_path(args.out, cell)
+        log = log_path(args.out, cell)
         error = last_error(log)
         print(f'[{i}/{len(cells)}] {cell.name}: ' + (
             'done' if cell.name in results.rows else

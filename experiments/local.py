@@ -5,15 +5,13 @@ A thread per running cell starts and watches its processes (``cells.run_cell``);
 thread only waits, updates the progress bar and reports: signal handlers run there, and the
 tables are written there, one cell at a time.
 """
-import datetime
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from pathlib import Path
 
 from tqdm import tqdm
 
-from .cells import run_cell
+from .cells import log_path, run_logged
 
 
 def visible_gpus():
@@ -29,7 +27,7 @@ def cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
-class Gpus:
+class Devices:
     """Hands each cell that starts the GPU with the fewest cells on it (the first of them on a
     tie), and the environment that gives its processes that GPU alone. Without GPUs, cells run
     on the CPU and share its cores (OMP_NUM_THREADS, where it is not set)."""
@@ -62,29 +60,19 @@ class Gpus:
         return env
 
 
-def log_path(out, cell):
-    return Path(out) / 'logs' / f'{cell.name}.log'
-
-
-def run_parallel(cells, snapshots, out, jobs, gpus, stop):
+def run_parallel(cells, snapshots, out, jobs, devices, stop):
     """Runs the cells, up to ``jobs`` at once; yields (cell, Outcome) as they finish, and None
     for cells that were not started because ``stop`` was requested."""
     def work(cell):
         if stop.signum is not None:
             return None
-        gpu = gpus.take()
-        path = log_path(out, cell)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        gpu = devices.take()
         try:
-            with open(path, 'a') as log:
-                def note(message):
-                    print(f'# {message}', file=log, flush=True)
-                note(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {cell.name}, '
-                     + (f'GPU {gpu}' if gpu is not None else 'CPU'))
-                return run_cell(cell, snapshots, stop, log=log, env=gpus.env(gpu),
-                                warn=lambda m: note(f'warning: {m}'), say=note)
+            return run_logged(cell, snapshots, stop, log_path(out, cell),
+                              f'{cell.name}, ' + (f'GPU {gpu}' if gpu is not None else 'CPU'),
+                              env=devices.env(gpu))
         finally:
-            gpus.give(gpu)
+            devices.give(gpu)
 
     bar = tqdm(total=len(cells), desc='cells', unit='cell', disable=None, dynamic_ncols=True)
     failed = 0
@@ -99,8 +87,7 @@ def run_parallel(cells, snapshots, out, jobs, gpus, stop):
                     bar.update()
                     bar.write(report(cell, outcome, log_path(out, cell)))
                 yield cell, outcome
-            bar.set_postfix(running=sum(f.running() for f in pending), failed=failed,
-                            refresh=True)
+            bar.set_postfix_str(f'running {sum(f.running() for f in pending)}, failed {failed}')
 
 
 def report(cell, outcome, log):
