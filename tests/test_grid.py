@@ -256,6 +256,18 @@ def assert_overlap(runs):
     assert (started.values < stopped_before.values).any()
 
 
+def test_tables_keep_the_order_of_the_cells_whatever_order_they_finish_in(tmp_path):
+    cells = grid.plan(QUICK, QUICK.methods, QUICK.sizes, QUICK.seeds, 1)
+    results = grid.Results(cells, list(QUICK.methods), tmp_path, 'cells in any order')
+    for i, cell in reversed(list(enumerate(cells))):
+        results.add(cell, pd.Series({'run': str(2 * i)}),
+                    pd.Series({'run': str(2 * i + 1), 'result.acc1_clf0': i / 100}))
+    results.write()
+    written = pd.read_csv(tmp_path / 'grid.csv')
+    assert list(written['train_run']) == [0, 2, 4, 6]
+    assert list(zip(written['method'], written['size'])) == [(c.method, c.size) for c in cells]
+
+
 @pytest.fixture(scope='module')
 def parallel(tmp_path_factory):
     work = tmp_path_factory.mktemp('jobs')
