@@ -3,10 +3,10 @@ array, submitted through submitit; ``--cluster local`` runs the same tasks as ba
 processes of this machine (submitit's LocalExecutor), which tests this path without SLURM.
 
 A task is ``cells.run_cell``: the cell's train_cifar.py run, resumed from its last.pt if it has
-one, then its eval.py run, with their output in the cell's log. When SLURM preempts a task or
-its time limit nears, it sends submitit's signal (USR2); the task stops its training process
-as Ctrl-C would (last.pt keeps the last finished epoch) and submitit requeues it, and the task
-that runs again resumes from that last.pt.
+one, then its eval.py run, with their output in the cell's log. When a task's time limit nears,
+or SLURM preempts it (where the cluster signals preemptions), SLURM sends submitit's signal
+(USR2); the task stops its training process as Ctrl-C would (last.pt keeps the last finished
+epoch) and submitit requeues it, and the task that runs again resumes from that last.pt.
 
 The submission is recorded in ``<out>/cluster.json`` (cell -> task id, and the options). A plain
 grid command then collects: it reports every cell as done, queued or running, or failed, and
