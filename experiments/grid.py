@@ -34,6 +34,7 @@ per training-set size, one line per method).
 import argparse
 import os
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,8 @@ def check(args, extra):
                           'GPU; choose them with --gpus (--gpus none: the CPU)')
     if args.gpus is not None and args.gpus != 'none' and not all(args.gpus.split(',')):
         raise ConfigError(f'--gpus {args.gpus!r}: list GPUs like 0,1,2 (or none)')
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f'--out {args.out}: a file, not a folder')
 
 
 class Results:
@@ -304,17 +307,21 @@ def on_this_machine(args, cells, results, command):
         else:
             finished = local.run_parallel(todo, args.snapshots, args.out, args.jobs, devices,
                                            stop)
-        for cell, outcome in finished:
-            if outcome is None:
-                continue
-            if outcome.status == 'ran':
-                results.add(cell, outcome.train, outcome.test)
-                results.write()
-            elif outcome.status == 'failed':
-                log = f'; log {log_path(args.out, cell)}' if args.jobs > 1 else ''
-                failed.append(f'{cell.name} ({outcome.reason}{log})')
-            else:
-                stopped += 1
+        try:
+            for cell, outcome in finished:
+                if outcome is None:
+                    continue
+                if outcome.status == 'ran':
+                    results.add(cell, outcome.train, outcome.test)
+                    results.write()
+                elif outcome.status == 'failed':
+                    log = f'; log {log_path(args.out, cell)}' if args.jobs > 1 else ''
+                    failed.append(f'{cell.name} ({outcome.reason}{log})')
+                else:
+                    stopped += 1
+        except Exception:  # e.g. the tables cannot be written: the running cells stop too
+            stop.request(signal.SIGTERM)
+            raise
         if stop.signum is not None:
             if results.rows:
                 results.write()

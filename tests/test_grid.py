@@ -133,9 +133,11 @@ def test_extra_updates_join_every_cell_but_gpu_is_not_part_of_a_cell():
     (['--quick', '--cluster', 'local', '--sbatch', 'qos'], "error: --sbatch 'qos': use KEY=VALUE"),
     (['--quick', '--cluster', 'local', '--time', '0'], 'error: --time must be > 0'),
     (['--quick', '--resubmit'], 'error: --resubmit: no submission recorded in results/cluster'),
+    (['--quick', '--out', 'README.md'], 'error: --out README.md: a file, not a folder'),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / 'README.md').write_text('a file')
     with pytest.raises(SystemExit) as exit_:
         grid.main(args + ['--dry-run'])
     assert exit_.value.code == 2
