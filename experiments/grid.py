@@ -7,6 +7,9 @@ figure.
     python3 -m experiments.grid --quick          # the whole pipeline on generated data, CPU
     python3 -m experiments.grid --dry-run        # which cells are done and what would run
     python3 -m experiments.grid -- gpu=1         # config updates after -- go to every training run
+    python3 -m experiments.grid --jobs 8         # 8 cells at a time, one per GPU of this machine
+    python3 -m experiments.grid --cluster slurm --partition gpu   # a SLURM job array; the plain
+                                                 #   command collects later
 
 A cell trains on ``size`` images per class plus ``nval`` validation images per class
 (``cf_trn.n_per_class = size + nval``; ``cf_val`` follows ``cf_trn``). Grid seed s sets both
@@ -16,13 +19,12 @@ and the methods of one seed share subset and initialisation, so their difference
 The semi-supervised cells (``--semisup``: the ``semisup`` named config) leave the rest of each
 class's training images unlabelled.
 
-Each cell is a run named ``<prefix>/<method>/n<size>/s<seed>`` in the snapshots folder. A
-training run with that name, the same named configs and the same settings that COMPLETED is not
-repeated; an unfinished one with a last.pt is resumed (a new run with ``parent_snapshot``); each
-cell's run is evaluated once (``eval.py with snapshot_name=<run id>``, its best snapshot). So an
-interrupted grid continues where it stopped when started again. Grids that share a snapshots
-folder at the same time must have disjoint cells (e.g. ``--seeds 0 -- gpu=0`` and
-``--seeds 1 -- gpu=1``).
+Each cell is a run named ``<prefix>/<method>/n<size>/s<seed>`` in the snapshots folder, done,
+resumed or tested as far as it is missing (``cells.run_cell``), so an interrupted grid continues
+where it stopped when started again. Cells run one after another with their output on the
+terminal; with ``--jobs N``, up to N at once, each with its log in ``<out>/logs/``
+(``local.py``); with ``--cluster``, as tasks of a job array (``cluster.py``). Grids that share a
+snapshots folder at the same time must have disjoint cells.
 
 Writes to ``--out`` (results/), after every cell that ran and at the end: grid.md (test top-1
 per exit, mean ± std over seeds, and the difference of every method to standard training,
@@ -32,24 +34,22 @@ per training-set size, one line per method).
 import argparse
 import os
 import shlex
-import subprocess
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+if not __package__:  # python3 experiments/grid.py: the repository is not on the module path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multiexit import runs
-from multiexit.checkpoints import LAST
-from multiexit.errors import ConfigError, reported_as_one_line
+import pandas as pd  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import cluster, local, tables  # noqa: E402
+from experiments.cells import (Cell, Stop, last_error, load, log_path, run_cell,  # noqa: E402
+                               state)
+from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line  # noqa: E402
+
 EXIT_CELLS_FAILED = 1
-# Updates that change where a run trains, not what it computes: a cell done on another GPU is done.
-DEVICE_KEYS = {'gpu'}
 
 
 @dataclass(frozen=True)
@@ -90,26 +90,6 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Cell:
-    method: str
-    size: int
-    seed: int
-    name: str  # the training run's snapshot_name
-    named_configs: tuple
-    settings: tuple  # config updates 'key=value': the cell's own, then those given after --
-
-    @property
-    def updates(self):
-        return [*self.named_configs, *self.settings]
-
-    @property
-    def identity(self):
-        """Filters that a training run of this cell matches (multiexit.runs.select)."""
-        return ([('experiment', 'train_cifar'), ('named_configs', ','.join(self.named_configs))]
-                + [f for f in map(runs.parse_filter, self.settings) if f[0] not in DEVICE_KEYS])
-
-
 def plan(preset, methods, sizes, seeds, epochs, extra=()):
     """The cells, method by method, size by size, seed by seed. ``extra``: what was given after
     -- (named configs and key=value updates), added to every cell."""
@@ -148,136 +128,8 @@ def plan(preset, methods, sizes, seeds, epochs, extra=()):
     return cells
 
 
-def _newest(frame):
-    return None if frame.empty else frame.iloc[-1]
-
-
-def state(table, cell, snapshots):
-    """(completed training run, resumable training run, evaluation run) of a cell, or None."""
-    trained = runs.select(table, cell.identity, strict=False)
-    done = _newest(trained[trained['status'] == 'COMPLETED'])
-    resumable = trained['run'].map(lambda r: (snapshots / r / LAST).is_file()).astype(bool)
-    unfinished = trained[(trained['status'] != 'COMPLETED') & resumable]
-    if done is not None:
-        return done, None, evaluation(table, done['run'])
-    return None, _newest(unfinished), None
-
-
-def evaluation(table, run_id):
-    """The newest COMPLETED test evaluation of a training run's best snapshot, or None."""
-    filters = [('experiment', 'eval'), ('status', 'COMPLETED'), ('snapshot_name', run_id)]
-    found = runs.select(table, filters, strict=False)
-    if 'checkpoint' in found.columns:  # eval.py's default, None, is its best snapshot
-        found = found[found['checkpoint'].isna() | (found['checkpoint'] == 'best')]
-    return _newest(found)
-
-
-def call(script, updates, snapshots):
-    """Run a script of the repository as a user would; returns its exit code."""
-    cmd = [sys.executable, str(ROOT / script), 'with', *updates]
-    print(f'$ MULTIEXIT_SNAPSHOTS={shlex.quote(str(snapshots))} {shlex.join(cmd)}', flush=True)
-    proc = subprocess.Popen(cmd, env=dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots)))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()  # it got the same SIGINT: let it record how to resume
-        raise
-
-
-def cell_rows(cell, train, test):
-    """One row per exit: the cell's test top-1 (%) from the evaluation's sacred result."""
-    exits = sorted(int(k.rsplit('clf', 1)[1]) for k in test.index
-                   if k.startswith('result.acc1_clf') and pd.notna(test[k]))
-    return [dict(method=cell.method, size=cell.size, seed=cell.seed, exit=k,
-                 acc1=round(100 * test[f'result.acc1_clf{k}'], 6), train_run=train['run'],
-                 eval_run=test['run']) for k in exits]
-
-
-def _mean_std(stats, signed=False):
-    mean = stats['mean'].map('{:+.1f}'.format if signed else '{:.1f}'.format)
-    std = stats['std'].map(' ± {:.1f}'.format).where(stats['count'] > 1, '')
-    return mean + std
-
-
-def _wide(stats, label, signed=False):
-    """(size, method, exit) stats -> one row per size and method, one column per exit."""
-    cells = _mean_std(stats, signed).unstack('exit').fillna('-')
-    cells.columns = [f'exit {k}' for k in cells.columns]
-    seeds = stats['count'].groupby(['size', 'method'], observed=True).max().rename('seeds')
-    frame = pd.concat([seeds, cells], axis=1).reset_index()
-    return frame.assign(method=frame['method'].map(label))
-
-
-def _markdown(frame):
-    lines = ['| ' + ' | '.join(map(str, frame.columns)) + ' |', '|' + '---|' * frame.shape[1]]
-    lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in frame.itertuples(index=False)]
-    return '\n'.join(lines)
-
-
-def tables(results, methods):
-    """(mean ± std test top-1 per method, paired difference of every method to standard)."""
-    results = results.assign(method=pd.Categorical(results['method'], methods))
-    stats = results.groupby(['size', 'method', 'exit'], observed=True)['acc1'].agg(
-        ['mean', 'std', 'count'])
-    accuracy = _wide(stats, lambda m: METHODS[m].label)
-    if 'standard' not in set(results['method']):
-        return accuracy, None
-    paired = results.pivot_table(index=['size', 'seed', 'exit'], columns='method', values='acc1',
-                                 observed=True)
-    diff = paired.sub(paired['standard'], axis=0).drop(columns='standard')
-    diff = diff.stack().rename('diff').reset_index()  # NaN (a method missing a seed) dropped
-    if diff.empty:
-        return accuracy, None
-    diff['method'] = pd.Categorical(diff['method'], methods)
-    stats = diff.groupby(['size', 'method', 'exit'], observed=True)['diff'].agg(
-        ['mean', 'std', 'count'])
-    return accuracy, _wide(stats, lambda m: f'{METHODS[m].label} − standard', signed=True)
-
-
-def write_markdown(results, methods, path, description):
-    accuracy, difference = tables(results, methods)
-    text = ['# Test top-1 accuracy per exit (%)', '', description, '',
-            'Mean ± standard deviation over seeds of each run\'s best-validation snapshot on the '
-            'test split; `size`: training images per class.', '', _markdown(accuracy), '']
-    if difference is not None:
-        text += ['## Difference to standard training (percentage points)', '',
-                 'Per seed (same data subset and initialisation), method minus standard; mean ± '
-                 'standard deviation over seeds.', '', _markdown(difference), '']
-    path.write_text('\n'.join(text))
-
-
-def write_figure(results, methods, path, description):
-    sizes = sorted(results['size'].unique())
-    stats = results.groupby(['size', 'method', 'exit'])['acc1'].agg(['mean', 'std']).reset_index()
-    fig = Figure(figsize=(1 + 3.6 * len(sizes), 4.4), dpi=120)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
-    for ax, size in zip(axes, sizes):
-        for i, method in enumerate(methods):
-            line = stats[(stats['size'] == size) & (stats['method'] == method)]
-            if len(line):
-                ax.errorbar(line['exit'], line['mean'], yerr=line['std'].fillna(0), marker='o',
-                            capsize=3, color=f'C{i}', label=METHODS[method].label)
-        ax.set(title=f'{size} training images per class', xlabel='exit')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel('test top-1 accuracy (%)')
-    axes[0].legend(fontsize='small')
-    fig.suptitle(description, fontsize='medium')
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def write_results(results, methods, out, description):
-    out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / 'grid.csv', index=False)
-    write_markdown(results, methods, out / 'grid.md', description)
-    write_figure(results, methods, out / 'grid.png', description)
-
-
 def parse_args(argv):
     """(options, config updates given after --)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
     argv = argv[:argv.index('--')] if '--' in argv else argv
     parser = argparse.ArgumentParser(
@@ -299,98 +151,255 @@ def parse_args(argv):
                         default=Path(os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')),
                         help='runs folder (default: $MULTIEXIT_SNAPSHOTS or snapshots)')
     parser.add_argument('--out', type=Path, default=Path('results'),
-                        help='folder for grid.md, grid.csv and grid.png (default: results)')
+                        help='folder for grid.md, grid.csv, grid.png and the logs (default: '
+                             'results)')
     parser.add_argument('--dry-run', action='store_true',
                         help='list the cells and what would run, run nothing')
+    parser.add_argument('--jobs', type=int, default=1, metavar='N',
+                        help='cells at the same time, one process each, with their output in '
+                             '<out>/logs/ (default 1: one after another, output on the terminal)')
+    parser.add_argument('--gpus', metavar='LIST',
+                        help='GPUs to spread the cells over, as CUDA_VISIBLE_DEVICES names them, '
+                             'e.g. 0,1,2,3, or none for CPU cells (default: every visible GPU)')
+    cluster.add_arguments(parser)
     return parser.parse_args(argv), extra
 
 
+def check(args, extra):
+    """One line for options that do not go together."""
+    if args.jobs < 1:
+        raise ConfigError(f'--jobs must be >= 1, got {args.jobs}')
+    if args.cluster and (args.jobs > 1 or args.gpus is not None):
+        raise ConfigError('--jobs and --gpus run cells on this machine; on a cluster, choose '
+                          'the GPUs per task with --gpus-per-task')
+    if (args.jobs > 1 or args.gpus is not None) and any(u.startswith('gpu=') for u in extra):
+        raise ConfigError('gpu= after --: with --jobs or --gpus the grid gives every cell its '
+                          'GPU; choose them with --gpus (--gpus none: the CPU)')
+    if args.gpus is not None and args.gpus != 'none' and not all(args.gpus.split(',')):
+        raise ConfigError(f'--gpus {args.gpus!r}: list GPUs like 0,1,2 (or none)')
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f'--out {args.out}: a file, not a folder')
+
+
+class Results:
+    """The rows of the finished cells, written in the cells' order whatever order they came in."""
+
+    def __init__(self, cells, methods, out, description):
+        self.order = {cell.name: i for i, cell in enumerate(cells)}
+        self.methods, self.out, self.description = methods, out, description
+        self.rows = {}
+
+    def add(self, cell, train, test):
+        self.rows[cell.name] = tables.cell_rows(cell, train, test)
+
+    def write(self):
+        rows = [row for name in sorted(self.rows, key=self.order.get) for row in self.rows[name]]
+        labels = {m: METHODS[m].label for m in self.methods}
+        tables.write_results(pd.DataFrame(rows), self.methods, labels, self.out, self.description)
+
+    def show(self):
+        if self.rows:
+            self.write()
+            print((self.out / 'grid.md').read_text())
+            print(f'wrote grid.md, grid.csv and grid.png to {self.out}')
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
-    with reported_as_one_line():
-        preset = PRESETS['quick' if args.quick else 'full']
-        methods = list(args.methods or preset.methods)
-        if args.semisup and 'semisup' not in methods:
-            methods.append('semisup')
-        epochs = args.epochs if args.epochs is not None else preset.epochs
-        sizes, seeds = args.sizes or preset.sizes, args.seeds or preset.seeds
-        cells = plan(preset, methods, sizes, seeds, epochs, extra)
-        description = '; '.join(
-            [f'{len(cells)} training runs: methods {" ".join(methods)}',
-             f'sizes {" ".join(map(str, sizes))}', f'seeds {" ".join(map(str, seeds))}',
-             f'{epochs} epochs']
-            + [f'with {" ".join(preset.named_configs)}'] * bool(preset.named_configs)
-            + [f'-- {" ".join(extra)}'] * bool(extra))
-        print(description, flush=True)
-        def write(results):
-            frame = pd.DataFrame([row for rows in results for row in rows])
-            write_results(frame, methods, args.out, description)
-
-        failed, results = run_cells(cells, args.snapshots, args.dry_run, write)
-        if results:
-            write(results)
-            print((args.out / 'grid.md').read_text())
-            print(f'wrote grid.md, grid.csv and grid.png to {args.out}')
-        if failed:
-            print(f'error: {len(failed)} of {len(cells)} cells failed: {"; ".join(failed)}',
-                  file=sys.stderr)
-            raise SystemExit(EXIT_CELLS_FAILED)
+    command = shlex.join(['python3', '-m', 'experiments.grid', *argv])  # to say: run it again
+    try:
+        with reported_as_one_line():
+            run(args, extra, command)
+    except KeyboardInterrupt:  # before the cells started or after they finished
+        print(f'interrupted: SIGINT; to continue, run the same command again: {command}',
+              file=sys.stderr)
+        raise SystemExit(EXIT_CODE_INTERRUPTED) from None
 
 
-def run_cells(cells, snapshots, dry_run=False, progress=lambda results: None):
-    """Train, resume and evaluate what is missing; returns (failures, rows per finished cell).
+def run(args, extra, command):
+    """Plans the cells; runs them on this machine, or submits or collects them on a cluster."""
+    check(args, extra)
+    preset = PRESETS['quick' if args.quick else 'full']
+    methods = list(args.methods or preset.methods)
+    if args.semisup and 'semisup' not in methods:
+        methods.append('semisup')
+    epochs = args.epochs if args.epochs is not None else preset.epochs
+    sizes, seeds = args.sizes or preset.sizes, args.seeds or preset.seeds
+    cells = plan(preset, methods, sizes, seeds, epochs, extra)
+    description = '; '.join(
+        [f'{len(cells)} training runs: methods {" ".join(methods)}',
+         f'sizes {" ".join(map(str, sizes))}', f'seeds {" ".join(map(str, seeds))}',
+         f'{epochs} epochs']
+        + [f'with {" ".join(preset.named_configs)}'] * bool(preset.named_configs)
+        + [f'-- {" ".join(extra)}'] * bool(extra))
+    print(description, flush=True)
+    results = Results(cells, methods, args.out, description)
+    record = cluster.read_record(args.out)
+    if args.resubmit and record is None:
+        raise ConfigError(f'--resubmit: no submission recorded in {args.out / cluster.RECORD};'
+                          f' submit with --cluster slurm')
+    submitted = record is not None and any(c.name in record['tasks'] for c in cells)
+    if args.cluster or args.resubmit or submitted:
+        if args.jobs > 1 or args.gpus is not None:
+            raise ConfigError(f'these cells were submitted to a cluster '
+                              f'({args.out / cluster.RECORD}): collect them with the plain '
+                              f'command, or remove that file to run them here')
+        on_cluster(args, cells, record, results, preset.prefix, grid_command(args, extra))
+    else:
+        on_this_machine(args, cells, results, command)
 
-    ``progress(results so far)`` after every cell that ran something: the tables of a grid that
-    takes days show the cells done so far."""
+
+def grid_command(args, extra):
+    """The command that plans the same cells, without the options of how to run them: the one
+    that collects a cluster's results."""
+    words = ['python3', '-m', 'experiments.grid'] + ['--quick'] * args.quick
+    words += ['--semisup'] * args.semisup
+    for option, values in (('--methods', args.methods), ('--sizes', args.sizes),
+                           ('--seeds', args.seeds), ('--epochs', args.epochs and [args.epochs]),
+                           ('--snapshots', [args.snapshots]), ('--out', [args.out])):
+        words += [option, *map(str, values)] if values else []
+    return shlex.join(words + (['--', *extra] if extra else []))
+
+
+def plural(n, word):
+    return f'{n} {word}' + 's' * (n != 1)
+
+
+def warn_once():
     seen = set()
 
     def warn(message):  # each unreadable run folder once, not at every reload
         if message not in seen:
             seen.add(message)
             print(f'warning: {message}', file=sys.stderr, flush=True)
+    return warn
 
-    def load():
-        if not snapshots.is_dir():
-            return pd.DataFrame(columns=runs.META)
-        return runs.load_runs(snapshots, with_metrics=False, warn=warn)
 
-    failed, results = [], []
-    table = load()
-    for i, cell in enumerate(cells, 1):
-        head = f'[{i}/{len(cells)}] {cell.name}'
-        train, parent, test = state(table, cell, snapshots)
-        if dry_run:
-            todo = ('done' if test is not None else
-                    f'to evaluate (run {train["run"]})' if train is not None else
-                    f'to resume (run {parent["run"]})' if parent is not None else 'to train')
-            print(f'{head}: {todo}')
-            continue
-        ran = train is None or test is None
-        if train is None:
-            resume = [] if parent is None else [f'parent_snapshot={parent["run"]}']
-            print(f'{head}: ' + ('training' if parent is None else
-                                 f'resuming run {parent["run"]}'), flush=True)
-            code = call('train_cifar.py', cell.updates + resume, snapshots)
-            table = load()
-            train, _, test = state(table, cell, snapshots)
-            if train is None:
-                failed.append(f'{cell.name} (train_cifar.py exit code {code})')
-                continue
-        if test is None:
-            print(f'{head}: testing run {train["run"]}', flush=True)
-            code = call('eval.py', [f'snapshot_name={train["run"]}'], snapshots)
-            table = load()
-            test = evaluation(table, train['run'])
-            if test is None:
-                failed.append(f'{cell.name} (eval.py exit code {code})')
-                continue
-        else:
+def on_this_machine(args, cells, results, command):
+    """Trains, resumes and tests what is missing, one cell after another or --jobs at once."""
+    warn = warn_once()
+    table = load(args.snapshots, warn)
+    todo, heads = [], {c.name: f'[{i}/{len(cells)}] {c.name}' for i, c in enumerate(cells, 1)}
+    for cell in cells:
+        head = heads[cell.name]
+        train, parent, test = state(table, cell, args.snapshots)
+        if test is not None:
             print(f'{head}: done (training run {train["run"]}, test run {test["run"]})')
-        results.append(cell_rows(cell, train, test))
-        if ran:
-            progress(results)
-    return failed, results
+            results.add(cell, train, test)
+        elif args.dry_run:
+            print(f'{head}: ' + (f'to evaluate (run {train["run"]})' if train is not None else
+                                 f'to resume (run {parent["run"]})' if parent is not None else
+                                 'to train'))
+        else:
+            todo.append(cell)
+    if args.dry_run:
+        return
+    devices = None  # one cell after another, without --gpus: as a single run would run
+    if args.jobs > 1 or args.gpus is not None:
+        devices = local.Devices(local.visible_gpus() if args.gpus is None else
+                                [] if args.gpus == 'none' else args.gpus.split(','), args.jobs)
+    stop = Stop()
+    failed, stopped = [], 0
+    with stop.handling_signals():
+        if args.jobs == 1:
+            finished = one_after_another(todo, heads, args.snapshots, stop, devices, warn)
+        else:
+            finished = local.run_parallel(todo, args.snapshots, args.out, args.jobs, devices,
+                                           stop)
+        try:
+            for cell, outcome in finished:
+                if outcome is None:
+                    continue
+                if outcome.status == 'ran':
+                    results.add(cell, outcome.train, outcome.test)
+                    results.write()
+                elif outcome.status == 'failed':
+                    log = f'; log {log_path(args.out, cell)}' if args.jobs > 1 else ''
+                    failed.append(f'{cell.name} ({outcome.reason}{log})')
+                else:
+                    stopped += 1
+        except Exception:  # e.g. the tables cannot be written: the running cells stop too
+            stop.request(signal.SIGTERM)
+            raise
+        if stop.signum is not None:
+            if results.rows:
+                results.write()
+            print(f'interrupted: {stop.name}: {plural(stopped, "cell")} stopped, each with its '
+                  f'last finished epoch in last.pt; to continue, run the same command again: '
+                  f'{command}', file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODE_INTERRUPTED)
+        results.show()
+    if failed:
+        print(f'error: {len(failed)} of {len(cells)} cells failed: {"; ".join(failed)}',
+              file=sys.stderr)
+        raise SystemExit(EXIT_CELLS_FAILED)
 
+
+def one_after_another(cells, heads, snapshots, stop, devices, warn):
+    """Yields (cell, Outcome) of each cell in turn, its processes' output on the terminal."""
+    for cell in cells:
+        if stop.signum is not None:
+            return
+        head = heads[cell.name]
+        gpu = devices.take() if devices else None
+        env = devices.env(gpu) if devices else None
+        outcome = run_cell(cell, snapshots, stop, env=env, warn=warn,
+                           say=lambda message: print(f'{head}: {message}', flush=True))
+        if devices:
+            devices.give(gpu)
+        if outcome.status == 'failed':
+            print(f'{head}: failed: {outcome.reason}', flush=True)
+        yield cell, outcome
+
+
+def on_cluster(args, cells, record, results, name, collect):
+    """Submits the cells that are neither done nor queued or running (--cluster, --resubmit);
+    says where every cell is; writes the tables of the done ones."""
+    submit = bool(args.cluster or args.resubmit)
+    opts = cluster.options(args) if args.cluster else record['options']
+    table = load(args.snapshots, warn_once())
+    todo = []
+    for cell in cells:
+        train, _, test = state(table, cell, args.snapshots)
+        if test is not None:
+            results.add(cell, train, test)
+        else:
+            todo.append(cell)
+    states = cluster.task_states(record, [c.name for c in todo]) if record else {}
+    active = [c for c in todo if states.get(c.name, (None, None))[1] == 'active']
+    missing = [c for c in todo if c not in active]
+    submitted = {}
+    if submit and missing and not args.dry_run:
+        logs = [log_path(args.out, c) for c in missing]
+        ids = cluster.submit(missing, opts, args.snapshots, logs, args.out, name, record)
+        submitted = {c.name: i for c, i in zip(missing, ids)}
+    for i, cell in enumerate(cells, 1):
+        job_id, task = states.get(cell.name, (None, None))
+        log = log_path(args.out, cell)
+        error = last_error(log)
+        print(f'[{i}/{len(cells)}] {cell.name}: ' + (
+            'done' if cell.name in results.rows else
+            f'submitted (task {submitted[cell.name]})' if cell.name in submitted else
+            f'queued or running (task {job_id})' if task == 'active' else
+            'not submitted' if job_id is None else
+            f'failed (task {job_id}, {task}' + (f': {error}' if error else '') + f'); log {log}'))
+    if args.dry_run:
+        if submit:
+            print(f'would submit {plural(len(missing), "cell")} to {opts["cluster"]}')
+        return
+    results.show()
+    if submitted:
+        print(f'submitted {plural(len(submitted), "cell")} to {opts["cluster"]} (task ids '
+              f'above); collect the results later with: {collect}')
+    elif active:
+        print(f'{plural(len(active), "cell")} queued or running; collect again later with: '
+              f'{collect}')
+    if missing and not submit:
+        print(f'error: {len(missing)} of {len(cells)} cells are not done and have no task '
+              f'queued or running: {", ".join(c.name for c in missing)}; submit them again with: '
+              f'{collect} --resubmit', file=sys.stderr)
+        raise SystemExit(EXIT_CELLS_FAILED)
 
 if __name__ == '__main__':
     main()

@@ -174,9 +174,12 @@ def _value(x):
 
 
 def matches(cell, wanted):
-    """Whether a cell equals the filter text ``wanted`` (as values; globs match the text)."""
+    """Whether a cell equals the filter text ``wanted`` (as values; globs match the text).
+
+    None (or null) matches a setting that is None, which the table holds as a missing value:
+    sacred writes None as null, and pandas cannot tell it from a key that a run does not have."""
     if not isinstance(cell, str) and pd.isna(cell):
-        return False
+        return _value(wanted) is None
     if '*' in wanted or '?' in wanted:
         return fnmatch.fnmatchcase(str(cell), wanted)
     return _value(cell) == _value(wanted)
@@ -184,11 +187,12 @@ def matches(cell, wanted):
 
 def select(frame, filters, strict=True):
     """The rows matching every (key, value) filter. A key that is not a column raises
-    ConfigError if ``strict``, else matches nothing."""
+    ConfigError if ``strict``, else is missing from every row (so only None matches it)."""
     for key, wanted in filters:
         if key not in frame.columns:
             if not strict:
-                return frame.iloc[:0]
+                frame = frame if _value(wanted) is None else frame.iloc[:0]
+                continue
             known = ', '.join(c for c in SUMMARY if c in frame.columns)
             raise ConfigError(f'no column {key!r} to filter on (e.g. {known}; --csv lists all)')
         frame = frame[frame[key].map(lambda cell: matches(cell, wanted)).astype(bool)]

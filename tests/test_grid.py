@@ -1,31 +1,82 @@
-"""experiments/grid.py: the cells it plans, and the quick grid end to end on generated data."""
+"""experiments/grid.py: the cells it plans, and the quick grid end to end on generated data:
+one cell after another, --jobs, --cluster local, failures, interruptions and preemption."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
+import submitit
+import torch
 
-from conftest import ROOT, pythonpath
+from conftest import ROOT, pythonpath, run_script
 from experiments import grid
 from multiexit.errors import ConfigError
 from multiexit.runs import load_runs
 from test_anytime import assert_png
 
 QUICK = grid.PRESETS['quick']
+# The row of epoch 1 in a training run's output: printed once last.pt holds that epoch.
+EPOCH_1 = re.compile(r'^ {3}1 +\d\.\d{4} ', re.M)
+# Cells that train for 3 epochs, to be interrupted after the first; DBT's is the reference's.
+LONG = ('--quick', '--sizes', '20', '--epochs', '3', '--snapshots', 'snaps')
+DBT = 'grid-quick/dbt/n20/s0'
 
 
-def run_grid(*args, cwd):
+def grid_env():
     # One thread per process: the smoke network gains nothing from more, and on shared cores
-    # oversubscribed threads make each run many times slower.
-    env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS='1')
+    # oversubscribed threads make each run many times slower. Unbuffered: every line at once,
+    # as on a terminal, for the tests that watch the output.
+    env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     env.pop('MULTIEXIT_SNAPSHOTS', None)
-    proc = subprocess.run([sys.executable, '-m', 'experiments.grid', *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return env
+
+
+def run_grid(*args, cwd, code=0):
+    proc = subprocess.run([sys.executable, '-m', 'experiments.grid', *args], cwd=cwd,
+                          env=grid_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def start_grid(*args, cwd):
+    """The grid in the background, its output in cwd/stdout.txt and cwd/stderr.txt."""
+    with open(cwd / 'stdout.txt', 'w') as out, open(cwd / 'stderr.txt', 'w') as err:
+        return subprocess.Popen([sys.executable, '-m', 'experiments.grid', *args], cwd=cwd,
+                                env=grid_env(), stdout=out, stderr=err)
+
+
+def submit_grid(*args, cwd):
+    """A grid that submits to the local executor: it returns while its tasks run, and they
+    keep its output open, so that it goes to files (pipes would wait for the tasks)."""
+    proc = start_grid(*args, cwd=cwd)
+    assert proc.wait(120) == 0, text(cwd / 'stderr.txt')[-3000:]
+    return text(cwd / 'stdout.txt')
+
+
+def wait_for(condition, proc=None, timeout=300):
+    """Polls until ``condition()`` holds; fails if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc is None or proc.poll() is None, f'ended with {proc.returncode} first'
+        assert time.monotonic() < deadline, 'timed out'
+        time.sleep(0.05)
+
+
+def text(path):
+    return path.read_text() if path.is_file() else ''
+
+
+def log_of(work, name):
+    return work / 'results' / 'logs' / f'{name}.log'
+
+
+def weights(run_dir):
+    return torch.load(run_dir / 'last.pt', weights_only=True)
 
 
 def by_name(runs):
@@ -35,16 +86,13 @@ def by_name(runs):
 
 @pytest.fixture(scope='module')
 def quick(tmp_path_factory):
-    """The quick grid; then, with DBT n20 marked as killed, again with --semisup on size 20."""
+    """The quick grid, one cell after another; then again with --semisup on size 20."""
     work = tmp_path_factory.mktemp('grid')
     first = run_grid('--quick', '--snapshots', 'snaps', cwd=work)
     before = load_runs(work / 'snaps')
-    killed = by_name(before)['grid-quick/dbt/n20/s0'].iloc[0]['run']
-    run_json = work / 'snaps' / killed / 'run.json'
-    run_json.write_text(json.dumps(dict(json.loads(run_json.read_text()), status='INTERRUPTED')))
     second = run_grid('--quick', '--semisup', '--sizes', '20', '--snapshots', 'snaps',
                       '--out', 'results2', '--', 'gpu=-1', cwd=work)
-    return work, first, before, killed, second, load_runs(work / 'snaps')
+    return work, first, before, second, load_runs(work / 'snaps')
 
 
 def test_plan_of_the_full_grid():
@@ -78,17 +126,40 @@ def test_extra_updates_join_every_cell_but_gpu_is_not_part_of_a_cell():
 @pytest.mark.parametrize('args, message', [
     (['--quick', '--sizes', '26'], 'error: size 26: need 0 < size and size + 5 validation'),
     (['--quick', '--epochs', '0'], 'error: seeds must be >= 0 and epochs > 0'),
+    (['--quick', '--jobs', '0'], 'error: --jobs must be >= 1, got 0'),
+    (['--quick', '--gpus', '0,,1'], "error: --gpus '0,,1': list GPUs like 0,1,2 (or none)"),
+    (['--quick', '--jobs', '2', '--', 'gpu=1'], 'error: gpu= after --: with --jobs or --gpus'),
+    (['--quick', '--cluster', 'local', '--jobs', '2'], 'error: --jobs and --gpus run cells on'),
+    (['--quick', '--cluster', 'local', '--sbatch', 'qos'], "error: --sbatch 'qos': use KEY=VALUE"),
+    (['--quick', '--cluster', 'local', '--time', '0'], 'error: --time must be > 0'),
+    (['--quick', '--resubmit'], 'error: --resubmit: no submission recorded in results/cluster'),
+    (['--quick', '--out', 'README.md'], 'error: --out README.md: a file, not a folder'),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / 'README.md').write_text('a file')
     with pytest.raises(SystemExit) as exit_:
         grid.main(args + ['--dry-run'])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().startswith(message)
 
 
+def test_no_sbatch_or_a_garbled_record_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('PATH', str(tmp_path))  # no sbatch
+    with pytest.raises(SystemExit):
+        grid.main(['--quick', '--cluster', 'slurm', '--dry-run'])
+    assert capsys.readouterr().err.startswith('error: --cluster slurm: no sbatch command here')
+    (tmp_path / 'results').mkdir()
+    (tmp_path / 'results' / 'cluster.json').write_text('{"tasks": ')
+    with pytest.raises(SystemExit):
+        grid.main(['--quick', '--dry-run'])
+    assert capsys.readouterr().err.startswith(
+        "error: results/cluster.json is not a record of this grid's submissions; remove it")
+
+
 def test_quick_grid_trains_and_tests_every_cell_once(quick):
-    _, _, before, _, _, _ = quick
+    _, _, before, _, _ = quick
     train = by_name(before)
     assert sorted(train) == sorted(f'grid-quick/{m}/n{s}/s0' for m in QUICK.methods
                                    for s in QUICK.sizes)
@@ -109,7 +180,7 @@ def test_quick_grid_trains_and_tests_every_cell_once(quick):
 
 
 def test_table_and_figure_hold_the_test_accuracies(quick):
-    work, first, before, _, _, _ = quick
+    work, first, before, _, _ = quick
     results = pd.read_csv(work / 'results' / 'grid.csv')
     evals = before[before['experiment'] == 'eval']
     tests = evals.set_index(evals['snapshot_name'].astype(str))
@@ -129,15 +200,14 @@ def test_table_and_figure_hold_the_test_accuracies(quick):
     assert_png(work / 'results' / 'grid.png')
 
 
-def test_rerun_skips_done_cells_resumes_killed_ones_and_adds_semisup(quick):
-    work, _, before, killed, second, after = quick
+def test_rerun_skips_done_cells_and_adds_semisup(quick):
+    work, _, before, second, after = quick
     new = after[~after['run'].isin(before['run'])]
     new_train = by_name(new)
-    assert sorted(new_train) == ['grid-quick/dbt/n20/s0', 'grid-quick/semisup/n20/s0']
-    assert re.search(r'grid-quick/standard/n20/s0: done \(training run \d+, test run \d+\)',
-                     second.stdout)
-    resumed = new_train['grid-quick/dbt/n20/s0'].iloc[0]
-    assert int(resumed['parent_snapshot']) == int(killed) and resumed['status'] == 'COMPLETED'
+    assert sorted(new_train) == ['grid-quick/semisup/n20/s0']
+    for method in QUICK.methods:
+        assert re.search(rf'grid-quick/{method}/n20/s0: done \(training run \d+, test run \d+\)',
+                         second.stdout)
     semi = new_train['grid-quick/semisup/n20/s0'].iloc[0]
     assert semi['named_configs'] == 'smoke,semisup'
     assert all(' gpu=-1' in line for line in second.stdout.splitlines()
@@ -146,8 +216,260 @@ def test_rerun_skips_done_cells_resumes_killed_ones_and_adds_semisup(quick):
     assert json.loads(semi['cf_trn.lab_unl_ratio']) == [1, 1]
     assert json.loads(semi['cf_val.lab_unl_ratio']) == [1, 1]
     tested = new.loc[new['experiment'] == 'eval', 'snapshot_name'].astype(str)
-    assert sorted(tested) == sorted([resumed['run'], semi['run']])
+    assert sorted(tested) == [semi['run']]
     markdown = (work / 'results2' / 'grid.md').read_text()
     assert '| 20 | DBT + unlabelled | 1 |' in markdown
     assert '| 20 | DBT + unlabelled − standard | 1 |' in markdown
     assert '| 10 |' not in markdown
+
+
+def test_a_setting_none_matches_its_own_runs(quick):
+    """cf_loss.n_exits is None in every run of the quick grid: given after --, its cells are
+    done, not trained again."""
+    work = quick[0]
+    proc = run_grid('--quick', '--dry-run', '--snapshots', 'snaps', '--', 'cf_loss.n_exits=None',
+                    cwd=work)
+    assert proc.stdout.count(': done (training run') == len(QUICK.methods) * len(QUICK.sizes)
+
+
+def test_the_grid_runs_as_a_script_from_anywhere(quick, tmp_path):
+    """python3 experiments/grid.py, with the repository on no path."""
+    env = grid_env()
+    env['PYTHONPATH'] = os.environ.get('PYTHONPATH', '')
+    proc = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'grid.py'), '--quick',
+                           '--dry-run', '--snapshots', str(quick[0] / 'snaps')], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(': done (training run') == len(QUICK.methods) * len(QUICK.sizes)
+
+
+def tables_equal(work, other):
+    """grid.md and grid.csv of two grids of the same cells (run ids aside) are the same."""
+    assert (work / 'results' / 'grid.md').read_text() == (other / 'results' / 'grid.md').read_text()
+    csv = [pd.read_csv(w / 'results' / 'grid.csv').drop(columns=['train_run', 'eval_run'])
+           for w in (work, other)]
+    pd.testing.assert_frame_equal(*csv)
+
+
+def assert_overlap(runs):
+    """At least two training runs ran at the same time (run.json's start and stop times)."""
+    train = runs[runs['experiment'] == 'train_cifar'].sort_values('start_time')
+    started, stopped_before = train['start_time'].iloc[1:], train['stop_time'].cummax().iloc[:-1]
+    assert (started.values < stopped_before.values).any()
+
+
+def test_tables_keep_the_order_of_the_cells_whatever_order_they_finish_in(tmp_path):
+    cells = grid.plan(QUICK, QUICK.methods, QUICK.sizes, QUICK.seeds, 1)
+    results = grid.Results(cells, list(QUICK.methods), tmp_path, 'cells in any order')
+    for i, cell in reversed(list(enumerate(cells))):
+        results.add(cell, pd.Series({'run': str(2 * i)}),
+                    pd.Series({'run': str(2 * i + 1), 'result.acc1_clf0': i / 100}))
+    results.write()
+    written = pd.read_csv(tmp_path / 'grid.csv')
+    assert list(written['train_run']) == [0, 2, 4, 6]
+    assert list(zip(written['method'], written['size'])) == [(c.method, c.size) for c in cells]
+
+
+@pytest.fixture(scope='module')
+def parallel(tmp_path_factory):
+    work = tmp_path_factory.mktemp('jobs')
+    return work, run_grid('--quick', '--jobs', '2', '--snapshots', 'snaps', cwd=work)
+
+
+def test_jobs_run_cells_at_once_with_a_log_each_and_the_same_tables(parallel, quick):
+    work, proc = parallel
+    runs = load_runs(work / 'snaps')
+    assert sorted(by_name(runs)) == sorted(by_name(quick[2]))
+    assert (runs['status'] == 'COMPLETED').all() and len(runs) == 2 * len(by_name(runs))
+    assert_overlap(runs)
+    tables_equal(work, quick[0])
+    for name, rows in by_name(runs).items():
+        log = log_of(work, name).read_text()
+        assert f'snapshot_name={name} ' in log and 'eval.py with snapshot_name=' in log
+        assert '%|' not in log  # no progress bars in the logs
+        assert re.search(rf'^done {name} \(training run {rows.iloc[0]["run"]}, test run \d+\); '
+                         rf'log results/logs/{name}.log$', proc.stdout, re.M)
+    assert 'train_cifar' not in proc.stdout + proc.stderr  # the runs' output is in the logs
+
+
+def test_a_failed_cell_is_reported_with_its_log_while_the_others_finish(tmp_path):
+    """batch_size=1500 exceeds the 1000 training images of size 10, not the 2000 of size 20."""
+    proc = run_grid('--quick', '--methods', 'dbt', '--jobs', '2', '--', 'batch_size=1500',
+                    cwd=tmp_path, code=grid.EXIT_CELLS_FAILED)
+    failed, log = 'grid-quick/dbt/n10/s0', 'results/logs/grid-quick/dbt/n10/s0.log'
+    reason = 'train_cifar.py exit code 2 (error: batch_size=1500 exceeds the 1000 training examples'
+    assert re.search(rf'^failed {failed}: {re.escape(reason)}.*; log {log}$', proc.stdout, re.M)
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f'error: 1 of 2 cells failed: {failed} ({reason}')
+    assert proc.stderr.strip().endswith(f'; log {log})')
+    assert 'error: batch_size=1500 exceeds' in (tmp_path / log).read_text()
+    assert re.search(r'^done grid-quick/dbt/n20/s0 ', proc.stdout, re.M)
+    results = pd.read_csv(tmp_path / 'results' / 'grid.csv')
+    assert set(results['size']) == {20}
+
+
+@pytest.fixture(scope='module')
+def cluster_local(tmp_path_factory):
+    """The quick grid submitted to submitit's local executor, then collected."""
+    work = tmp_path_factory.mktemp('cluster')
+    submitted = submit_grid('--quick', '--cluster', 'local', '--snapshots', 'snaps', cwd=work)
+    wait_for_tasks(work)
+    return work, submitted, run_grid('--quick', '--snapshots', 'snaps', cwd=work)
+
+
+def wait_for_tasks(work):
+    record = json.loads((work / 'results' / 'cluster.json').read_text())
+    jobs = [submitit.LocalJob(record['folder'], i) for i in record['tasks'].values()]
+    wait_for(lambda: all(job.paths.result_pickle.is_file() for job in jobs))
+    return record
+
+
+def test_cluster_local_runs_every_cell_as_a_task_and_the_plain_command_collects(cluster_local,
+                                                                                quick):
+    work, submitted, collected = cluster_local
+    record = json.loads((work / 'results' / 'cluster.json').read_text())
+    names = sorted(by_name(quick[2]))
+    assert sorted(record['tasks']) == names and record['options']['cluster'] == 'local'
+    for name, task in record['tasks'].items():
+        assert re.search(rf'^\[\d/4\] {name}: submitted \(task {task}\)$', submitted, re.M)
+        assert re.search(rf'^\[\d/4\] {name}: done$', collected.stdout, re.M)
+        assert f' task {task} on ' in log_of(work, name).read_text()
+    assert 'collect the results later with: python3 -m experiments.grid --quick' in submitted
+    runs = load_runs(work / 'snaps')
+    assert sorted(by_name(runs)) == names and (runs['status'] == 'COMPLETED').all()
+    assert_overlap(runs)
+    tables_equal(work, quick[0])
+    again = run_grid('--quick', '--cluster', 'local', '--snapshots', 'snaps', cwd=work)
+    assert 'submitted' not in again.stdout  # every cell is done: nothing to submit
+
+
+FAKE_SLURM = {  # just enough of SLURM's commands for submitit to submit and ask
+    'sbatch': 'n=$(cat "$FAKE_SLURM/next" 2>/dev/null || echo 4242); echo $((n + 1)) > '
+              '"$FAKE_SLURM/next"; cp "$1" "$FAKE_SLURM/sbatch-$n.sh"; '
+              'echo "Submitted batch job $n"',
+    'srun': 'exit 1',
+    'sacct': 'cat "$FAKE_SLURM/sacct.txt"',
+}
+
+
+def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(tmp_path,
+                                                                              monkeypatch):
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    for name, script in FAKE_SLURM.items():
+        (fake / name).write_text(f'#!/bin/sh\n{script}\n')
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv('PATH', f'{fake}{os.pathsep}{os.environ["PATH"]}')
+    monkeypatch.setenv('FAKE_SLURM', str(fake))
+    names = [f'grid-quick/{m}/n{s}/s0' for m in QUICK.methods for s in QUICK.sizes]
+    submitted = run_grid('--quick', '--cluster', 'slurm', '--partition', 'gpu', '--time', '90',
+                         '--cpus-per-task', '4', '--mem-gb', '16', '--array-parallelism', '2',
+                         '--sbatch', 'account=proj', 'qos=normal', cwd=tmp_path)
+    for i, name in enumerate(names):
+        assert f'[{i + 1}/4] {name}: submitted (task 4242_{i})' in submitted.stdout
+    sbatch = (fake / 'sbatch-4242.sh').read_text()
+    for option in ('partition=gpu', 'time=90', 'cpus-per-task=4', 'mem=16GB', 'gpus-per-node=1',
+                   'array=0-3%2', 'account=proj', 'qos=normal', 'signal=USR2@90',
+                   'job-name=grid-quick'):
+        assert f'#SBATCH --{option}\n' in sbatch
+    assert f'export PYTHONPATH={ROOT}' in sbatch
+
+    (fake / 'sacct.txt').write_text('JobID|State|NodeList\n4242_0|RUNNING|n1\n4242_1|PENDING|\n'
+                                    '4242_2|FAILED|n2\n')  # 4242_3: not known yet
+    log = log_of(tmp_path, names[2])
+    log.parent.mkdir(parents=True)
+    log.write_text('error: something the task reported\n')
+    collect = 'python3 -m experiments.grid --quick --snapshots snapshots --out results'
+    collected = run_grid('--quick', cwd=tmp_path, code=grid.EXIT_CELLS_FAILED)
+    for i in (0, 1, 3):
+        assert f'{names[i]}: queued or running (task 4242_{i})' in collected.stdout
+    assert (f'{names[2]}: failed (task 4242_2, FAILED: error: something the task reported); '
+            f'log results/logs/{names[2]}.log') in collected.stdout
+    assert collected.stderr.strip() == (
+        f'error: 1 of 4 cells are not done and have no task queued or running: {names[2]}; '
+        f'submit them again with: {collect} --resubmit')
+
+    resubmitted = run_grid('--quick', '--resubmit', cwd=tmp_path)
+    assert f'{names[2]}: submitted (task 4243)' in resubmitted.stdout
+    assert f'collect the results later with: {collect}' in resubmitted.stdout
+    assert 'partition=gpu' in (fake / 'sbatch-4243.sh').read_text()  # the recorded options
+    record = json.loads((tmp_path / 'results' / 'cluster.json').read_text())
+    assert record['tasks'] == {**{n: f'4242_{i}' for i, n in enumerate(names)}, names[2]: '4243'}
+    here = run_grid('--quick', '--jobs', '2', cwd=tmp_path, code=2)
+    assert here.stderr.startswith('error: these cells were submitted to a cluster')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    """The 3-epoch cell's training run, uninterrupted."""
+    work = tmp_path_factory.mktemp('reference')
+    cell, = grid.plan(QUICK, ['dbt'], [20], [0], 3)
+    run_script('train_cifar.py', 'with', *cell.updates, cwd=work, snapshots=work / 'snaps')
+    return weights(work / 'snaps' / '1')
+
+
+def resumed_like_the_reference(work, reference):
+    """Every training run of the grid in ``work`` was interrupted once after epoch 1, then
+    resumed; the DBT cell's final weights are those of the uninterrupted run."""
+    for name, rows in by_name(load_runs(work / 'snaps')).items():
+        assert list(rows['status']) == ['INTERRUPTED', 'COMPLETED'], name
+        first, second = rows['run']
+        assert weights(work / 'snaps' / first)['epoch'] == 1
+        assert int(rows.iloc[1]['parent_snapshot']) == int(first)
+        assert rows.iloc[1]['final_epoch'] == 3
+        if name == DBT:
+            final = weights(work / 'snaps' / second)
+            assert final['epoch'] == 3
+            for key, value in reference['model'].items():
+                assert torch.equal(value, final['model'][key]), key
+
+
+def test_ctrl_c_stops_the_grid_with_one_line_and_the_same_command_resumes(tmp_path, reference):
+    args = (*LONG, '--methods', 'dbt')
+    proc = start_grid(*args, cwd=tmp_path)
+    wait_for(lambda: EPOCH_1.search(text(tmp_path / 'stdout.txt')), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 130
+    err = text(tmp_path / 'stderr.txt')
+    assert 'Traceback' not in err
+    assert 'interrupted: SIGINT during epoch 2;' in err  # the training run's own line
+    assert err.strip().splitlines()[-1] == (
+        'interrupted: SIGINT: 1 cell stopped, each with its last finished epoch in last.pt; to '
+        'continue, run the same command again: python3 -m experiments.grid ' + ' '.join(args))
+    run_grid(*args, cwd=tmp_path)
+    resumed_like_the_reference(tmp_path, reference)
+
+
+def test_ctrl_c_stops_every_cell_of_jobs_and_the_same_command_resumes(tmp_path, reference):
+    args = (*LONG, '--methods', 'standard', 'dbt', '--jobs', '2')
+    names = ['grid-quick/standard/n20/s0', DBT]
+    proc = start_grid(*args, cwd=tmp_path)
+    wait_for(lambda: all(EPOCH_1.search(text(log_of(tmp_path, n))) for n in names), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 130
+    output = text(tmp_path / 'stdout.txt') + text(tmp_path / 'stderr.txt')
+    assert 'Traceback' not in output
+    assert [line for line in output.splitlines() if 'interrupted' in line] == [
+        'interrupted: SIGINT: 2 cells stopped, each with its last finished epoch in last.pt; to '
+        'continue, run the same command again: python3 -m experiments.grid ' + ' '.join(args)]
+    for name in names:
+        assert 'interrupted: SIGINT during epoch 2;' in log_of(tmp_path, name).read_text()
+    run_grid(*args, cwd=tmp_path)
+    resumed_like_the_reference(tmp_path, reference)
+
+
+def test_a_preempted_cluster_task_is_requeued_and_resumes(tmp_path, reference):
+    """submitit's preemption signal to a task (--cluster local): its training run stops after
+    epoch 1, the task is requeued and resumes it."""
+    args = (*LONG, '--methods', 'dbt')
+    submit_grid(*args, '--cluster', 'local', cwd=tmp_path)
+    log = log_of(tmp_path, DBT)
+    wait_for(lambda: EPOCH_1.search(text(log)))
+    task_pid = int(re.search(r'^# .* task \d+ on \S+, pid (\d+),', log.read_text(), re.M)[1])
+    os.kill(task_pid, signal.SIGUSR2)
+    wait_for_tasks(tmp_path)
+    assert 'interrupted: SIGTERM during epoch 2;' in log.read_text()
+    assert len(re.findall(r'^# .* task ', log.read_text(), re.M)) == 2
+    resumed_like_the_reference(tmp_path, reference)
+    collected = run_grid(*args, cwd=tmp_path)
+    assert f'[1/1] {DBT}: done' in collected.stdout

@@ -14,7 +14,8 @@ from test_anytime import assert_png
 
 VAL_AVG = [0.10, 0.30, 0.20]  # the best epoch is 2, not the last
 TRAIN_CONFIG = {'snapshot_name': 'grid/dbt/n25/s0', 'seed': 0, 'n_epochs': 3, 'amp': False,
-                'cf_loss': {'call': 'DistillationLossConstTemp', 'T': 4.0, 'C': 0.5},
+                'cf_loss': {'call': 'DistillationLossConstTemp', 'T': 4.0, 'C': 0.5,
+                            'n_exits': None},
                 'cf_trn': {'n_per_class': 75, 'nval_per_class': 50, 'lab_unl_ratio': [1, 1]}}
 
 
@@ -116,9 +117,21 @@ def test_evaluation_results_are_columns(table):
     ('status=COMPLETED', ['1', '2']),
     ('experiment=eval', ['2']),
     ('seed=7', []),
+    ('cf_loss.n_exits=3', []),
 ])
 def test_filters(table, text, runs):
     assert list(select(table[0], [parse_filter(text)])['run']) == runs
+
+
+@pytest.mark.parametrize('none', ['None', 'null'])
+def test_none_matches_a_setting_that_is_none_or_absent(table, none):
+    runs = table[0]
+    train = [('experiment', 'train_cifar')]
+    assert list(select(runs, train + [('cf_loss.n_exits', none)])['run']) == ['1', '10']
+    assert list(select(runs, [('cf_loss.n_exits', none)])['run']) == ['1', '2', '10']
+    assert list(select(runs, [('seed', none)])['run']) == ['2']  # an evaluation has no seed
+    # a key that no run has: absent everywhere (the grid looks for its cells this way)
+    assert list(select(runs, [('cf_nope', none)], strict=False)['run']) == ['1', '2', '10']
 
 
 def test_bad_filters(table):
@@ -163,6 +176,13 @@ def test_command_line_lists_filters_and_writes_csv(snaps, tmp_path):
     assert {'cf_trn.nval_per_class', 'final.train.acc1_clf1', 'result.best_epoch'} <= set(csv)
     assert csv.loc[0, 'best.val.acc1_clf0'] == 0.25 and csv.loc[0, 'cf_loss.call'] == \
         'DistillationLossConstTemp'
+
+
+def test_command_line_filters_on_none(snaps, tmp_path):
+    proc = runs_cli(str(snaps), '--filter', 'experiment=train_cifar', 'cf_loss.n_exits=None',
+                    '--csv', 'none.csv', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list(pd.read_csv(tmp_path / 'none.csv')['run']) == [1, 10]
 
 
 def test_command_line_default_folder_and_plot(snaps, tmp_path):

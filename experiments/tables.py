@@ -1,0 +1,98 @@
+"""The grid's results: test top-1 per exit as a table (mean ± std over seeds, and the paired
+difference of every method to standard training), a CSV with one row per run and exit, and a
+figure. ``labels``: each method's name in them."""
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def cell_rows(cell, train, test):
+    """One row per exit: the cell's test top-1 (%) from the evaluation's sacred result."""
+    exits = sorted(int(k.rsplit('clf', 1)[1]) for k in test.index
+                   if k.startswith('result.acc1_clf') and pd.notna(test[k]))
+    return [dict(method=cell.method, size=cell.size, seed=cell.seed, exit=k,
+                 acc1=round(100 * test[f'result.acc1_clf{k}'], 6), train_run=train['run'],
+                 eval_run=test['run']) for k in exits]
+
+
+def _mean_std(stats, signed=False):
+    mean = stats['mean'].map('{:+.1f}'.format if signed else '{:.1f}'.format)
+    std = stats['std'].map(' ± {:.1f}'.format).where(stats['count'] > 1, '')
+    return mean + std
+
+
+def _wide(stats, label, signed=False):
+    """(size, method, exit) stats -> one row per size and method, one column per exit."""
+    cells = _mean_std(stats, signed).unstack('exit').fillna('-')
+    cells.columns = [f'exit {k}' for k in cells.columns]
+    seeds = stats['count'].groupby(['size', 'method'], observed=True).max().rename('seeds')
+    frame = pd.concat([seeds, cells], axis=1).reset_index()
+    return frame.assign(method=frame['method'].map(label))
+
+
+def _markdown(frame):
+    lines = ['| ' + ' | '.join(map(str, frame.columns)) + ' |', '|' + '---|' * frame.shape[1]]
+    lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in frame.itertuples(index=False)]
+    return '\n'.join(lines)
+
+
+def tables(results, methods, labels):
+    """(mean ± std test top-1 per method, paired difference of every method to standard)."""
+    results = results.assign(method=pd.Categorical(results['method'], methods))
+    stats = results.groupby(['size', 'method', 'exit'], observed=True)['acc1'].agg(
+        ['mean', 'std', 'count'])
+    accuracy = _wide(stats, labels)
+    if 'standard' not in set(results['method']):
+        return accuracy, None
+    paired = results.pivot_table(index=['size', 'seed', 'exit'], columns='method', values='acc1',
+                                 observed=True)
+    diff = paired.sub(paired['standard'], axis=0).drop(columns='standard')
+    diff = diff.stack().rename('diff').reset_index()  # NaN (a method missing a seed) dropped
+    if diff.empty:
+        return accuracy, None
+    diff['method'] = pd.Categorical(diff['method'], methods)
+    stats = diff.groupby(['size', 'method', 'exit'], observed=True)['diff'].agg(
+        ['mean', 'std', 'count'])
+    return accuracy, _wide(stats, lambda m: f'{labels[m]} − standard', signed=True)
+
+
+def write_markdown(results, methods, labels, path, description):
+    accuracy, difference = tables(results, methods, labels)
+    text = ['# Test top-1 accuracy per exit (%)', '', description, '',
+            'Mean ± standard deviation over seeds of each run\'s best-validation snapshot on the '
+            'test split; `size`: training images per class.', '', _markdown(accuracy), '']
+    if difference is not None:
+        text += ['## Difference to standard training (percentage points)', '',
+                 'Per seed (same data subset and initialisation), method minus standard; mean ± '
+                 'standard deviation over seeds.', '', _markdown(difference), '']
+    path.write_text('\n'.join(text))
+
+
+def write_figure(results, methods, labels, path, description):
+    sizes = sorted(results['size'].unique())
+    stats = results.groupby(['size', 'method', 'exit'])['acc1'].agg(['mean', 'std']).reset_index()
+    fig = Figure(figsize=(1 + 3.6 * len(sizes), 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
+    for ax, size in zip(axes, sizes):
+        for i, method in enumerate(methods):
+            line = stats[(stats['size'] == size) & (stats['method'] == method)]
+            if len(line):
+                ax.errorbar(line['exit'], line['mean'], yerr=line['std'].fillna(0), marker='o',
+                            capsize=3, color=f'C{i}', label=labels[method])
+        ax.set(title=f'{size} training images per class', xlabel='exit')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('test top-1 accuracy (%)')
+    axes[0].legend(fontsize='small')
+    fig.suptitle(description, fontsize='medium')
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_results(results, methods, labels, out, description):
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out / 'grid.csv', index=False)
+    write_markdown(results, methods, labels, out / 'grid.md', description)
+    write_figure(results, methods, labels, out / 'grid.png', description)
