@@ -1,5 +1,6 @@
 """One cell of the grid: how far it is done, and running what is missing of it as a
-train_cifar.py run and an eval.py run, each its own process, that SIGINT and SIGTERM stop cleanly.
+training run (train_cifar.py or train_imagenet.py) and an eval.py run, each its own process,
+that SIGINT and SIGTERM stop cleanly.
 
 Every way of running the grid (one cell after another, several at once, a task of a SLURM job
 array) goes through ``run_cell``, which looks at the snapshots folder first: a cell is done
@@ -39,6 +40,7 @@ class Cell:
     name: str  # the training run's snapshot_name
     named_configs: tuple
     settings: tuple  # config updates 'key=value': the cell's own, then those given after --
+    script: str = 'train_cifar.py'  # the training script
 
     @property
     def updates(self):
@@ -47,7 +49,7 @@ class Cell:
     @property
     def identity(self):
         """Filters that a training run of this cell matches (multiexit.runs.select)."""
-        return ([('experiment', 'train_cifar'), ('named_configs', ','.join(self.named_configs))]
+        return ([('experiment', Path(self.script).stem), ('named_configs', ','.join(self.named_configs))]
                 + [f for f in map(runs.parse_filter, self.settings) if f[0] not in DEVICE_KEYS])
 
 
@@ -205,7 +207,7 @@ def run_cell(cell, snapshots, stop, log=None, env=None, warn=print, say=print, p
     if train is None:
         resume = [] if parent is None else [f'parent_snapshot={parent["run"]}']
         say('training' if parent is None else f'resuming run {parent["run"]}')
-        ended, table = step('train_cifar.py', cell.updates + resume, training=True)
+        ended, table = step(cell.script, cell.updates + resume, training=True)
         train, _, test = state(table, cell, snapshots)
         if train is None:
             if stop.signum is not None:

@@ -2,7 +2,7 @@
 array, submitted through submitit; ``--cluster local`` runs the same tasks as background
 processes of this machine (submitit's LocalExecutor), which tests this path without SLURM.
 
-A task is ``cells.run_cell``: the cell's train_cifar.py run, resumed from its last.pt if it has
+A task is ``cells.run_cell``: the cell's training run, resumed from its last.pt if it has
 one, then its eval.py run, with their output in the cell's log. When a task's time limit nears,
 or SLURM preempts it (where the cluster signals preemptions), SLURM sends submitit's signal
 (USR2); the task stops its training process as Ctrl-C would (last.pt keeps the last finished

@@ -1,18 +1,20 @@
 """The paper's study as one command: training methods x training-set sizes x seeds, every cell
-an ordinary train_cifar.py run whose best snapshot eval.py tests, summarised as a table and a
-figure.
+an ordinary train_cifar.py (or, with ``--data imagenet``, train_imagenet.py) run whose best
+snapshot eval.py tests, summarised as a table and a figure.
 
     python3 -m experiments.grid                  # 3 methods x 5 sizes x 3 seeds, 300 epochs each
     python3 -m experiments.grid --semisup        # and DBT with unlabelled images
     python3 -m experiments.grid --quick          # the whole pipeline on generated data, CPU
     python3 -m experiments.grid --dry-run        # which cells are done and what would run
     python3 -m experiments.grid -- gpu=1         # config updates after -- go to every training run
+    python3 -m experiments.grid --data imagenet  # standard and DBT on all of ImageNet (MSDNet's)
     python3 -m experiments.grid --jobs 8         # 8 cells at a time, one per GPU of this machine
     python3 -m experiments.grid --cluster slurm --partition gpu   # a SLURM job array; the plain
                                                  #   command collects later
 
 A cell trains on ``size`` images per class plus ``nval`` validation images per class
-(``cf_trn.n_per_class = size + nval``; ``cf_val`` follows ``cf_trn``). Grid seed s sets both
+(``cf_trn.n_per_class = size + nval``; ``cf_val`` follows ``cf_trn``); size ``all``: every
+training image but the validation ones (``cf_trn.n_per_class=None``). Grid seed s sets both
 ``cf_trn.seed`` (the class permutation and which images form the subset) and sacred's ``seed``
 (initialisation, data order, augmentation): seeds repeat the experiment on other data subsets,
 and the methods of one seed share subset and initialisation, so their differences are paired.
@@ -55,7 +57,7 @@ EXIT_CELLS_FAILED = 1
 @dataclass(frozen=True)
 class Method:
     label: str  # in the table and the figure
-    settings: tuple  # train_cifar.py config updates
+    settings: tuple  # config updates of the training script
     named_configs: tuple = ()
     unlabelled: bool = False  # the rest of each class's training images, without labels
 
@@ -70,31 +72,55 @@ METHODS = {
 }
 
 
+ALL = 'all'  # the size of every training image but the validation ones
+
+
 @dataclass(frozen=True)
 class Preset:
     named_configs: tuple
     methods: tuple
-    sizes: tuple  # training images per class
+    sizes: tuple  # training images per class, or ALL
     nval: int  # validation images per class
-    images_per_class: int  # in the training file
+    images_per_class: int  # in the training set; None: it varies (ImageNet: 732 to 1300)
     seeds: tuple
     epochs: int
     prefix: str  # of the snapshot names
+    script: str = 'train_cifar.py'
 
 
-PRESETS = {
-    'full': Preset((), ('standard', 'dbt', 'const_t4'), (25, 50, 100, 250, 450), 50, 500,
-                   (0, 1, 2), 300, 'grid'),
+PRESETS = {  # (--data, --quick) -> Preset
+    ('cifar100', False): Preset((), ('standard', 'dbt', 'const_t4'), (25, 50, 100, 250, 450),
+                                50, 500, (0, 1, 2), 300, 'grid'),
     # the smoke network on the generated data set, which has 30 training images per class
-    'quick': Preset(('smoke',), ('standard', 'dbt'), (10, 20), 5, 30, (0,), 1, 'grid-quick'),
+    ('cifar100', True): Preset(('smoke',), ('standard', 'dbt'), (10, 20), 5, 30, (0,), 1,
+                               'grid-quick'),
+    # not in the paper's grid, which is CIFAR-100's: its ImageNet comparison (standard and DBT
+    # on the whole training set) with train_imagenet.py's defaults (MSDNet step 4, 90 epochs)
+    ('imagenet', False): Preset((), ('standard', 'dbt'), (ALL,), 50, None, (0,), 90,
+                                'grid-imagenet', 'train_imagenet.py'),
+    # the tiny MSDNet on train_imagenet.py's generated JPEGs: 10 training images per class
+    ('imagenet', True): Preset(('smoke',), ('standard', 'dbt'), (4, 8), 2, 10, (0,), 1,
+                               'grid-imagenet-quick', 'train_imagenet.py'),
 }
+
+
+def size_arg(text):
+    """--sizes: a positive number of images per class, or all."""
+    if text == ALL:
+        return ALL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: a number of images per class, or '
+                                         f'{ALL}') from None
 
 
 def plan(preset, methods, sizes, seeds, epochs, extra=()):
     """The cells, method by method, size by size, seed by seed. ``extra``: what was given after
     -- (named configs and key=value updates), added to every cell."""
     for size in sizes:
-        if size <= 0 or size + preset.nval > preset.images_per_class:
+        if size != ALL and (size <= 0 or preset.images_per_class is not None
+                            and size + preset.nval > preset.images_per_class):
             raise ConfigError(f'size {size}: need 0 < size and size + {preset.nval} validation '
                               f'images <= the {preset.images_per_class} training images per class')
     if any(seed < 0 for seed in seeds) or epochs <= 0:
@@ -106,15 +132,18 @@ def plan(preset, methods, sizes, seeds, epochs, extra=()):
     for method in methods:
         m = METHODS[method]
         for size in sizes:
-            n_unl = preset.images_per_class - size - preset.nval if m.unlabelled else 0
+            n_unl = 0
+            if m.unlabelled:
+                n_unl = 0 if size == ALL else preset.images_per_class - size - preset.nval
             if m.unlabelled and n_unl == 0:
                 print(f'{method} at size {size}: no training images left to leave unlabelled; '
                       f'skipped')
                 continue
             for seed in seeds:
                 name = f'{preset.prefix}/{method}/n{size}/s{seed}'
+                n_per_class = None if size == ALL else size + preset.nval
                 settings = (f'snapshot_name={name}', f'seed={seed}', f'cf_trn.seed={seed}',
-                            f'cf_trn.n_per_class={size + preset.nval}',
+                            f'cf_trn.n_per_class={n_per_class}',
                             f'cf_trn.nval_per_class={preset.nval}',
                             f'cf_trn.n_unl_per_class={n_unl}', *m.settings, f'n_epochs={epochs}')
                 own = {u.partition('=')[0] for u in settings}
@@ -124,7 +153,7 @@ def plan(preset, methods, sizes, seeds, epochs, extra=()):
                                           f'--epochs, --sizes, --seeds or --methods)')
                 cells.append(Cell(method, size, seed, name,
                                   preset.named_configs + m.named_configs + extra_named,
-                                  settings + extra_updates))
+                                  settings + extra_updates, preset.script))
     return cells
 
 
@@ -137,16 +166,21 @@ def parse_args(argv):
         description='Train and test the paper\'s grid of methods x training-set sizes x seeds; '
                     'cells already done are skipped. Config updates after -- go to every '
                     'training run (e.g. -- gpu=1).')
+    parser.add_argument('--data', choices=('cifar100', 'imagenet'), default='cifar100',
+                        help='cifar100 (default): the paper\'s grid with train_cifar.py; '
+                             'imagenet: standard and DBT on all of it with train_imagenet.py')
     parser.add_argument('--quick', action='store_true',
-                        help='the smoke network on generated data, sizes 10 and 20, 1 epoch')
+                        help='the smoke network on generated data, 1 epoch (CIFAR: sizes 10 '
+                             'and 20; ImageNet: 4 and 8)')
     parser.add_argument('--semisup', action='store_true',
                         help='add DBT with the rest of the training images unlabelled')
     parser.add_argument('--methods', nargs='+', choices=sorted(METHODS),
                         help='instead of the preset\'s (full: standard dbt const_t4)')
-    parser.add_argument('--sizes', nargs='+', type=int,
-                        help='training images per class (full: 25 50 100 250 450)')
+    parser.add_argument('--sizes', nargs='+', type=size_arg,
+                        help='training images per class, or all (CIFAR-100: 25 50 100 250 450; '
+                             'ImageNet: all)')
     parser.add_argument('--seeds', nargs='+', type=int, help='(full: 0 1 2)')
-    parser.add_argument('--epochs', type=int, help='training epochs (full: 300, quick: 1)')
+    parser.add_argument('--epochs', type=int, help='training epochs (CIFAR-100: 300, ImageNet: 90, --quick: 1)')
     parser.add_argument('--snapshots', type=Path,
                         default=Path(os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')),
                         help='runs folder (default: $MULTIEXIT_SNAPSHOTS or snapshots)')
@@ -220,12 +254,15 @@ def main(argv=None):
 def run(args, extra, command):
     """Plans the cells; runs them on this machine, or submits or collects them on a cluster."""
     check(args, extra)
-    preset = PRESETS['quick' if args.quick else 'full']
+    preset = PRESETS[args.data, args.quick]
     methods = list(args.methods or preset.methods)
     if args.semisup and 'semisup' not in methods:
         methods.append('semisup')
     epochs = args.epochs if args.epochs is not None else preset.epochs
     sizes, seeds = args.sizes or preset.sizes, args.seeds or preset.seeds
+    if 'semisup' in methods and preset.script != 'train_cifar.py':
+        raise ConfigError('semisup: the semi-supervised cells are train_cifar.py\'s (its '
+                          'semisup named config); not with --data imagenet')
     cells = plan(preset, methods, sizes, seeds, epochs, extra)
     description = '; '.join(
         [f'{len(cells)} training runs: methods {" ".join(methods)}',
@@ -253,7 +290,8 @@ def run(args, extra, command):
 def grid_command(args, extra):
     """The command that plans the same cells, without the options of how to run them: the one
     that collects a cluster's results."""
-    words = ['python3', '-m', 'experiments.grid'] + ['--quick'] * args.quick
+    words = ['python3', '-m', 'experiments.grid']
+    words += ['--data', args.data] * (args.data != 'cifar100') + ['--quick'] * args.quick
     words += ['--semisup'] * args.semisup
     for option, values in (('--methods', args.methods), ('--sizes', args.sizes),
                            ('--seeds', args.seeds), ('--epochs', args.epochs and [args.epochs]),

@@ -1,6 +1,7 @@
 """The grid's results: test top-1 per exit as a table (mean ± std over seeds, and the paired
 difference of every method to standard training), a CSV with one row per run and exit, and a
-figure. ``labels``: each method's name in them."""
+figure. ``labels``: each method's name in them. A size is a number of training images per class
+or 'all'."""
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -70,8 +71,9 @@ def write_markdown(results, methods, labels, path, description):
 
 
 def write_figure(results, methods, labels, path, description):
-    sizes = sorted(results['size'].unique())
-    stats = results.groupby(['size', 'method', 'exit'])['acc1'].agg(['mean', 'std']).reset_index()
+    sizes = list(results['size'].cat.categories)
+    stats = results.groupby(['size', 'method', 'exit'], observed=True)['acc1'].agg(
+        ['mean', 'std']).reset_index()
     fig = Figure(figsize=(1 + 3.6 * len(sizes), 4.4), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
@@ -81,7 +83,8 @@ def write_figure(results, methods, labels, path, description):
             if len(line):
                 ax.errorbar(line['exit'], line['mean'], yerr=line['std'].fillna(0), marker='o',
                             capsize=3, color=f'C{i}', label=labels[method])
-        ax.set(title=f'{size} training images per class', xlabel='exit')
+        ax.set(title=f'{size} training images per class' if size != 'all' else
+               'all training images', xlabel='exit')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('test top-1 accuracy (%)')
@@ -92,6 +95,8 @@ def write_figure(results, methods, labels, path, description):
 
 
 def write_results(results, methods, labels, out, description):
+    sizes = sorted(results['size'].unique(), key=lambda s: (s == 'all', 0 if s == 'all' else s))
+    results = results.assign(size=pd.Categorical(results['size'], sizes, ordered=True))
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / 'grid.csv', index=False)
     write_markdown(results, methods, labels, out / 'grid.md', description)

@@ -19,7 +19,7 @@ from multiexit.errors import ConfigError
 from multiexit.runs import load_runs
 from test_anytime import assert_png
 
-QUICK = grid.PRESETS['quick']
+QUICK = grid.PRESETS['cifar100', True]
 # The row of epoch 1 in a training run's output: printed once last.pt holds that epoch.
 EPOCH_1 = re.compile(r'^ {3}1 +\d\.\d{4} ', re.M)
 # Cells that train for 3 epochs, to be interrupted after the first; DBT's is the reference's.
@@ -96,7 +96,7 @@ def quick(tmp_path_factory):
 
 
 def test_plan_of_the_full_grid():
-    full = grid.PRESETS['full']
+    full = grid.PRESETS['cifar100', False]
     methods = ['standard', 'dbt', 'const_t4', 'semisup']
     cells = grid.plan(full, methods, full.sizes, full.seeds, 7)
     # semi-supervised needs images left over: not at the largest size
@@ -111,6 +111,21 @@ def test_plan_of_the_full_grid():
     semi = next(c for c in cells if c.method == 'semisup' and c.size == 100)
     assert semi.named_configs == ('semisup',)
     assert f'cf_trn.n_unl_per_class={full.images_per_class - 100 - full.nval}' in semi.settings
+
+
+def test_plan_of_the_imagenet_grid():
+    imagenet = grid.PRESETS['imagenet', False]
+    cells = grid.plan(imagenet, imagenet.methods, [grid.ALL, 100], [0], 90)
+    assert [c.name for c in cells] == ['grid-imagenet/standard/nall/s0',
+                                       'grid-imagenet/standard/n100/s0',
+                                       'grid-imagenet/dbt/nall/s0', 'grid-imagenet/dbt/n100/s0']
+    assert {c.script for c in cells} == {'train_imagenet.py'}
+    assert ('experiment', 'train_imagenet') in cells[0].identity
+    assert {'cf_trn.n_per_class=None', 'cf_trn.nval_per_class=50', 'n_epochs=90',
+            'cf_loss.call=ClassificationOnlyLoss'} <= set(cells[0].settings)
+    assert 'cf_trn.n_per_class=150' in cells[1].settings
+    # ImageNet's classes differ in size: no upper bound to check
+    assert grid.plan(imagenet, ['dbt'], [5000], [0], 1)[0].size == 5000
 
 
 def test_extra_updates_join_every_cell_but_gpu_is_not_part_of_a_cell():
@@ -134,6 +149,7 @@ def test_extra_updates_join_every_cell_but_gpu_is_not_part_of_a_cell():
     (['--quick', '--cluster', 'local', '--time', '0'], 'error: --time must be > 0'),
     (['--quick', '--resubmit'], 'error: --resubmit: no submission recorded in results/cluster'),
     (['--quick', '--out', 'README.md'], 'error: --out README.md: a file, not a folder'),
+    (['--data', 'imagenet', '--semisup'], 'error: semisup: the semi-supervised cells are train_'),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -243,6 +259,25 @@ def test_the_grid_runs_as_a_script_from_anywhere(quick, tmp_path):
     assert proc.stdout.count(': done (training run') == len(QUICK.methods) * len(QUICK.sizes)
 
 
+def test_imagenet_quick_grid_trains_with_train_imagenet_and_its_tables_hold_size_all(tmp_path):
+    """--data imagenet: cells are train_imagenet.py runs on generated JPEGs; size all is every
+    training image but the validation ones; the same command again finds them done."""
+    args = ('--data', 'imagenet', '--quick', '--methods', 'dbt', '--sizes', 'all',
+            '--snapshots', 'snaps')
+    first = run_grid(*args, cwd=tmp_path)
+    runs = load_runs(tmp_path / 'snaps')
+    train, test = (runs[runs['experiment'] == e] for e in ('train_imagenet', 'eval'))
+    assert list(train['snapshot_name']) == ['grid-imagenet-quick/dbt/nall/s0']
+    assert list(test['snapshot_name'].astype(str)) == list(train['run'])
+    run = train.iloc[0]
+    assert run['status'] == 'COMPLETED' and run['named_configs'] == 'smoke'
+    assert pd.isna(run['cf_trn.n_per_class']) and run['cf_trn.nval_per_class'] == 2
+    markdown = (tmp_path / 'results' / 'grid.md').read_text()
+    assert '| all | DBT | 1 |' in markdown and markdown in first.stdout
+    again = run_grid(*args, '--dry-run', cwd=tmp_path)
+    assert again.stdout.count(': done (training run') == 1
+
+
 def tables_equal(work, other):
     """grid.md and grid.csv of two grids of the same cells (run ids aside) are the same."""
     assert (work / 'results' / 'grid.md').read_text() == (other / 'results' / 'grid.md').read_text()
@@ -268,6 +303,21 @@ def test_tables_keep_the_order_of_the_cells_whatever_order_they_finish_in(tmp_pa
     written = pd.read_csv(tmp_path / 'grid.csv')
     assert list(written['train_run']) == [0, 2, 4, 6]
     assert list(zip(written['method'], written['size'])) == [(c.method, c.size) for c in cells]
+
+
+def test_tables_put_size_all_after_the_numbers(tmp_path):
+    cells = grid.plan(QUICK, ['dbt'], [grid.ALL, 20, 10], [0], 1)
+    results = grid.Results(cells, ['dbt'], tmp_path, 'sizes all, 20 and 10')
+    for i, cell in enumerate(cells):
+        results.add(cell, pd.Series({'run': str(2 * i)}),
+                    pd.Series({'run': str(2 * i + 1), 'result.acc1_clf0': i / 100}))
+    results.write()
+    assert list(pd.read_csv(tmp_path / 'grid.csv', dtype={'size': str})['size']) == ['all', '20',
+                                                                                      '10']
+    rows = [line.split(' | ')[0] for line in (tmp_path / 'grid.md').read_text().splitlines()
+            if line.endswith(' |') and ' DBT ' in line]
+    assert rows == ['| 10', '| 20', '| all']
+    assert_png(tmp_path / 'grid.png')
 
 
 @pytest.fixture(scope='module')
