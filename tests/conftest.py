@@ -23,6 +23,9 @@ PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11
 # 0.02) makes DBT raise T from the first step, so a resume that lost T does not go unnoticed.
 RISING_T = 'cf_loss.maxprob=0.015'
 
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N test processes share the cores
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope='session')
 def semantics():
