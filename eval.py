@@ -29,6 +29,7 @@ from multiexit.budgeted import budget_sweep  # noqa: E402
 from multiexit.errors import ConfigError, reported_as_one_line  # noqa: E402
 from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,  # noqa: E402
                                   per_exit_table)
+from multiexit.metrics import check_tops  # noqa: E402
 from multiexit.progress import bar, strip_progress  # noqa: E402
 from multiexit.training import plain, resolve_device  # noqa: E402
 
@@ -86,9 +87,7 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     if cf_loss.get('n_exits', n_exits) != n_exits:
         raise ConfigError(f"cf_loss n_exits={cf_loss['n_exits']} but {path} has {n_exits} exits")
     acc_tops = tuple(cf_loss['acc_tops'])
-    if max(acc_tops) > net['out_dim']:
-        raise ConfigError(f'cf_loss acc_tops={list(acc_tops)}: top-{max(acc_tops)} needs as many '
-                          f"classes, {path} has {net['out_dim']}")
+    check_tops(acc_tops, net['out_dim'], path)
     trained = training_config(path)
     cf_trn = trained.get('cf_trn') or PAPER_VAL
     # the test split of the training run's data set (with its other keys, such as image_size)

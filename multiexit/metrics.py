@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .errors import ConfigError
 from .losses import IGNORE
 
 
@@ -22,6 +23,13 @@ def metric_names(n_exits, acc_tops=(1, 5), with_temperature=False):
     if with_temperature:
         names.append('adj_maxprob')
     return names
+
+
+def check_tops(acc_tops, n_classes, holder):
+    """Top-k accuracy needs at least k classes; ``holder`` names what has ``n_classes``."""
+    if max(acc_tops) > n_classes:
+        raise ConfigError(f'cf_loss acc_tops={list(acc_tops)}: top-{max(acc_tops)} needs as '
+                          f'many classes, {holder} has {n_classes}')
 
 
 class MultiExitAccuracy:

@@ -16,6 +16,7 @@ from . import checkpoints, data, datasets, distributed, losses, models, train_st
 from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
                      SnapshotError, TrainingInterrupted, reported_as_one_line)
 from .evaluation import GraphedForward, evaluate
+from .metrics import check_tops
 from .progress import bar
 
 
@@ -171,9 +172,7 @@ class Run:
             cf_loss = dict(cf_loss, n_exits=self.n_exits)
         self.loss_fn = losses.build(cf_loss).to(self.device)
         self.acc_tops = tuple(self.loss_fn.acc_tops)
-        if max(self.acc_tops) > n_classes:
-            raise ConfigError(f'cf_loss acc_tops={list(self.acc_tops)}: top-{max(self.acc_tops)} '
-                              f'needs as many classes, {cf_trn["call"]} has {n_classes}')
+        check_tops(self.acc_tops, n_classes, cf_trn['call'])
         if self.loss_fn.n_exits != self.n_exits:
             raise ConfigError(f'cf_loss n_exits={self.loss_fn.n_exits} but the model has '
                               f'{self.n_exits} exits (cf_net)')

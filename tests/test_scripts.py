@@ -173,6 +173,8 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
 
 @pytest.mark.parametrize('script, args, message', [
     ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
+    ('eval.py', ['snapshot_name=1', 'cf_loss.acc_tops=[1,101]'],
+     'cf_loss acc_tops=[1, 101]: top-101 needs as many classes, '),
     ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs must be an integer >= 0'),
     ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "unknown net call='ResNet9000'"),
     ('train_cifar.py', ['smoke', 'cf_loss.n_exits=5'], 'cf_loss n_exits=5 but the model has 3'),

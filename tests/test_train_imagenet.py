@@ -108,6 +108,8 @@ def test_runs_lists_the_imagenet_runs(trained):
     (['smoke', 'cf_trn.image_size=160'], 'cf_net in_shape=224 but cf_trn gives images of 160x160'),
     (['smoke', 'cf_trn.n_workers=-1'], 'n_workers must be an integer >= 0'),
     (['smoke', 'cf_net.out_dim=1000'], 'cf_net out_dim=1000 but ImageFolder has 5 classes'),
+    (['smoke', 'cf_loss.acc_tops=[1,10]'],
+     'cf_loss acc_tops=[1, 10]: top-10 needs as many classes, ImageFolder has 5'),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, args, message):
     proc = run_script('train_imagenet.py', 'with', *args, cwd=workdir,
