@@ -225,7 +225,28 @@ class EpochOrder:
             yield idx, self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
 
 
-class DeviceLoader:
+class EpochLoader:
+    """What the loaders of every data set (``multiexit.datasets``) share: their ``EpochOrder``,
+    the epoch that ``set_epoch`` chose, ``len()`` (its batches), and the device and memory
+    format of the batches."""
+
+    def __init__(self, labels, batch_size, device, shuffle=False, drop_last=False,
+                 lab_unl_ratio=(0, 0), seed=0, channels_last=False, rank=0, world_size=1):
+        self.order = EpochOrder(labels, batch_size, shuffle, drop_last, lab_unl_ratio, seed,
+                                rank, world_size)
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.order.n_batches(self.epoch)
+
+
+class DeviceLoader(EpochLoader):
     """Batches from a uint8 copy of the split that lives on ``device``, in an ``EpochOrder``.
 
     Augmentation (horizontal flip, normalisation, shift by up to ``pad`` pixels filled with 0
@@ -237,24 +258,14 @@ class DeviceLoader:
     def __init__(self, images, labels, batch_size, mean, std, device, augment=False,
                  shuffle=False, drop_last=False, lab_unl_ratio=(0, 0), pad=4, seed=0,
                  channels_last=False, rank=0, world_size=1):
-        self.order = EpochOrder(labels, batch_size, shuffle, drop_last, lab_unl_ratio, seed,
-                                rank, world_size)
-        self.world_size = world_size
-        self.device = torch.device(device)
+        super().__init__(labels, batch_size, device, shuffle, drop_last, lab_unl_ratio, seed,
+                         channels_last, rank, world_size)
         self.images = torch.as_tensor(images, dtype=torch.uint8).to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.augment, self.pad, self.seed = augment, pad, seed
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.epoch = 0
         self.generator = torch.Generator(device=self.device)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.order.n_batches(self.epoch)
 
     def normalize(self, x):
         return (x.float().div_(255) - self.mean) / self.std

@@ -1,12 +1,13 @@
 """A loader of image files: loader processes decode and transform each image, the device
-normalises whole batches (``image_transforms``), in the same ``data.EpochOrder`` as CIFAR."""
+normalises whole batches (``image_transforms``), in the same ``data.EpochOrder`` as CIFAR
+(``data.EpochLoader``)."""
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data import EpochOrder
+from .data import EpochLoader
 from .errors import ConfigError, DataError
 from .image_transforms import BatchNormalize, TestTransform, TrainTransform, sample_seed
 
@@ -57,7 +58,7 @@ class _RankBatches:
         return len(self.loader)
 
 
-class ImageLoader:
+class ImageLoader(EpochLoader):
     """Batches (x, y) on ``device`` of the images ``root / paths[i]`` with labels ``labels[i]``.
 
     A torch DataLoader with ``n_workers`` persistent processes (0: in this process) reads this
@@ -71,24 +72,14 @@ class ImageLoader:
                  channels_last=False, rank=0, world_size=1):
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 0:
             raise ConfigError(f'n_workers must be an integer >= 0, got {n_workers!r}')
-        self.order = EpochOrder(labels, batch_size, shuffle, drop_last, lab_unl_ratio, seed,
-                                rank, world_size)
-        self.world_size = world_size
-        self.device = torch.device(device)
+        super().__init__(labels, batch_size, device, shuffle, drop_last, lab_unl_ratio, seed,
+                         channels_last, rank, world_size)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.epoch = 0
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.normalize = BatchNormalize(self.device, lighting=augment)
         images = FileImages(root, paths, labels, size, augment, seed)
         self._loader = DataLoader(images, batch_sampler=_RankBatches(self), num_workers=n_workers,
                                   pin_memory=self.device.type == 'cuda',
                                   persistent_workers=n_workers > 0)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.order.n_batches(self.epoch)
 
     def __iter__(self):
         batches = iter(self._loader)
