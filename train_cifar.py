@@ -68,7 +68,6 @@ def config():
     cf_scheduler = dict(call='MultiStepLR', milestones=[150, 225], gamma=0.1)  # stepped per epoch
 
 
-
 @ex.named_config
 def smoke():
     # A tiny MsdNet for 1 epoch on generated data in data/smoke: the whole pipeline, offline.

@@ -74,7 +74,6 @@ def config():
     cf_scheduler = dict(call='MultiStepLR', milestones=[30, 60], gamma=0.1)  # stepped per epoch
 
 
-
 @ex.named_config
 def msdnet_step4():
     # MSDNet's ImageNet model with step 4 (the default): 5 blocks of 4 layers.
