@@ -1,6 +1,7 @@
 """A loader of image files: loader processes decode and transform each image, the device
 normalises whole batches (``image_transforms``), in the same ``data.EpochOrder`` as CIFAR
 (``data.EpochLoader``)."""
+import weakref
 from pathlib import Path
 
 import torch
@@ -46,7 +47,11 @@ class _RankBatches:
     epoch reaches persistent loader processes with every key."""
 
     def __init__(self, loader):
-        self.loader = loader
+        # a weak reference: a cycle loader -> DataLoader -> sampler -> loader would leave the
+        # loader to the garbage collector, which closes the queues to the loader processes
+        # before the DataLoader's __del__ can tell them to stop: each then waits out a 5 s
+        # timeout
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self):
         epoch = self.loader.epoch
