@@ -73,6 +73,7 @@ def smoke():
     # A tiny MsdNet for 1 epoch on generated data in data/smoke: the whole pipeline, offline.
     data_dir = 'data/smoke'
     generate_fake_data = True
+    snapshot_name = 'smoke'  # eval.py finds the newest such run by this name
     cf_net = dict(n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1, nplanes_mulv=[2, 4, 8],
                   exit_width=16, btneck_widths=[2, 2, 2])
     cf_trn = dict(n_per_class=20, nval_per_class=5)

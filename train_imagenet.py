@@ -110,6 +110,7 @@ def smoke():
     # pipeline, offline, on a CPU.
     data_dir = 'data/smoke-images'
     generate_fake_data = True
+    snapshot_name = 'smoke-imagenet'  # eval.py finds the newest such run by this name
     cf_net = dict(n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1, nplanes_init=4,
                   nplanes_addh=2, exit_width=8)
     cf_trn = dict(nval_per_class=2, n_workers=2)

@@ -1,6 +1,8 @@
 """train_cifar.py and eval.py end to end, on generated data, on CPU."""
 import json
 import math
+import re
+import shlex
 import socket
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from multiexit.metrics import metric_names
-from conftest import RISING_T, run_script
+from conftest import RISING_T, ROOT, run_script
 from test_anytime import assert_png
 
 SMALL = ['smoke', 'cf_scheduler.milestones=[1]', RISING_T]
@@ -193,21 +195,46 @@ def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, 
     assert set(before) <= {p.name for p in snaps.iterdir()}  # nothing written earlier is lost
 
 
-def test_missing_data_whose_download_fails_is_one_line(tmp_path):
-    """The download goes through a proxy that refuses every connection (a bound port nobody
-    listens on), so it fails here whether or not the machine has network."""
+@pytest.fixture
+def no_download():
+    """An environment whose downloads go through a proxy that refuses every connection (a bound
+    port nobody listens on), so they fail whether or not the machine has network."""
     with socket.socket() as closed:
         closed.bind(('127.0.0.1', 0))
         proxy = f'http://127.0.0.1:{closed.getsockname()[1]}'
         env = {name: proxy for name in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY')}
         env.update(no_proxy='', NO_PROXY='')
-        proc = run_script('train_cifar.py', 'with', 'data_dir=empty', 'n_epochs=1', cwd=tmp_path,
-                          snapshots=tmp_path / 'snapshots', check=False, env=env)
+        yield env
+
+
+def test_missing_data_whose_download_fails_is_one_line(tmp_path, no_download):
+    proc = run_script('train_cifar.py', 'with', 'data_dir=empty', 'n_epochs=1', cwd=tmp_path,
+                      snapshots=tmp_path / 'snapshots', check=False, env=no_download)
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert 'no cifar-100-python/ in empty and the download failed' in errors[0]
     assert 'Connection refused' in errors[0]  # our proxy's refusal, not a lack of network
     assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('page, script', [('README.md', 'train_cifar.py'),
+                                          ('docs/imagenet.md', 'train_imagenet.py')])
+def test_smoke_block_works_after_the_main_command_failed(tmp_path, no_download, page, script):
+    """A reader who tries the page's main command first (no data here) and then its smoke block
+    has a failed run in snapshots/ before the smoke run: the block, run as written, still
+    evaluates the smoke run."""
+    snaps = tmp_path / 'snapshots'
+    failed = run_script(script, cwd=tmp_path, snapshots=snaps, check=False, env=no_download)
+    assert failed.returncode == 2 and (snaps / '1').is_dir()
+    text = (ROOT / page).read_text()
+    block = re.search(rf'```bash\n(python3 {script} with smoke\n.*?)```', text, re.S).group(1)
+    commands = [shlex.split(line) for line in block.splitlines()]
+    assert [c[:2] for c in commands] == [['python3', script], ['python3', 'eval.py']]
+    for _, name, *args in commands:
+        run_script(name, *args, cwd=tmp_path, snapshots=snaps)
+    evaluation = read(snaps / '3' / 'run.json')
+    assert evaluation['experiment']['name'] == 'eval' and evaluation['status'] == 'COMPLETED'
+    assert (snaps / '3' / 'cout.txt').read_text().startswith(f'{snaps}/2/')  # the smoke run
 
 
 def test_semi_supervised_run(workdir, tmp_path):
