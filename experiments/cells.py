@@ -49,7 +49,8 @@ class Cell:
     @property
     def identity(self):
         """Filters that a training run of this cell matches (multiexit.runs.select)."""
-        return ([('experiment', Path(self.script).stem), ('named_configs', ','.join(self.named_configs))]
+        return ([('experiment', Path(self.script).stem),
+                 ('named_configs', ','.join(self.named_configs))]
                 + [f for f in map(runs.parse_filter, self.settings) if f[0] not in DEVICE_KEYS])
 
 

@@ -72,7 +72,7 @@ METHODS = {
 }
 
 
-ALL = 'all'  # the size of every training image but the validation ones
+ALL = tables.ALL
 
 
 @dataclass(frozen=True)
@@ -132,16 +132,15 @@ def plan(preset, methods, sizes, seeds, epochs, extra=()):
     for method in methods:
         m = METHODS[method]
         for size in sizes:
-            n_unl = 0
-            if m.unlabelled:
-                n_unl = 0 if size == ALL else preset.images_per_class - size - preset.nval
+            n_unl = (preset.images_per_class - size - preset.nval
+                     if m.unlabelled and size != ALL else 0)
             if m.unlabelled and n_unl == 0:
                 print(f'{method} at size {size}: no training images left to leave unlabelled; '
                       f'skipped')
                 continue
+            n_per_class = None if size == ALL else size + preset.nval
             for seed in seeds:
                 name = f'{preset.prefix}/{method}/n{size}/s{seed}'
-                n_per_class = None if size == ALL else size + preset.nval
                 settings = (f'snapshot_name={name}', f'seed={seed}', f'cf_trn.seed={seed}',
                             f'cf_trn.n_per_class={n_per_class}',
                             f'cf_trn.nval_per_class={preset.nval}',
@@ -180,7 +179,8 @@ def parse_args(argv):
                         help='training images per class, or all (CIFAR-100: 25 50 100 250 450; '
                              'ImageNet: all)')
     parser.add_argument('--seeds', nargs='+', type=int, help='(full: 0 1 2)')
-    parser.add_argument('--epochs', type=int, help='training epochs (CIFAR-100: 300, ImageNet: 90, --quick: 1)')
+    parser.add_argument('--epochs', type=int,
+                        help='training epochs (CIFAR-100: 300, ImageNet: 90, --quick: 1)')
     parser.add_argument('--snapshots', type=Path,
                         default=Path(os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')),
                         help='runs folder (default: $MULTIEXIT_SNAPSHOTS or snapshots)')

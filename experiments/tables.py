@@ -1,11 +1,13 @@
 """The grid's results: test top-1 per exit as a table (mean ± std over seeds, and the paired
 difference of every method to standard training), a CSV with one row per run and exit, and a
 figure. ``labels``: each method's name in them. A size is a number of training images per class
-or 'all'."""
+or ``ALL``."""
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+ALL = 'all'  # the size of every training image but the validation ones
 
 
 def cell_rows(cell, train, test):
@@ -83,7 +85,7 @@ def write_figure(results, methods, labels, path, description):
             if len(line):
                 ax.errorbar(line['exit'], line['mean'], yerr=line['std'].fillna(0), marker='o',
                             capsize=3, color=f'C{i}', label=labels[method])
-        ax.set(title=f'{size} training images per class' if size != 'all' else
+        ax.set(title=f'{size} training images per class' if size != ALL else
                'all training images', xlabel='exit')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -95,7 +97,7 @@ def write_figure(results, methods, labels, path, description):
 
 
 def write_results(results, methods, labels, out, description):
-    sizes = sorted(results['size'].unique(), key=lambda s: (s == 'all', 0 if s == 'all' else s))
+    sizes = sorted(results['size'].unique(), key=lambda s: (s == ALL, 0 if s == ALL else s))
     results = results.assign(size=pd.Categorical(results['size'], sizes, ordered=True))
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / 'grid.csv', index=False)
