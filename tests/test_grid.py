@@ -14,7 +14,7 @@ import submitit
 import torch
 
 from conftest import ROOT, pythonpath, run_script
-from experiments import grid
+from experiments import grid, tables
 from multiexit.errors import ConfigError
 from multiexit.runs import load_runs
 from test_anytime import assert_png
@@ -305,7 +305,10 @@ def test_tables_keep_the_order_of_the_cells_whatever_order_they_finish_in(tmp_pa
     assert list(zip(written['method'], written['size'])) == [(c.method, c.size) for c in cells]
 
 
-def test_tables_put_size_all_after_the_numbers(tmp_path):
+def test_tables_put_size_all_after_the_numbers(tmp_path, monkeypatch):
+    figures, savefig = [], tables.Figure.savefig
+    monkeypatch.setattr(tables.Figure, 'savefig',
+                        lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
     cells = grid.plan(QUICK, ['dbt'], [grid.ALL, 20, 10], [0], 1)
     results = grid.Results(cells, ['dbt'], tmp_path, 'sizes all, 20 and 10')
     for i, cell in enumerate(cells):
@@ -318,6 +321,9 @@ def test_tables_put_size_all_after_the_numbers(tmp_path):
             if line.endswith(' |') and ' DBT ' in line]
     assert rows == ['| 10', '| 20', '| all']
     assert_png(tmp_path / 'grid.png')
+    [fig] = figures
+    assert [ax.get_title() for ax in fig.axes] == [
+        '10 training images per class', '20 training images per class', 'all training images']
 
 
 @pytest.fixture(scope='module')
