@@ -258,7 +258,7 @@ def test_an_unreadable_image_is_one_line_naming_it(folder, tmp_path):
     ('ImageNet', lambda d: (d / 'val_targets.csv').write_text('label\n0\n'), {}, DataError,
      "has no column 'target'"),
     ('ImageFolder', lambda d: None, dict(n_per_class=12), ConfigError,
-     'class n00000000 has 10 training images, fewer than the 12'),
+     'cf_trn asks for n_per_class=12 images per class, but class n00000000 of '),
 ])
 def test_bad_data_is_one_line(tmp_path, call, change, kwargs, error, match):
     root = image_folders.write_fake_image_folders(tmp_path / 'gen')

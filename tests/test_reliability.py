@@ -20,8 +20,6 @@ from conftest import RISING_T, ROOT, pythonpath, run_script
 # lost the RNG states shows, with a temperature that moves.
 TINY = ['smoke', 'n_epochs=3', 'seed=5', 'cf_net.call=WideResNet', 'cf_net.depth=10',
         'cf_net.widen_factor=1', 'cf_net.dropout=0.3', RISING_T]
-# smoke's MsdNet keys stay in TINY's cf_net; the Runs built here drop them with this warning
-pytestmark = pytest.mark.filterwarnings('ignore:cf_net. WideResNet takes no:UserWarning')
 
 
 def start(args, cwd, snapshots):
