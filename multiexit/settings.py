@@ -11,6 +11,7 @@ chosen ``call`` does not take (left behind by another class, which sacred's merg
 import difflib
 import inspect
 import math
+import os
 
 import torch
 
@@ -87,7 +88,7 @@ def one_of(*values):
 
 
 SWITCH = one_of(True, False)
-TEXT = 'a text', lambda v: isinstance(v, str)
+PATH = 'a path', lambda v: isinstance(v, (str, os.PathLike))
 
 DATA = {'n_per_class': integer(1, optional=True), 'nval_per_class': integer(1),
         'n_unl_per_class': integer(0, optional=True), 'lab_unl_ratio': integers(0, length=2),
@@ -96,7 +97,7 @@ DATA = {'n_per_class': integer(1, optional=True), 'nval_per_class': integer(1),
 RULES = {
     'n_epochs': integer(1), 'batch_size': integer(1), 'val_batch_size': integer(1),
     'save_interval': integer(0), 'ddp_timeout_s': number(0, low_open=True),
-    'data_dir': TEXT, 'generate_fake_data': SWITCH, 'compile': one_of(*COMPILE_MODES),
+    'data_dir': PATH, 'generate_fake_data': SWITCH, 'compile': one_of(*COMPILE_MODES),
     **{switch: SWITCH for switch in ('amp', 'channels_last', 'cuda_graph', 'deterministic',
                                      'cudnn_benchmark', 'sync_bn')},
     'cf_loss': {'C': number(0, 1), 'maxprob': number(0, 1, low_open=True),

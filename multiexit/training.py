@@ -463,16 +463,8 @@ def train(config, run_dir, snapshot_dir, log_scalar, script, refused=lambda: Non
         run.log(f'{run.run_dir}: trained epochs {first} to {run.epoch}; best validation top-1 '
                 f'(mean over exits) {100 * run.best_val:.2f} %{at}; evaluate it with: '
                 f'python3 eval.py with snapshot_name={run.run_dir}')
-        return finite({'epoch': run.epoch, 'best_epoch': run.best_epoch,
-                       'best_val_acc1_avg': run.best_val,
-                       **{f'val.{k}': v for k, v in val.items()}})
-
-
-def finite(result):
-    """``result`` with None for every value that is not a finite number: JSON has no NaN or
-    infinity, and tools that read run.json (jq, JavaScript) reject Python's."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in result.items()}
+        return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
+                **{f'val.{k}': v for k, v in val.items()}}
 
 
 def _raise_interrupt(signum, frame):

@@ -1,6 +1,7 @@
 """Image folders: both layouts, the original's ImageNet transforms, the loader's order and
 shares."""
 import gc
+import os
 import math
 import weakref
 
@@ -266,3 +267,9 @@ def test_bad_data_is_one_line(tmp_path, call, change, kwargs, error, match):
     with pytest.raises(error, match=match):
         for split in ('train', 'test'):
             data_set(call, **kwargs).loader(split, root, 8, 'cpu')
+
+
+def test_loader_processes_default_to_8_or_the_cores_there_are():
+    """torch warns of more loader processes than cores: the default never asks for them."""
+    assert image_folders.ImageFolder().n_workers == min(8, len(os.sched_getaffinity(0)))
+    assert image_folders.ImageFolder(n_workers=3).n_workers == 3
