@@ -1,10 +1,10 @@
 """Train a multi-exit network on CIFAR-100 (Phuong & Lampert, ICCV 2019), as a sacred experiment.
 
-    python train_cifar.py                        # the paper's configuration
-    python train_cifar.py with smoke             # tiny offline run on generated data (CPU, <1 min)
-    python train_cifar.py with n_epochs=10 cf_loss.C=0.3
-    python train_cifar.py print_config           # every setting, with its comment
-    python train_cifar.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
+    python3 train_cifar.py                        # the paper's configuration
+    python3 train_cifar.py with smoke             # tiny offline run on generated data (CPU, <1 min)
+    python3 train_cifar.py with n_epochs=10 cf_loss.C=0.3
+    python3 train_cifar.py print_config           # every setting, with its comment
+    python3 train_cifar.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
     torchrun --nproc_per_node=4 train_cifar.py with ...   # 4 GPUs (DDP): README "Several GPUs"
 
 Each run writes snapshots/<run id>/: config.json, run.json, cout.txt, metrics.json, and the

@@ -1,13 +1,13 @@
 """Train a multi-exit network on ImageNet, or on any data set stored as image folders, as a
 sacred experiment (docs/imagenet.md).
 
-    python train_imagenet.py                        # MSDNet (step 4) with DBT, data/imagenet/
-    python train_imagenet.py with smoke             # tiny offline run on generated JPEGs (CPU)
-    python train_imagenet.py with msdnet_step7 data_dir=/datasets/imagenet
-    python train_imagenet.py with resnet50          # torchvision's ResNet-50 with 3 early exits
-    python train_imagenet.py with cf_trn.call=ImageNet cf_val.call=ImageNet   # original layout
-    python train_imagenet.py print_config           # every setting, with its comment
-    python train_imagenet.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
+    python3 train_imagenet.py                        # MSDNet (step 4) with DBT, data/imagenet/
+    python3 train_imagenet.py with smoke             # tiny offline run on generated JPEGs (CPU)
+    python3 train_imagenet.py with msdnet_step7 data_dir=/datasets/imagenet
+    python3 train_imagenet.py with resnet50          # torchvision's ResNet-50 with 3 early exits
+    python3 train_imagenet.py with cf_trn.call=ImageNet cf_val.call=ImageNet   # original layout
+    python3 train_imagenet.py print_config           # every setting, with its comment
+    python3 train_imagenet.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
     torchrun --nproc_per_node=8 train_imagenet.py with ...   # 8 GPUs (DDP): docs/multi-gpu.md
 
 Each run writes snapshots/<run id>/ as train_cifar.py does; eval.py evaluates it.

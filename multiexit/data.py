@@ -61,7 +61,7 @@ def _download(spec, data_dir):
     except Exception as e:
         raise DataError(
             f'no {spec.folder}/ in {data_dir} and the download failed ({type(e).__name__}: {e}); '
-            f'download it where there is network with: python -c "import torchvision; '
+            f'download it where there is network with: python3 -c "import torchvision; '
             f"torchvision.datasets.{spec.torchvision_class}('{data_dir}', download=True)\"") from None
 
 
