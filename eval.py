@@ -13,33 +13,22 @@ budgeted.png to the evaluation's run folder in snapshots/. The sacred result (ru
 flat dict of metrics, or for several snapshots {snapshot: dict of metrics}.
 """
 import json
-import os
-import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
-from sacred import SETTINGS, Experiment  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402
-
-from multiexit import checkpoints, datasets, flops, plots  # noqa: E402
-from multiexit.budgeted import budget_sweep  # noqa: E402
-from multiexit.errors import ConfigError, reported_as_one_line  # noqa: E402
-from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,  # noqa: E402
+from multiexit import checkpoints, datasets, flops, plots
+from multiexit.budgeted import budget_sweep
+from multiexit.errors import ConfigError, reported_as_one_line
+from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,
                                   per_exit_table)
-from multiexit.metrics import check_tops  # noqa: E402
-from multiexit.progress import bar, strip_progress  # noqa: E402
-from multiexit.training import plain, resolve_device  # noqa: E402
+from multiexit.metrics import check_tops, default_tops
+from multiexit.progress import bar
+from multiexit.training import plain, resolve_device
+from sacred_setup import SNAPSHOT_DIR, Experiment, refusing
 
-SETTINGS.CAPTURE_MODE = 'sys'
-SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
-SNAPSHOT_DIR = os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')
-
-ex = Experiment('eval', save_git_info=False)
-ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
-ex.captured_out_filter = strip_progress
+ex = Experiment('eval')  # runs in snapshots/
 
 PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11,
                  nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
@@ -62,7 +51,7 @@ def config():
     cf_val = None  # split to fit early-exit thresholds on (None: the training run's cf_val)
     cf_loss = dict(  # evaluation metric
         call='_MultiExitAccuracy',
-        acc_tops=[1, 5],  # top-k accuracies reported
+        acc_tops=None,  # top-k accuracies reported (None: [1, 5], or [1] below 5 classes)
     )
     batch_size = 250  # evaluation batch
     data_dir = None  # None: the training run's data_dir (else 'data')
@@ -86,7 +75,7 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     n_exits = len(model.exits)
     if cf_loss.get('n_exits', n_exits) != n_exits:
         raise ConfigError(f"cf_loss n_exits={cf_loss['n_exits']} but {path} has {n_exits} exits")
-    acc_tops = tuple(cf_loss['acc_tops'])
+    acc_tops = tuple(cf_loss['acc_tops'] or default_tops(net['out_dim']))
     check_tops(acc_tops, net['out_dim'], path)
     trained = training_config(path)
     cf_trn = trained.get('cf_trn') or PAPER_VAL
@@ -116,11 +105,11 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
 @ex.main
 def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, gpu,
          cf_net):
-    with reported_as_one_line():
+    with reported_as_one_line(), refusing(_run):  # bad input: the run leaves no folder
         if cf_loss.get('call') != '_MultiExitAccuracy':
             raise ConfigError(f"cf_loss.call must be '_MultiExitAccuracy', got {cf_loss.get('call')!r}")
-        acc_tops = tuple(cf_loss.get('acc_tops', (1, 5)))
-        if 1 not in acc_tops:
+        acc_tops = cf_loss.get('acc_tops')
+        if acc_tops is not None and 1 not in acc_tops:
             raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
                               f'curves are top-1)')
         snapshot_name = 'test:0' if snapshot_name is None else snapshot_name

@@ -1,24 +1,18 @@
 """Train a multi-exit network on CIFAR-100 (Phuong & Lampert, ICCV 2019), as a sacred experiment.
 
-    python train_cifar.py                        # the paper's configuration
-    python train_cifar.py with smoke             # tiny offline run on generated data (CPU, <1 min)
-    python train_cifar.py with n_epochs=10 cf_loss.C=0.3
-    python train_cifar.py print_config           # every setting, with its comment
-    python train_cifar.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
+    python3 train_cifar.py                        # the paper's configuration
+    python3 train_cifar.py with smoke             # tiny offline run on generated data (CPU, <1 min)
+    python3 train_cifar.py with n_epochs=10 cf_loss.C=0.3
+    python3 train_cifar.py print_config           # every setting, with its comment
+    python3 train_cifar.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
     torchrun --nproc_per_node=4 train_cifar.py with ...   # 4 GPUs (DDP): README "Several GPUs"
 
 Each run writes snapshots/<run id>/: config.json, run.json, cout.txt, metrics.json, and the
 checkpoints (last.pt to resume, ep<N>.pt model snapshots).
 """
-import warnings
+import training_experiment
 
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
-from sacred import Experiment  # noqa: E402
-
-import training_experiment  # noqa: E402
-
-ex = Experiment('train_cifar', save_git_info=False)
-training_experiment.set_up(ex)  # runs in snapshots/, the settings of every training script, main
+ex = training_experiment.experiment('train_cifar')  # runs in snapshots/, the settings of every script
 
 
 @ex.config
@@ -46,7 +40,7 @@ def config():
     cf_loss = dict(  # the training loss: distillation-based training with annealed temperature
         call='DistillationBasedLoss',  # or 'DistillationLossConstTemp' (+ T) or 'ClassificationOnlyLoss'
         n_exits=None,  # None: as many as cf_net has (11); a number must match cf_net's
-        acc_tops=[1, 5],  # top-k accuracies reported
+        acc_tops=None,  # top-k accuracies reported (None: [1, 5], or [1] below 5 classes)
         C=0.5,  # weight of the distillation terms; 1 - C weighs the cross-entropies
         maxprob=0.5,  # T grows by Tmult after a batch while the teacher's mean max-prob exceeds this
         global_scale=2.0 * 5 / 11,  # overall loss scale

@@ -1,26 +1,20 @@
 """Train a multi-exit network on ImageNet, or on any data set stored as image folders, as a
 sacred experiment (docs/imagenet.md).
 
-    python train_imagenet.py                        # MSDNet (step 4) with DBT, data/imagenet/
-    python train_imagenet.py with smoke             # tiny offline run on generated JPEGs (CPU)
-    python train_imagenet.py with msdnet_step7 data_dir=/datasets/imagenet
-    python train_imagenet.py with resnet50          # torchvision's ResNet-50 with 3 early exits
-    python train_imagenet.py with cf_trn.call=ImageNet cf_val.call=ImageNet   # original layout
-    python train_imagenet.py print_config           # every setting, with its comment
-    python train_imagenet.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
+    python3 train_imagenet.py                        # MSDNet (step 4) with DBT, data/imagenet/
+    python3 train_imagenet.py with smoke             # tiny offline run on generated JPEGs (CPU)
+    python3 train_imagenet.py with msdnet_step7 data_dir=/datasets/imagenet
+    python3 train_imagenet.py with resnet50          # torchvision's ResNet-50 with 3 early exits
+    python3 train_imagenet.py with cf_trn.call=ImageNet cf_val.call=ImageNet   # original layout
+    python3 train_imagenet.py print_config           # every setting, with its comment
+    python3 train_imagenet.py with snapshots/3/config.json parent_snapshot=3   # resume run 3
     torchrun --nproc_per_node=8 train_imagenet.py with ...   # 8 GPUs (DDP): docs/multi-gpu.md
 
 Each run writes snapshots/<run id>/ as train_cifar.py does; eval.py evaluates it.
 """
-import warnings
+import training_experiment
 
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
-from sacred import Experiment  # noqa: E402
-
-import training_experiment  # noqa: E402
-
-ex = Experiment('train_imagenet', save_git_info=False)
-training_experiment.set_up(ex)  # runs in snapshots/, the settings of every training script, main
+ex = training_experiment.experiment('train_imagenet')  # runs in snapshots/, the settings of every script
 
 
 @ex.config
@@ -48,7 +42,7 @@ def config():
     cf_loss = dict(  # the training loss: distillation-based training with annealed temperature
         call='DistillationBasedLoss',  # or 'DistillationLossConstTemp' (+ T) or 'ClassificationOnlyLoss'
         n_exits=None,  # None: as many as cf_net has (5); a number must match cf_net's
-        acc_tops=[1, 5],  # top-k accuracies reported
+        acc_tops=None,  # top-k accuracies reported (None: [1, 5], or [1] below 5 classes)
         C=0.5,  # weight of the distillation terms; 1 - C weighs the cross-entropies
         maxprob=0.5,  # T grows by Tmult after a batch while the teacher's mean max-prob exceeds this
         global_scale=2.0 * 5 / 5,  # overall loss scale: 2*5/n_exits, train_cifar.py's rule
@@ -60,7 +54,7 @@ def config():
         augment=True,  # the original's: RandomResizedCrop, colour jitter, flip, lighting noise
         seed=0,  # seed of the class permutation and of the held-out draw
         image_size=224,  # side of the crops; the test split is resized to 256/224 of it first
-        n_workers=8,  # loader processes per training process, which decode and augment
+        n_workers=None,  # loader processes per training process (None: 8, or fewer cores)
         n_unl_per_class=0,  # semi-supervised: images per class whose label is hidden (-100)
         lab_unl_ratio=[0, 0],  # semi-supervised: labelled/unlabelled examples interleaved per epoch
     )

@@ -1,9 +1,8 @@
 """Not a script: what train_cifar.py and train_imagenet.py share on sacred's side, which
-multiexit (the library) never imports: the settings that every training script has, the run
-folders, logging under torchrun, and the main function.
+multiexit (the library) never imports: the settings that every training script has, their
+checks before a run starts, the run folders, logging under torchrun, and the main function.
 
-    ex = Experiment('train_cifar', save_git_info=False)
-    training_experiment.set_up(ex)
+    ex = training_experiment.experiment('train_cifar')
     @ex.config
     def config(): ...  # the script's own settings
     ...
@@ -11,21 +10,14 @@ folders, logging under torchrun, and the main function.
         training_experiment.run_commandline(ex)
 """
 import logging
-import os
+import sys
 
 import torch
-from sacred import SETTINGS
-from sacred.observers import FileStorageObserver
-from sacred.utils import create_basic_stream_logger
 
-from multiexit import distributed
-from multiexit.errors import EXIT_CODE_INTERRUPTED
-from multiexit.progress import strip_progress
+from multiexit import checkpoints, distributed, settings as checks
+from multiexit.errors import EXIT_CODE_INTERRUPTED, reported_as_one_line
 from multiexit.training import train
-
-SETTINGS.CAPTURE_MODE = 'sys'
-SETTINGS.HOST_INFO.INCLUDE_GPU_INFO = False
-SNAPSHOT_DIR = os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')
+from sacred_setup import SNAPSHOT_DIR, Experiment, explicit_keys, refuse
 
 
 def settings():
@@ -46,25 +38,48 @@ def settings():
     ddp_timeout_s = 600  # torchrun: a process waiting this long for the others fails the job
 
 
-def set_up(ex):
-    """Make the sacred Experiment ``ex`` of the script ``<ex.path>.py`` a training experiment:
-    its runs go to SNAPSHOT_DIR (written by rank 0 alone under torchrun, where the other ranks
-    log only errors), it has the shared ``settings``, and its main function trains with
+def check_config(config, command_name, logger):
+    """sacred config hook, before a run (and its folder) exists: a bad value is one error line;
+    a resumed run keeps the seed of the run it continues (its data order and augmentation)
+    unless the command line gives one."""
+    with reported_as_one_line():
+        checks.check(config)
+        if config.get('parent_snapshot') and 'seed' not in config:
+            seed = checkpoints.recorded_seed(config['parent_snapshot'], SNAPSHOT_DIR)
+            if seed is not None:
+                return {'seed': seed}
+    return {}
+
+
+def warn_ignored(config, explicit):
+    """One line for each setting given on the command line that its ``call`` does not take."""
+    for section in checks.SECTIONS:
+        keys = {k.partition('.')[2] for k in explicit if k.startswith(f'{section}.')}
+        for key in checks.ignored_keys(section, config[section], keys):
+            print(f'warning: {section}.{key}={config[section][key]!r} is ignored: '
+                  f'{config[section]["call"]} takes no {key}', file=sys.stderr, flush=True)
+
+
+def experiment(name):
+    """The sacred Experiment of the training script ``<name>.py``: its runs go to SNAPSHOT_DIR
+    (written by rank 0 alone under torchrun, where the other ranks log only errors), it has the
+    shared ``settings`` and their checks, and its main function trains with
     ``multiexit.training.train``."""
-    if distributed.env_rank() == 0:
-        ex.observers.append(FileStorageObserver(SNAPSHOT_DIR))
-    else:
-        ex.logger = create_basic_stream_logger()
-        ex.logger.setLevel(logging.ERROR)
-    ex.captured_out_filter = strip_progress
+    main_rank = distributed.env_rank() == 0
+    ex = Experiment(name, observed=main_rank,
+                    log_level=logging.INFO if main_rank else logging.ERROR)
     ex.config(settings)
+    ex.config_hook(check_config)
 
     @ex.main
-    def main(_run, _config, _seed, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
+    def main(_run, _config, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
         # train() reads _config; the dicts are parameters so that sacred accepts the keys that
         # named configs and `with cf_net.depth=...` add to them
+        warn_ignored(_config, explicit_keys(_run))
         run_dir = _run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved'
-        return train(_config, _seed, run_dir, SNAPSHOT_DIR, _run.log_scalar, f'{ex.path}.py')
+        return train(_config, run_dir, SNAPSHOT_DIR, _run.log_scalar, f'{ex.path}.py',
+                     refused=lambda: refuse(_run))
+    return ex
 
 
 def run_commandline(ex):

@@ -45,13 +45,14 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
-def load(path):
-    """``torch.load(weights_only=True)`` with one clear error line for every failure."""
+def load(path, mmap=False):
+    """``torch.load(weights_only=True)`` with one clear error line for every failure;
+    ``mmap``: the tensors are read only where used (to look at a checkpoint's other values)."""
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f'no checkpoint file {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = [line for line in str(e).splitlines() if 'GLOBAL' in line]
         if reason:  # the file wants to import (and so possibly run) code
@@ -75,7 +76,8 @@ def is_run_dir(path):
     return (path / LAST).is_file() or any(EPOCH_FILE.match(p.name) for p in path.glob('ep*.pt'))
 
 
-def _config(run_dir):
+def run_config(run_dir):
+    """The config.json of a run folder as a dict, or None where there is none readable."""
     try:
         return json.loads((Path(run_dir) / 'config.json').read_text())
     except (OSError, ValueError):
@@ -101,7 +103,7 @@ def resolve(name, snapshot_dir='snapshots'):
     runs = []
     if snapshot_dir.is_dir():
         for run in snapshot_dir.iterdir():
-            cf = _config(run) if run.is_dir() else None
+            cf = run_config(run) if run.is_dir() else None
             if cf and cf.get('snapshot_name') == name and is_run_dir(run):
                 runs.append(run)
     if not runs:
@@ -109,6 +111,14 @@ def resolve(name, snapshot_dir='snapshots'):
                             f'and no training run there has snapshot_name={name!r} '
                             f'(ls {snapshot_dir} lists the runs)')
     return max(runs, key=lambda r: (r.stat().st_mtime, r.name))
+
+
+def recorded_seed(name, snapshot_dir='snapshots'):
+    """The seed that the training state named by ``name`` (as ``resolve`` takes it) was trained
+    with: what orders its data and draws its augmentation. None for a model snapshot."""
+    path = resolve(name, snapshot_dir)
+    ckpt = load(path / LAST if path.is_dir() else path, mmap=True)
+    return ckpt.get('seed') if isinstance(ckpt, dict) and 'optimizer' in ckpt else None
 
 
 def epoch_files(run_dir):

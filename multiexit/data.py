@@ -61,7 +61,7 @@ def _download(spec, data_dir):
     except Exception as e:
         raise DataError(
             f'no {spec.folder}/ in {data_dir} and the download failed ({type(e).__name__}: {e}); '
-            f'download it where there is network with: python -c "import torchvision; '
+            f'download it where there is network with: python3 -c "import torchvision; '
             f"torchvision.datasets.{spec.torchvision_class}('{data_dir}', download=True)\"") from None
 
 
@@ -155,6 +155,23 @@ def check_divisible(batch_size, world_size):
         raise ConfigError(f'batch_size={batch_size} is not divisible by the {world_size} '
                           f'processes: each takes batch_size/{world_size} examples of every batch '
                           f'(the global batch stays batch_size)')
+
+
+def check_class_sizes(labels, n_per_class, nval_per_class, n_unl_per_class, class_names, where):
+    """Every class of the training ``labels`` (of the data in ``where``) has the images that
+    ``cf_trn`` draws from it: n_per_class (None: all, of which nval_per_class for validation
+    and at least one for training), plus n_unl_per_class to leave unlabelled."""
+    n_unl = n_unl_per_class or 0
+    need = (n_per_class or nval_per_class + 1) + n_unl
+    counts = np.bincount(np.asarray(labels), minlength=len(class_names))
+    k = int(counts.argmin())
+    if counts[k] < need:
+        asked = (f'n_per_class={n_per_class}' if n_per_class else
+                 f'n_per_class=None (all: nval_per_class={nval_per_class} and at least one for '
+                 'training)') + (f' + n_unl_per_class={n_unl} = {need}' if n_unl else '')
+        raise ConfigError(f'cf_trn asks for {asked} images per class, but class '
+                          f'{class_names[k]} of {where} has {counts[k]}; lower '
+                          + ('n_per_class or n_unl_per_class' if n_unl else 'n_per_class'))
 
 
 def check_split_sizes(split, n_per_class, nval_per_class):
@@ -327,6 +344,9 @@ def build_split(cf_data, split, data_dir, batch_size, device, seed=0, download=T
     if labels.max() >= spec.n_classes:
         raise DataError(f'labels up to {labels.max()} in {data_dir}/{spec.folder} but '
                         f'{spec.n_classes} classes expected')
+    if split != 'test':
+        check_class_sizes(labels, n_per_class, nval_per_class, n_unl, range(spec.n_classes),
+                          Path(data_dir) / spec.folder)
     idx, mapped = split_selection(labels, split, n_per_class, nval_per_class, subset_seed,
                                   n_unl, spec.n_classes)
     train = split == 'train'

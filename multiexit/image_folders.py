@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from .data import check_split_sizes, split_selection
+from .data import check_class_sizes, check_split_sizes, split_selection
 from .errors import ConfigError, DataError
 from .image_loader import ImageLoader
 
@@ -140,16 +140,18 @@ class ImageFolder:
     permutation; ``n_unl_per_class`` and ``lab_unl_ratio`` are the semi-supervised setting (as
     for CIFAR). ``augment``: the original's ImageNet augmentation for training
     (``image_transforms``); ``image_size``: the side of the crops; ``n_workers``: loader
-    processes per training process (0: none).
+    processes per training process (0: none; None: 8, or as many as this process has cores
+    if fewer).
     """
 
     def __init__(self, n_per_class=None, nval_per_class=None, augment=False, seed=0,
-                 image_size=224, n_workers=8, n_unl_per_class=0, lab_unl_ratio=(0, 0)):
+                 image_size=224, n_workers=None, n_unl_per_class=0, lab_unl_ratio=(0, 0)):
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
             raise ConfigError(f'image_size must be an integer > 0, got {image_size!r}')
         self.n_per_class, self.nval_per_class = n_per_class, nval_per_class
         self.augment, self.seed = augment, seed
-        self.image_size, self.n_workers = image_size, n_workers
+        self.image_size = image_size
+        self.n_workers = min(8, len(os.sched_getaffinity(0))) if n_workers is None else n_workers
         self.n_unl_per_class, self.lab_unl_ratio = n_unl_per_class or 0, tuple(lab_unl_ratio)
 
     @property
@@ -165,17 +167,6 @@ class ImageFolder:
     def n_classes(self, data_dir):
         return len(self.classes(data_dir))
 
-    def _check_class_sizes(self, files):
-        need = (self.n_per_class or self.nval_per_class + 1) + self.n_unl_per_class
-        counts = np.bincount(files.labels, minlength=len(files.classes))
-        k = int(counts.argmin())
-        if counts[k] < need:
-            raise ConfigError(
-                f'class {files.classes[k]} has {counts[k]} training images, fewer than the {need} '
-                f'that n_per_class={self.n_per_class}, nval_per_class={self.nval_per_class} and '
-                f'n_unl_per_class={self.n_unl_per_class} take (n_per_class None: all, of which '
-                f'nval_per_class for validation and at least one for training)')
-
     def loader(self, split, data_dir, batch_size, device, seed=0, channels_last=False, rank=0,
                world_size=1):
         """An ``image_loader.ImageLoader`` of 'train', 'val' or 'test' (see datasets)."""
@@ -183,7 +174,8 @@ class ImageFolder:
         test, train = split == 'test', split == 'train'
         files = self.files(data_dir, test)
         if not test:
-            self._check_class_sizes(files)
+            check_class_sizes(files.labels, self.n_per_class, self.nval_per_class,
+                              self.n_unl_per_class, files.classes, files.root)
         idx, labels = split_selection(files.labels, split, self.n_per_class, self.nval_per_class,
                                       self.seed, self.n_unl_per_class, len(files.classes))
         return ImageLoader(files.root, files.paths[idx], labels, batch_size, device,

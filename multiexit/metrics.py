@@ -25,11 +25,19 @@ def metric_names(n_exits, acc_tops=(1, 5), with_temperature=False):
     return names
 
 
+def default_tops(n_classes):
+    """The top-k accuracies reported when ``cf_loss.acc_tops`` is None: top-1 and top-5, or
+    top-1 alone below 5 classes."""
+    return [k for k in (1, 5) if k <= n_classes]
+
+
 def check_tops(acc_tops, n_classes, holder):
     """Top-k accuracy needs at least k classes; ``holder`` names what has ``n_classes``."""
     if max(acc_tops) > n_classes:
+        fit = [k for k in acc_tops if k <= n_classes] or [1]
         raise ConfigError(f'cf_loss acc_tops={list(acc_tops)}: top-{max(acc_tops)} needs as '
-                          f'many classes, {holder} has {n_classes}')
+                          f'many classes, {holder} has {n_classes}; set cf_loss.acc_tops={fit} '
+                          f'(or None: {default_tops(n_classes)})')
 
 
 class MultiExitAccuracy:

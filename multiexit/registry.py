@@ -1,6 +1,5 @@
 """Building a registered class from a config dict whose ``call`` names it."""
 import inspect
-import warnings
 
 from .errors import ConfigError
 
@@ -9,11 +8,12 @@ def _arguments(cls):
     return set(inspect.signature(cls).parameters)
 
 
-def build(registry, cf, what):
-    """``registry[cf['call']](**rest)``.
+def build(registry, cf, what, *args):
+    """``registry[cf['call']](*args, **rest)``.
 
-    Keys that only other entries of the registry take (left behind when sacred merges a new
-    ``call`` or a named config into the default dict) are dropped with a warning; any other
+    Keys that only other entries of the registry take are dropped: sacred merges a new
+    ``call`` or a named config into the default dict, whose other keys stay behind (the
+    training scripts warn about those the user set: ``settings.ignored_keys``). Any other
     unknown key is an error, as is an unknown ``call``.
     """
     kwargs = dict(cf)
@@ -22,10 +22,7 @@ def build(registry, cf, what):
         raise ConfigError(f"unknown {what} call={name!r} in cf_{what}; known: "
                           f"{', '.join(sorted(registry))}")
     others = set().union(*map(_arguments, registry.values())) - _arguments(registry[name])
-    dropped = sorted(k for k in kwargs if k in others)
-    if dropped:
-        warnings.warn(f'cf_{what}: {name} takes no {", ".join(dropped)}; ignored', stacklevel=3)
     try:
-        return registry[name](**{k: v for k, v in kwargs.items() if k not in others})
+        return registry[name](*args, **{k: v for k, v in kwargs.items() if k not in others})
     except (TypeError, ValueError) as e:  # unexpected keyword or inconsistent sizes
         raise ConfigError(f'cf_{what} for {name}: {e}') from None

@@ -2,25 +2,33 @@
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoints, data, datasets, distributed, losses, models, train_step
+from . import (checkpoints, data, datasets, distributed, losses, models, registry, settings,
+               train_step)
 from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
-                     SnapshotError, TrainingInterrupted, reported_as_one_line)
+                     SnapshotError, TrainingInterrupted, UserError, reported_as_one_line)
 from .evaluation import GraphedForward, evaluate
-from .metrics import check_tops
+from .metrics import check_tops, default_tops
 from .progress import bar
 
 
 FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
+# The settings of a training config that Run takes (what a resume compares with its parent's).
+SETTINGS = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
+            'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu', 'seed', 'amp',
+            'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',
+            'cudnn_benchmark')
 
 
 def resolve_device(gpu):
@@ -41,24 +49,6 @@ def resolve_device(gpu):
         raise ConfigError(f'gpu={gpu} but this machine has {n} CUDA device(s); '
                           f'use gpu=-1 for CPU' + (f' or 0..{n - 1}' if n else ''))
     return torch.device(f'cuda:{gpu}')
-
-
-def _positive_int(name, value, allow_zero=False):
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        raise ConfigError(f'{name} must be an integer {">= 0" if allow_zero else "> 0"}, '
-                          f'got {value!r}')
-
-
-def _from_module(module, cf, key, *args):
-    kwargs = dict(cf)
-    name = kwargs.pop('call', None)
-    cls = getattr(module, str(name), None)
-    if not isinstance(cls, type):
-        raise ConfigError(f'unknown {key} call={name!r} (a class of {module.__name__})')
-    try:
-        return cls(*args, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f'{key}: {e}') from None
 
 
 def rng_state():
@@ -92,6 +82,28 @@ def plain(obj):
     return obj
 
 
+def _flat(tree, prefix=''):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def changed_settings(old, new, union=False):
+    """[(dotted key, old value, new value)] of the settings that differ: of the keys that both
+    have, or with ``union`` of either (None where one lacks it)."""
+    old, new = _flat(plain(old)), _flat(plain(new))
+    keys = sorted(set(old) | set(new)) if union else sorted(set(old) & set(new))
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
+def _as_text(changes):
+    return '; '.join(f'{k} {old!r} -> {new!r}' for k, old, new in changes)
+
+
 def train_epoch(step, loader, progress=None):
     """One epoch of ``step`` (a ``train_step.TrainStep``) over ``loader``; returns (mean loss,
     metrics dict, index of the first step whose loss was not finite or None). With a sharded
@@ -120,10 +132,8 @@ class Run:
                  parent_snapshot=None, snapshot_dir='snapshots', log=print, log_scalar=None,
                  amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
                  deterministic=False, cudnn_benchmark=False, script='train_cifar.py'):
-        for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
-                                     ('val_batch_size', val_batch_size, False),
-                                     ('save_interval', save_interval, True)]:
-            _positive_int(name, value, zero_ok)
+        self.settings = plain({k: v for k, v in locals().items() if k in SETTINGS})
+        settings.check(self.settings)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         data.check_divisible(batch_size, self.world_size)
@@ -140,9 +150,6 @@ class Run:
             os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = cuda and cudnn_benchmark and not deterministic
-        if compile not in (False, None, 'default', 'reduce-overhead', 'max-autotune'):
-            raise ConfigError(f"compile must be False, 'default', 'reduce-overhead' or "
-                              f"'max-autotune', got {compile!r}")
         # CUDA only: on the CPU, fp32 eager is both the faithful and the fastest path.
         self.amp, self.channels_last, self.compile = (amp and cuda, channels_last and cuda,
                                                       compile if cuda else False)
@@ -170,6 +177,8 @@ class Run:
         self.n_exits = len(self.model.exits)
         if cf_loss.get('n_exits') is None:  # None: as many as the model has
             cf_loss = dict(cf_loss, n_exits=self.n_exits)
+        if cf_loss.get('acc_tops') is None:
+            cf_loss = dict(cf_loss, acc_tops=default_tops(n_classes))
         self.loss_fn = losses.build(cf_loss).to(self.device)
         self.acc_tops = tuple(self.loss_fn.acc_tops)
         check_tops(self.acc_tops, n_classes, cf_trn['call'])
@@ -178,14 +187,16 @@ class Run:
                               f'{self.n_exits} exits (cf_net)')
         if cuda and cf_opt.get('call') in FUSED and not {'fused', 'foreach'} & set(cf_opt):
             cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
-        self.optimizer = _from_module(torch.optim, cf_opt, 'cf_opt', self.model.parameters())
-        self.scheduler = _from_module(torch.optim.lr_scheduler, cf_scheduler, 'cf_scheduler',
-                                      self.optimizer)
+        self.optimizer = registry.build(settings.classes('cf_opt'), cf_opt, 'opt',
+                                        self.model.parameters())
         self.parent = self._parent_checkpoint(parent_snapshot, snapshot_dir)
-        if self.parent and 'seed' in self.parent:
-            self.seed = self.parent['seed']  # the data order of the run being continued
         if self.rank:
             torch.manual_seed(self.seed + self.rank)  # dropout: other masks than rank 0's
+        self.epoch, self.best_val, self.best_epoch = 0, -math.inf, None
+        self._saved = None  # (path, epoch) of the newest complete training state
+        if self.parent:
+            self._restore(self.parent)
+        self.scheduler = self._scheduler_at(cf_scheduler, self.epoch)
 
         shard = dict(rank=self.rank, world_size=self.world_size, channels_last=self.channels_last)
         with distributed.local_main_first():  # one download per machine
@@ -195,10 +206,6 @@ class Run:
         if len(self.train_loader) == 0:
             raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
                               'training examples: no full batch per epoch')
-        self.epoch, self.best_val, self.best_epoch = 0, -math.inf, None
-        self._saved = None  # (path, epoch) of the newest complete training state
-        if self.parent:
-            self._restore(self.parent)
         step = self.model
         if self.world_size > 1:  # self.model stays the plain module: evaluated, saved, restored
             self.model, step = distributed.wrap(self.model, self.device, sync_bn)
@@ -218,31 +225,42 @@ class Run:
         self.val_forward = GraphedForward(self.model, amp=self.amp) if graphed else None
 
     @classmethod
-    def from_config(cls, config, seed, run_dir, snapshot_dir, log_scalar, script):
+    def from_config(cls, config, run_dir, snapshot_dir, log_scalar, script):
         """The Run of a training script's sacred config (its own settings and those that
         training_experiment.py gives every training script)."""
-        keys = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
-                'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu')
-        switches = ('amp', 'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',
-                    'cudnn_benchmark')
-        return cls(*(config[k] for k in keys), seed, run_dir, config['parent_snapshot'],
-                   snapshot_dir, log_scalar=log_scalar, script=script,
-                   **{k: config[k] for k in switches})
+        return cls(**{k: config[k] for k in SETTINGS}, run_dir=run_dir,
+                   parent_snapshot=config['parent_snapshot'], snapshot_dir=snapshot_dir,
+                   log_scalar=log_scalar, script=script)
 
     def _parent_checkpoint(self, parent_snapshot, snapshot_dir):
+        """The checkpoint to resume from; ``parent_config``: the settings its run recorded
+        (config.json beside it; None where there is none)."""
         if not parent_snapshot:
             return None
         path = checkpoints.resolve(parent_snapshot, snapshot_dir)
         self.parent_path = path / checkpoints.LAST if path.is_dir() else path
+        self.parent_config = checkpoints.run_config(self.parent_path.parent)
         ckpt = checkpoints.load(self.parent_path)
         parent_net = ckpt.get('cf_net') if isinstance(ckpt, dict) else None
         if parent_net is not None and plain(parent_net) != self.cf_net:
-            raise SnapshotError(f'{self.parent_path} was trained with cf_net={parent_net}, not '
-                                f'{self.cf_net}; resume with the parent\'s config: '
-                                f'with <its run dir>/config.json parent_snapshot={parent_snapshot}')
+            differ = _as_text(changed_settings(parent_net, self.cf_net, union=True))
+            raise SnapshotError(f'{self.parent_path} was trained with another cf_net ({differ}); '
+                                f'resume with its settings: {self._resume_hint()}')
         return ckpt
 
+    def _resume_hint(self, run_dir=None):
+        """The command that resumes the run in ``run_dir`` (default: the parent's) with the
+        settings it recorded."""
+        run_dir = Path(run_dir or self.parent_path.parent)
+        config = run_dir / 'config.json'
+        return (f'{distributed.launch_command(self.script)} with '
+                + (f'{config} ' if config.is_file() else '') + f'parent_snapshot={run_dir}')
+
     def _restore(self, ckpt):
+        """Continue from ``ckpt`` with this run's settings: its weights and epoch, and from a
+        training state (last.pt) the optimizer's state under this run's cf_opt, DBT's
+        temperature, the RNG states and the best snapshot so far. The scheduler follows this
+        run's cf_scheduler from the restored epoch (``_scheduler_at``)."""
         state, _, extra = checkpoints.unpack_model(ckpt, self.parent_path, self.cf_net)
         try:
             models.load_original_state_dict(self.model, state)
@@ -250,15 +268,36 @@ class Run:
             raise SnapshotError(f'{self.parent_path} does not fit cf_net: '
                                 f'{str(e).splitlines()[0]}') from None
         self.epoch = int(extra.get('epoch', 0))
+        if self.epoch >= self.n_epochs:
+            raise ConfigError(f'{self.parent_path} has trained {self.epoch} epochs already and '
+                              f'n_epochs={self.n_epochs}: there is nothing to train; to train '
+                              f'longer: {self._resume_hint()} n_epochs=<more than {self.epoch}>')
+        recorded = dict(self.parent_config or {}, **({'seed': extra['seed']} if 'seed' in extra
+                                                     else {}))
+        changes = changed_settings(recorded, self.settings)
+        changed = (f'; these settings change from epoch {self.epoch + 1} on: {_as_text(changes)}'
+                   if changes else '')
         if 'optimizer' not in extra:  # a model snapshot: weights only, as the original did
-            for _ in range(self.epoch):
-                self.scheduler.step()
             self.log(f'resuming from the weights of {self.parent_path} at epoch {self.epoch} '
-                     '(optimizer state and temperature start afresh)')
+                     f'(optimizer state and temperature start afresh){changed}')
             return
+        optimizer = self.settings['cf_opt'].get('call')
+        trained_with = recorded.get('cf_opt', {}).get('call', optimizer)
+        if trained_with != optimizer:
+            raise ConfigError(f'cf_opt.call={optimizer!r}, but {self.parent_path} holds the state '
+                              f'of {trained_with}, which {optimizer} cannot take over; to start '
+                              f'{optimizer} afresh from the weights, resume from a model snapshot '
+                              f'(parent_snapshot=<run dir>/ep<N>.pt)')
+        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(extra['optimizer'])
-        self.scheduler.load_state_dict(extra['scheduler'])
-        self.loss_fn.load_state_dict(extra['loss'])
+        for group, given in zip(self.optimizer.param_groups, hyper):
+            group.pop('initial_lr', None)  # the parent's: the scheduler starts from cf_opt.lr
+            group.update(given)
+        # DBT's temperature is state to continue; a constant T (or none) is a setting
+        dbt = losses.DistillationBasedLoss
+        if (isinstance(self.loss_fn, dbt) and 'temperature' in extra['loss']
+                and recorded.get('cf_loss', {}).get('call', dbt.__name__) == dbt.__name__):
+            self.loss_fn.load_state_dict(extra['loss'])
         per_rank = extra.get('rng_ranks')
         if per_rank and len(per_rank) == self.world_size:
             set_rng_state(per_rank[self.rank])
@@ -272,7 +311,19 @@ class Run:
         if (self.is_main and self.best_epoch is not None and best.is_file()
                 and not self.save_interval):
             shutil.copy2(best, self.run_dir / best.name)  # the best snapshot so far moves along
-        self.log(f'resuming {self.parent_path} exactly at epoch {self.epoch}')
+        self.log(f'resuming {self.parent_path} at epoch {self.epoch}'
+                 + (changed or ' exactly, with the settings it was trained with'))
+
+    def _scheduler_at(self, cf_scheduler, epoch):
+        """The scheduler of ``cf_scheduler`` stepped through ``epoch`` epochs from cf_opt's lr:
+        the learning rate these settings give the epoch that a run starts or resumes at."""
+        scheduler = registry.build(settings.classes('cf_scheduler'), cf_scheduler, 'scheduler',
+                                   self.optimizer)
+        with warnings.catch_warnings():  # torch warns of scheduler steps without optimizer steps
+            warnings.filterwarnings('ignore', re.escape('Detected call of `lr_scheduler.step()`'))
+            for _ in range(epoch):
+                scheduler.step()
+        return scheduler
 
     def training_state(self, rng_ranks=None):
         """Everything to continue exactly; ``rng_ranks``: every rank's RNG states under DDP
@@ -288,10 +339,7 @@ class Run:
         if self._saved is None:
             return 'no epoch had finished, so there is nothing to resume: start the run again'
         path, epoch = self._saved
-        run = path.parent
-        return (f'{path} holds epoch {epoch}; resume with: '
-                f'{distributed.launch_command(self.script)} with '
-                f'{run}/config.json parent_snapshot={run}')
+        return f'{path} holds epoch {epoch}; resume with: {self._resume_hint(path.parent)}'
 
     def _save(self, val_metrics):
         """Rank 0 writes the checkpoints; every rank keeps the same account of them."""
@@ -387,23 +435,34 @@ class Run:
         return val
 
 
-def train(config, seed, run_dir, snapshot_dir, log_scalar, script):
+def train(config, run_dir, snapshot_dir, log_scalar, script, refused=lambda: None):
     """What a training script's main does with its sacred ``config``: under torchrun, join the
-    process group; write the generated data set if asked; train; return the sacred result.
-    ``run_dir``: the run folder of sacred's observer (rank 0's is used)."""
+    process group; write the generated data set if asked; train; print a summary line; return
+    the sacred result. ``run_dir``: the run folder of sacred's observer (rank 0's is used).
+    ``refused`` is called when a UserError stops the run before it trained anything (bad
+    input: the run leaves nothing behind)."""
     gpu = config['gpu']
     with reported_as_one_line(), distributed.process_group(gpu, config['ddp_timeout_s']):
-        if isinstance(gpu, (list, tuple)):
-            raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
-                              f'{distributed.torchrun_command(gpu, sys.argv)}')
-        if distributed.env_rank() == 0:
-            os.makedirs(run_dir, exist_ok=True)
-        else:
-            run_dir = None  # ranks other than 0 write nothing
-        if config['generate_fake_data']:
-            datasets.build(config['cf_trn']).write_fake(config['data_dir'])
-        run = Run.from_config(config, seed, run_dir, snapshot_dir, log_scalar, script)
+        try:
+            if isinstance(gpu, (list, tuple)):
+                raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
+                                  f'{distributed.torchrun_command(gpu, sys.argv)}')
+            if distributed.env_rank() == 0:
+                os.makedirs(run_dir, exist_ok=True)
+            else:
+                run_dir = None  # ranks other than 0 write nothing
+            if config['generate_fake_data']:
+                datasets.build(config['cf_trn']).write_fake(config['data_dir'])
+            run = Run.from_config(config, run_dir, snapshot_dir, log_scalar, script)
+        except UserError:
+            refused()
+            raise
+        first = run.epoch + 1
         val = run.fit()
+        at = f' at epoch {run.best_epoch}' if run.best_epoch is not None else ''
+        run.log(f'{run.run_dir}: trained epochs {first} to {run.epoch}; best validation top-1 '
+                f'(mean over exits) {100 * run.best_val:.2f} %{at}; evaluate it with: '
+                f'python3 eval.py with snapshot_name={run.run_dir}')
         return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
                 **{f'val.{k}': v for k, v in val.items()}}
 

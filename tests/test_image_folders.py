@@ -1,6 +1,7 @@
 """Image folders: both layouts, the original's ImageNet transforms, the loader's order and
 shares."""
 import gc
+import os
 import math
 import weakref
 
@@ -258,7 +259,7 @@ def test_an_unreadable_image_is_one_line_naming_it(folder, tmp_path):
     ('ImageNet', lambda d: (d / 'val_targets.csv').write_text('label\n0\n'), {}, DataError,
      "has no column 'target'"),
     ('ImageFolder', lambda d: None, dict(n_per_class=12), ConfigError,
-     'class n00000000 has 10 training images, fewer than the 12'),
+     'cf_trn asks for n_per_class=12 images per class, but class n00000000 of '),
 ])
 def test_bad_data_is_one_line(tmp_path, call, change, kwargs, error, match):
     root = image_folders.write_fake_image_folders(tmp_path / 'gen')
@@ -266,3 +267,9 @@ def test_bad_data_is_one_line(tmp_path, call, change, kwargs, error, match):
     with pytest.raises(error, match=match):
         for split in ('train', 'test'):
             data_set(call, **kwargs).loader(split, root, 8, 'cpu')
+
+
+def test_loader_processes_default_to_8_or_the_cores_there_are():
+    """torch warns of more loader processes than cores: the default never asks for them."""
+    assert image_folders.ImageFolder().n_workers == min(8, len(os.sched_getaffinity(0)))
+    assert image_folders.ImageFolder(n_workers=3).n_workers == 3

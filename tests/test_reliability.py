@@ -20,8 +20,6 @@ from conftest import RISING_T, ROOT, pythonpath, run_script
 # lost the RNG states shows, with a temperature that moves.
 TINY = ['smoke', 'n_epochs=3', 'seed=5', 'cf_net.call=WideResNet', 'cf_net.depth=10',
         'cf_net.widen_factor=1', 'cf_net.dropout=0.3', RISING_T]
-# smoke's MsdNet keys stay in TINY's cf_net; the Runs built here drop them with this warning
-pytestmark = pytest.mark.filterwarnings('ignore:cf_net. WideResNet takes no:UserWarning')
 
 
 def start(args, cwd, snapshots):
@@ -196,7 +194,9 @@ def test_resuming_a_different_architecture_is_refused(workdir, small_run, tmp_pa
     parent = workdir / 'reference' / '1'
     config = json.loads((parent / 'config.json').read_text())
     config['cf_net']['widen_factor'] = 2
-    with pytest.raises(SnapshotError, match='was trained with cf_net'):
+    with pytest.raises(SnapshotError, match=r'was trained with another cf_net \(widen_factor 1 '
+                                            rf'-> 2\); resume with its settings: .* with '
+                                            rf'{parent}/config.json parent_snapshot={parent}$'):
         Run(config['cf_net'], config['cf_loss'], config['cf_trn'], config['cf_val'],
             config['cf_opt'], config['cf_scheduler'], 64, 250, 5, 0, workdir / 'data' / 'smoke',
             -1, 0, tmp_path, parent_snapshot=str(parent))

@@ -138,10 +138,10 @@ def test_bad_arguments_are_config_errors(cf, message):
         models.build(cf)
 
 
+@pytest.mark.filterwarnings('error')  # silently: the user did not set them
 def test_msdnet_keys_left_in_cf_net_are_dropped():
     """What ``with resnet56 smoke`` passes: the default MsdNet keys merged with ResNet's."""
-    with pytest.warns(UserWarning, match='ResNet takes no .*n_exits'):
-        model = models.build(dict(PAPER_NET, call='ResNet', depth=8))
+    model = models.build(dict(PAPER_NET, call='ResNet', depth=8))
     assert model.exit_after == [0, 1]
 
 
@@ -161,8 +161,7 @@ def train_cifar():
 ])
 def test_named_configs(train_cifar, name, n_params, opt, epochs, scheduler):
     config = train_cifar.ex.run('print_config', named_configs=[name]).config
-    with pytest.warns(UserWarning, match='takes no'):  # the default's MsdNet keys
-        model = models.build(config['cf_net'])
+    model = models.build(config['cf_net'])  # the default's MsdNet keys are dropped
     assert count(model) == n_params and len(model.exits) == 7
     assert config['cf_loss']['n_exits'] is None
     assert config['cf_opt'] == dict(call='SGD', **opt)

@@ -39,10 +39,43 @@ def trained(workdir):
 
 def test_first_commands_print_no_sacred_warnings(trained):
     """A run id, an epoch number or the smoke config must not read as 'Changed type of config
-    entry' warnings: the defaults have the types (or None) that users give."""
-    _, procs = trained
+    entry' warnings: the defaults have the types (or None) that users give. sacred's dict of
+    the result is not printed either: a training run ends with a line of its own."""
+    snaps, procs = trained
     for name, proc in procs.items():
-        assert 'WARNING' not in proc.stderr, (name, proc.stderr[-2000:])
+        assert 'WARNING' not in proc.stderr and 'Result:' not in proc.stderr, \
+            (name, proc.stderr[-2000:])
+    summary = procs['full'].stdout.strip().splitlines()[-1]
+    assert summary == (f'{snaps}/1: trained epochs 1 to 2; best validation top-1 (mean over '
+                       f'exits) {100 * read(snaps / "1" / "run.json")["result"]["best_val_acc1_avg"]:.2f} % '
+                       f'at epoch {read(snaps / "1" / "run.json")["result"]["best_epoch"]}; '
+                       f'evaluate it with: python3 eval.py with snapshot_name={snaps}/1')
+
+
+def test_run_files_are_strict_json(trained):
+    """No NaN or Infinity, which json.loads takes but jq and JavaScript reject."""
+    snaps, _ = trained
+
+    def refuse(constant):
+        raise ValueError(constant)
+    files = [p for run in snaps.iterdir() if run.name.isdigit() for p in run.glob('*.json')]
+    assert len(files) >= 12
+    for path in files:
+        json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_left_behind_keys_are_silent_and_set_ones_one_warning(trained, workdir):
+    """The grid's standard cells switch the loss: the default DBT keys stay in cf_loss and
+    are dropped without a word; a key set on the command line that the loss ignores is one
+    line. A named config that switches the network prints no sacred warnings either."""
+    snaps, _ = trained
+    proc = run_script('train_cifar.py', 'with', 'smoke', 'cf_loss.call=ClassificationOnlyLoss',
+                      'cf_loss.C=0.3', cwd=workdir, snapshots=snaps)
+    warnings = [line for line in proc.stderr.splitlines() if 'warn' in line.lower()]
+    assert warnings == ['warning: cf_loss.C=0.3 is ignored: ClassificationOnlyLoss takes no C']
+    config = run_script('train_cifar.py', 'print_config', 'with', 'resnet56', cwd=workdir,
+                        snapshots=snaps)
+    assert 'WARNING' not in config.stderr and "call = 'ResNet'" in config.stdout
 
 
 def read(path):
@@ -107,7 +140,40 @@ def test_resume_continues_exactly(trained):
     b = read(snaps / '3' / 'metrics.json')
     assert b['train.loss']['steps'] == [2]
     assert b['train.loss']['values'] == pytest.approx(a['train.loss']['values'][1:], rel=1e-6)
-    assert 'resuming' in procs['resumed'].stdout
+    assert 'these settings change from epoch 2 on: n_epochs 1 -> 2\n' in procs['resumed'].stdout
+    # resumed without the parent's config.json: the seed is the parent's, and recorded so
+    assert read(snaps / '3' / 'config.json')['seed'] == read(snaps / '2' / 'config.json')['seed'] == 1
+
+
+def newest(snaps):
+    return max((p for p in snaps.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def test_resume_trains_with_the_settings_it_records(trained, workdir):
+    """New optimizer and scheduler settings on resume take effect from the resumed epoch: the
+    lr of every epoch follows the new config.json, the restored optimizer has the new
+    momentum, and the resume line names each change."""
+    snaps, _ = trained
+    proc = run_script('train_cifar.py', 'with', str(snaps / '2' / 'config.json'),
+                      'parent_snapshot=2', 'n_epochs=3', 'cf_opt.lr=0.05', 'cf_opt.momentum=0.5',
+                      'cf_scheduler.milestones=[2]', cwd=workdir, snapshots=snaps)
+    run = newest(snaps)
+    config = read(run / 'config.json')
+    opt, sched = config['cf_opt'], config['cf_scheduler']
+    assert (opt['lr'], opt['momentum'], sched['milestones']) == (0.05, 0.5, [2])
+    metrics = read(run / 'metrics.json')
+    assert metrics['lr']['steps'] == [2, 3]
+    # 1-based epoch e runs at lr * gamma ** (milestones below e): the torch-0.4 schedule
+    expected = [opt['lr'] * sched['gamma'] ** sum(m < e for m in sched['milestones'])
+                for e in (2, 3)]
+    assert metrics['lr']['values'] == pytest.approx(expected) == [0.05, 0.005]
+    group = torch.load(run / 'last.pt', weights_only=True)['optimizer']['param_groups'][0]
+    assert (group['momentum'], group['initial_lr']) == (0.5, 0.05)
+    assert group['lr'] == pytest.approx(0.005)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith('resuming'))
+    for change in ('cf_opt.lr 0.1 -> 0.05', 'cf_opt.momentum 0.9 -> 0.5',
+                   'cf_scheduler.milestones [1] -> [2]', 'n_epochs 1 -> 3'):
+        assert change in line, line
 
 
 PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params') for k in range(3)}
@@ -177,8 +243,23 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
     ('eval.py', ['snapshot_name=1', 'cf_loss.acc_tops=[1,101]'],
      'cf_loss acc_tops=[1, 101]: top-101 needs as many classes, '),
-    ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs must be an integer >= 0'),
-    ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "unknown net call='ResNet9000'"),
+    ('eval.py', ['snapshot=1'], 'unknown setting snapshot (did you mean snapshot_name?)'),
+    ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs=-3: expected an integer >= 1'),
+    ('train_cifar.py', ['smoke', 'n_epochs=0'], 'n_epochs=0: expected an integer >= 1'),
+    ('train_cifar.py', ['smoke', 'n_epoch=1'], 'unknown setting n_epoch (did you mean n_epochs?)'),
+    ('train_cifar.py', ['smok'], "no named config or config file 'smok' (did you mean smoke?)"),
+    ('train_cifar.py', ['smoke', 'cf_loss.C=high'], "cf_loss.C='high': expected a number in [0, 1]"),
+    ('train_cifar.py', ['smoke', 'cf_opt.lr=[0.1]'], 'cf_opt.lr=[0.1]: expected a number > 0'),
+    ('train_cifar.py', ['smoke', 'cf_scheduler.milestones=5'],
+     'cf_scheduler.milestones=5: expected a list of integers >= 0'),
+    ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "cf_net.call='ResNet9000': unknown"),
+    ('train_cifar.py', ['smoke', 'cf_trn.n_per_class=40'],
+     'cf_trn asks for n_per_class=40 images per class, but class 0 of data/smoke/cifar-100-python '
+     'has 30; lower n_per_class'),
+    ('train_cifar.py', ['semisup', 'smoke'],  # a smoke-sized one: cf_trn.n_unl_per_class=10
+     'cf_trn asks for n_per_class=20 + n_unl_per_class=350 = 370 images per class, but class 0 '),
+    ('train_cifar.py', [str(Path('snapshots') / '1' / 'config.json'), 'parent_snapshot=1'],
+     'has trained 2 epochs already and n_epochs=2: there is nothing to train; to train longer: '),
     ('train_cifar.py', ['smoke', 'cf_loss.n_exits=5'], 'cf_loss n_exits=5 but the model has 3'),
     ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
     ('train_cifar.py', ['smoke', 'gpu=3'], 'gpu=3 but this machine has'),
@@ -192,7 +273,8 @@ def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
-    assert set(before) <= {p.name for p in snaps.iterdir()}  # nothing written earlier is lost
+    # nothing written earlier is lost, and the refused run leaves no folder
+    assert before == sorted(p.name for p in snaps.iterdir())
 
 
 @pytest.fixture
@@ -225,16 +307,16 @@ def test_smoke_block_works_after_the_main_command_failed(tmp_path, no_download, 
     evaluates the smoke run."""
     snaps = tmp_path / 'snapshots'
     failed = run_script(script, cwd=tmp_path, snapshots=snaps, check=False, env=no_download)
-    assert failed.returncode == 2 and (snaps / '1').is_dir()
+    assert failed.returncode == 2 and not (snaps / '1').exists()  # refused: no run folder
     text = (ROOT / page).read_text()
     block = re.search(rf'```bash\n(python3 {script} with smoke\n.*?)```', text, re.S).group(1)
     commands = [shlex.split(line) for line in block.splitlines()]
     assert [c[:2] for c in commands] == [['python3', script], ['python3', 'eval.py']]
     for _, name, *args in commands:
         run_script(name, *args, cwd=tmp_path, snapshots=snaps)
-    evaluation = read(snaps / '3' / 'run.json')
+    evaluation = read(snaps / '2' / 'run.json')
     assert evaluation['experiment']['name'] == 'eval' and evaluation['status'] == 'COMPLETED'
-    assert (snaps / '3' / 'cout.txt').read_text().startswith(f'{snaps}/2/')  # the smoke run
+    assert (snaps / '2' / 'cout.txt').read_text().startswith(f'{snaps}/1/')  # the smoke run
 
 
 def test_semi_supervised_run(workdir, tmp_path):

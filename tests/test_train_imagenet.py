@@ -140,3 +140,24 @@ def test_torchrun_two_processes_train_as_one(workdir, tmp_path):
     alone, two = (read(snaps / run / 'metrics.json') for run in ('1', '2'))
     assert two['train.loss']['values'] == pytest.approx(alone['train.loss']['values'], rel=1e-5)
     assert two['val.acc1_clf0']['values'] == alone['val.acc1_clf0']['values']
+
+
+def test_the_default_top_k_fits_a_data_set_of_fewer_than_5_classes(tmp_path):
+    """top-1 and top-5 by default, top-1 alone for 4 classes; an explicit top-5 is refused with
+    the setting that fits."""
+    import train_imagenet
+    from multiexit.errors import ConfigError
+    from multiexit.image_folders import write_fake_image_folders
+    from multiexit.training import Run
+
+    config = dict(train_imagenet.ex.run('print_config', named_configs=['smoke']).config)
+    data = write_fake_image_folders(tmp_path / 'four', n_classes=4)
+    config.update(data_dir=str(data), seed=0, **{split: dict(config[split], n_workers=0)
+                                                 for split in ('cf_trn', 'cf_val')})
+    build = lambda cf_loss: Run.from_config(dict(config, cf_loss=cf_loss), tmp_path / 'run',
+                                            tmp_path, None, 'train_imagenet.py')
+    assert config['cf_loss']['acc_tops'] is None
+    assert build(config['cf_loss']).acc_tops == (1,)
+    with pytest.raises(ConfigError, match=r'top-5 needs as many classes, ImageFolder has 4; '
+                                          r'set cf_loss.acc_tops=\[1\]'):
+        build(dict(config['cf_loss'], acc_tops=[1, 5]))

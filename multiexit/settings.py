@@ -1,0 +1,191 @@
+"""What a training configuration may hold, checked before anything is built or loaded.
+
+``check(config)`` raises one ConfigError for the first bad value: the key, the value and what
+is expected. It covers the numeric and switch settings of the training scripts and of
+``cf_loss``, ``cf_opt``, ``cf_scheduler``, ``cf_trn`` and ``cf_val`` (where a key is present;
+keys that the chosen classes do not take are the builders' to report), and that every ``call``
+names a class and every key of a ``cf_*`` dict is an argument of some class of its kind.
+``classes(section)`` is what a ``call`` may name; ``ignored_keys`` lists the keys that the
+chosen ``call`` does not take (left behind by another class, which sacred's merged dicts keep).
+"""
+import difflib
+import inspect
+import math
+import os
+
+import torch
+
+from . import datasets, losses, models
+from .errors import ConfigError
+
+REGISTRIES = {'cf_net': models.REGISTRY, 'cf_loss': losses.REGISTRY,
+              'cf_trn': datasets.REGISTRY, 'cf_val': datasets.REGISTRY}
+# torch's classes that cf_opt and cf_scheduler may name: (module, base class)
+MODULES = {'cf_opt': (torch.optim, torch.optim.Optimizer),
+           'cf_scheduler': (torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)}
+SECTIONS = (*REGISTRIES, *MODULES)
+COMPILE_MODES = (False, None, 'default', 'reduce-overhead', 'max-autotune')
+
+
+def _plain(value):
+    """sacred's read-only containers as lists and dicts, so that messages show plain values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def integer(low, optional=False):
+    """An integer >= ``low`` (or None when ``optional``)."""
+    what = f'an integer >= {low}' + (' or None' if optional else '')
+    return what, lambda v: (optional and v is None) or (_is_int(v) and v >= low)
+
+
+def number(low, high=math.inf, low_open=False, high_open=False):
+    """A finite number in the interval from ``low`` to ``high``."""
+    left, right = '(' if low_open else '[', ')' if high_open else ']'
+    what = (f'a number > {low}' if low_open else f'a number >= {low}') if high == math.inf \
+        else f'a number in {left}{low}, {high}{right}'
+
+    def ok(v):
+        return (_is_number(v) and (v > low if low_open else v >= low)
+                and (v < high if high_open else v <= high))
+    return what, ok
+
+
+def integers(low, length=None, optional=False):
+    """A list of integers >= ``low`` (of ``length`` of them, else at least one)."""
+    size = f'{length} integers' if length else 'a list of integers'
+    what = f'{size} >= {low}' + (' or None' if optional else '')
+
+    def ok(v):
+        if optional and v is None:
+            return True
+        return (isinstance(v, (list, tuple)) and len(v) == (length or max(len(v), 1))
+                and all(_is_int(x) and x >= low for x in v))
+    return what, ok
+
+
+def numbers(low, high, length):
+    what = f'{length} numbers in [{low}, {high})'
+    return what, lambda v: (isinstance(v, (list, tuple)) and len(v) == length
+                            and all(_is_number(x) and low <= x < high for x in v))
+
+
+def one_of(*values):
+    return (' or '.join(map(repr, values)),
+            lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values))
+
+
+SWITCH = one_of(True, False)
+PATH = 'a path', lambda v: isinstance(v, (str, os.PathLike))
+
+DATA = {'n_per_class': integer(1, optional=True), 'nval_per_class': integer(1),
+        'n_unl_per_class': integer(0, optional=True), 'lab_unl_ratio': integers(0, length=2),
+        'seed': integer(0), 'augment': SWITCH, 'image_size': integer(1),
+        'n_workers': integer(0, optional=True)}
+RULES = {
+    'n_epochs': integer(1), 'batch_size': integer(1), 'val_batch_size': integer(1),
+    'save_interval': integer(0), 'ddp_timeout_s': number(0, low_open=True),
+    'data_dir': PATH, 'generate_fake_data': SWITCH, 'compile': one_of(*COMPILE_MODES),
+    **{switch: SWITCH for switch in ('amp', 'channels_last', 'cuda_graph', 'deterministic',
+                                     'cudnn_benchmark', 'sync_bn')},
+    'cf_loss': {'C': number(0, 1), 'maxprob': number(0, 1, low_open=True),
+                'global_scale': number(0, low_open=True), 'T': number(0, low_open=True),
+                'Tmult': number(1), 'n_exits': integer(1, optional=True),
+                'acc_tops': integers(1, optional=True)},
+    'cf_opt': {'lr': number(0, low_open=True), 'momentum': number(0, 1),
+               'dampening': number(0, 1), 'weight_decay': number(0), 'nesterov': SWITCH,
+               'eps': number(0, low_open=True), 'betas': numbers(0, 1, 2), 'alpha': number(0),
+               'amsgrad': SWITCH},
+    'cf_scheduler': {'milestones': integers(0), 'gamma': number(0, low_open=True),
+                     'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)},
+    'cf_trn': DATA,
+    'cf_val': DATA,
+}
+
+
+def _check_value(key, value, rule):
+    what, ok = rule
+    if not ok(value):
+        raise ConfigError(f'{key}={_plain(value)!r}: expected {what}')
+
+
+def _closest(word, options):
+    match = difflib.get_close_matches(word, sorted(options), n=1)
+    return f' (did you mean {match[0]}?)' if match else ''
+
+
+def _arguments(cls):
+    return set(inspect.signature(cls).parameters) - {'self', 'params', 'optimizer'}
+
+
+def classes(section):
+    """{call: class} of what the ``section`` ('cf_net', 'cf_opt', ...) may name."""
+    if section in REGISTRIES:
+        return REGISTRIES[section]
+    module, base = MODULES[section]
+    return {name: cls for name, cls in vars(module).items()
+            if isinstance(cls, type) and issubclass(cls, base) and cls is not base
+            and not name.startswith('_')}
+
+
+def _check_calls_and_keys(section, cf):
+    if not isinstance(cf, dict):
+        raise ConfigError(f'{section}={_plain(cf)!r}: expected a dict with a call')
+    family = classes(section)
+    call = cf.get('call')
+    if call not in family:
+        raise ConfigError(f'{section}.call={call!r}: unknown{_closest(str(call), family)}; '
+                          f'known: {", ".join(sorted(family))}' if section in REGISTRIES else
+                          f'{section}.call={call!r}: not a class of {MODULES[section][0].__name__}'
+                          f'{_closest(str(call), family)}')
+    known = set().union(*map(_arguments, family.values()))  # others' keys: left behind, dropped
+    for key in cf:
+        if key != 'call' and key not in known:
+            raise ConfigError(f'{section}.{key}: {call} takes no such setting'
+                              f'{_closest(key, known)}; it takes '
+                              f'{", ".join(sorted(_arguments(family[call])))}')
+
+
+def check(config):
+    """Raise ConfigError for the first bad value of a training ``config`` (module docstring)."""
+    for key, rule in RULES.items():
+        if key not in config:
+            continue
+        if isinstance(rule, dict):
+            _check_calls_and_keys(key, config[key])
+            for sub, sub_rule in rule.items():
+                if sub in config[key]:
+                    _check_value(f'{key}.{sub}', config[key][sub], sub_rule)
+        else:
+            _check_value(key, config[key], rule)
+    if 'cf_net' in config:
+        _check_calls_and_keys('cf_net', config['cf_net'])  # its values: the models' checks
+    trn = config.get('cf_trn', {})
+    if trn.get('n_per_class') is not None and trn.get('nval_per_class', 0) >= trn['n_per_class']:
+        raise ConfigError(f"cf_trn.nval_per_class={trn['nval_per_class']} must be below "
+                          f"cf_trn.n_per_class={trn['n_per_class']}: the validation images are "
+                          'drawn from those of each class, the rest are for training')
+    if trn.get('n_unl_per_class') and not any(trn.get('lab_unl_ratio') or ()):
+        raise ConfigError(f"cf_trn.n_unl_per_class={trn['n_unl_per_class']} needs "
+                          "cf_trn.lab_unl_ratio=[r_lab, r_unl], e.g. '[1, 1]': how many "
+                          'labelled and unlabelled images an epoch interleaves')
+
+
+def ignored_keys(section, cf, keys):
+    """Which of ``keys`` (of the dict ``cf`` of ``section``, e.g. 'cf_loss') its ``call`` does
+    not take, though another class of its kind does (``registry.build`` drops them)."""
+    cls = classes(section).get(cf.get('call'))
+    return [] if cls is None else sorted(k for k in keys if k != 'call' and k in cf
+                                         and k not in _arguments(cls))
