@@ -1,4 +1,5 @@
 """train_cifar.py and eval.py end to end, on generated data, on CPU."""
+import importlib
 import json
 import math
 import re
@@ -162,6 +163,37 @@ def test_eval_of_several_snapshots_overlays_them(trained, workdir):
     for name in ('anytime.csv', 'budgeted.csv'):
         assert set(pd.read_csv(eval_run / name)['snapshot'].astype(str)) == {'full', '2'}
     assert_png(eval_run / 'budgeted.png')
+
+
+def test_eval_names_the_run_a_name_took_and_labels_figures_by_run_name_and_method(trained,
+                                                                                 monkeypatch):
+    snaps, procs = trained
+    assert "snapshot_name='full': run 1 (COMPLETED)" in procs['eval'].stdout
+    script = importlib.import_module('eval')
+    monkeypatch.setattr(script, 'SNAPSHOT_DIR', str(snaps))
+    assert script.snapshot_label('full') == 'DBT: full (run 1)'
+    assert script.snapshot_label('2') == 'DBT: smoke (run 2)'  # the smoke config's name
+    best = next((snaps / '1').glob('ep*.pt'))
+    assert script.snapshot_label(str(best)) == f'DBT: full (run 1, {best.stem})'
+
+
+def test_eval_of_a_named_run_without_checkpoint_or_without_a_name_says_so(tmp_path):
+    snaps = tmp_path / 'snapshots'
+    (snaps / '1').mkdir(parents=True)  # a training run that failed before its first epoch
+    (snaps / '1' / 'config.json').write_text(json.dumps({'snapshot_name': 'broken'}))
+    (snaps / '1' / 'run.json').write_text(json.dumps({'status': 'FAILED',
+                                                      'experiment': {'name': 'train_cifar'}}))
+    for args, message in (
+            (['with', 'snapshot_name=broken'],
+             f"error: snapshot_name='broken' is the name of training run 1 (FAILED) in {snaps}/, "
+             f'but no epoch of it finished, so there is no checkpoint'),
+            ([], f'error: no snapshot_name given, and no training run in {snaps}/ has the '
+                 f'default one, test:0 (the name of a training run that sets none): set '
+                 f'snapshot_name=')):
+        proc = run_script('eval.py', *args, cwd=tmp_path, snapshots=snaps, check=False)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+        assert errors[0].startswith(message)
 
 
 def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
