@@ -58,7 +58,10 @@ def test_exit_report_is_flat_with_costs_and_a_row_per_exit():
         [(z.argmax(-1) == labels).double().mean().item() for z in logits])
     assert frame['acc1_ens'][0] == frame['acc1'][0]
     table = per_exit_table(frame).splitlines()
-    assert len(table) == 1 + 3 + 1 and 'MMACs' in table[0] and 'ECE' in table[0]
+    assert len(table) == 1 + 3 + 1 and table[0].split('  ')[:4] == ['exit', 'top-1 %', 'top-5 %',
+                                                                     'ensemble top-1 %']
+    assert 'ECE %' in table[0] and 'MMACs' in table[0]  # percent, saying so; costs in millions
+    assert table[1].split()[1] == f'{100 * frame["acc1"][0]:.2f}'
 
 
 def assert_png(path):

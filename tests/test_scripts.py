@@ -80,6 +80,9 @@ def test_cout_has_the_table_but_no_progress_bars(trained):
     snaps, procs = trained
     cout = (snaps / '1' / 'cout.txt').read_text()
     assert 'val top-1 of exit' in cout and '\r' not in cout and 'it/s' not in cout
+    header = cout.index('val top-1 of exit')  # the units and what the first columns average
+    assert cout[:header].splitlines()[-2] == ('accuracies in %; trn@1, val@1 and val@5: the mean '
+                                              'over the exits')
     assert 'it/s' in procs['full'].stderr  # the terminal did get a progress bar
 
 
@@ -117,7 +120,7 @@ PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params') f
 def test_eval_prints_table_and_returns_metrics(trained):
     snaps, procs = trained
     out = procs['eval'].stdout
-    assert 'top-1' in out and 'ensemble top-1' in out and 'ECE' in out and 'MMACs' in out
+    assert 'top-1 %' in out and 'ensemble top-1 %' in out and 'ECE %' in out and 'MMACs' in out
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
     assert set(result) == set(metric_names(3, (1, 5))) | PER_EXIT
@@ -266,7 +269,9 @@ def test_smoke_block_works_after_the_main_command_failed(tmp_path, no_download, 
         run_script(name, *args, cwd=tmp_path, snapshots=snaps)
     evaluation = read(snaps / '3' / 'run.json')
     assert evaluation['experiment']['name'] == 'eval' and evaluation['status'] == 'COMPLETED'
-    assert (snaps / '3' / 'cout.txt').read_text().startswith(f'{snaps}/2/')  # the smoke run
+    said, evaluated = (snaps / '3' / 'cout.txt').read_text().splitlines()[:2]
+    assert re.fullmatch(r"snapshot_name='smoke(-imagenet)?': run 2 \(COMPLETED\)", said)
+    assert evaluated.startswith(f'{snaps}/2/')  # the smoke run
 
 
 def test_semi_supervised_run(workdir, tmp_path):
