@@ -1,10 +1,10 @@
 """Evaluate trained multi-exit networks on the test split, as a sacred experiment.
 
-    python eval.py with snapshot_name=3               # run id (folder of snapshots/)
-    python eval.py with snapshot_name=test:0          # the snapshot_name given at training
-    python eval.py with snapshot_name=snapshots/3/ep120.pt
-    python eval.py with snapshot_name=old_ep300 cf_net.n_exits=11   # a file of the original code
-    python eval.py with "snapshot_name=['3', '5']"    # several, overlaid in the figures
+    python3 eval.py with snapshot_name=3              # run id (folder of snapshots/)
+    python3 eval.py with snapshot_name=test:0         # the snapshot_name given at training
+    python3 eval.py with snapshot_name=snapshots/3/ep120.pt
+    python3 eval.py with snapshot_name=old_ep300 cf_net.n_exits=11  # a file of the original code
+    python3 eval.py with "snapshot_name=['3', '5']"   # several, overlaid in the figures
 
 Prints per exit top-1, top-5, ensemble accuracy, calibration error and cost; fits early-exit
 thresholds on the training run's validation split and applies them to the test split
@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from multiexit import checkpoints, datasets, flops, plots
+from multiexit import checkpoints, datasets, flops, plots, runs
 from multiexit.budgeted import budget_sweep
-from multiexit.errors import ConfigError, reported_as_one_line
+from multiexit.errors import ConfigError, SnapshotError, reported_as_one_line
 from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,
                                   per_exit_table)
 from multiexit.metrics import check_tops, default_tops
@@ -42,7 +42,8 @@ PAPER_VAL = dict(call='Cifar100', n_per_class=150, nval_per_class=50, seed=0)
 def config():
     gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU
     snapshot_name = None  # run id, snapshot_name given at training, run dir, file, or a list
-    #   of them (None: 'test:0', the name train_cifar.py gives by default)
+    #   of them (None: 'test:0', the name train_cifar.py gives by default); of several runs
+    #   with one name, the newest COMPLETED one
     checkpoint = None  # in a run: None or 'best' (validation acc1_avg), 'last' or an epoch number
     cf_test = dict(  # test data (None: the training run's data set and subset seed)
         call=None,  # 'Cifar100', 'Cifar10', 'ImageFolder' (its val/) or 'ImageNet' (val_images/)
@@ -67,10 +68,42 @@ def training_config(path):
         return {}
 
 
+def snapshot_label(name):
+    """How the figures name a snapshot: its training run's method, name and id (the name as
+    given for a file outside a run)."""
+    path = checkpoints.resolve(name, SNAPSHOT_DIR)
+    trained = runs.flatten(training_config(path))
+    if not trained:
+        return str(name)
+    run = path if path.is_dir() else path.parent
+    epoch = f', {path.stem}' if path.is_file() and path.name != checkpoints.LAST else ''
+    return (f'{runs.method_label(trained) or "?"}: {trained.get("snapshot_name", name)} '
+            f'(run {run.name}{epoch})')
+
+
+def default_snapshot():
+    """The snapshot of an eval.py without snapshot_name: the default name of training runs,
+    said as such (the user never typed it)."""
+    default = checkpoints.DEFAULT_NAME
+    try:
+        checkpoints.resolve(default, SNAPSHOT_DIR)
+    except checkpoints.UnknownSnapshot:
+        raise SnapshotError(f'no snapshot_name given, and no training run in {SNAPSHOT_DIR}/ has '
+                            f'the default one, {default} (the name of a training run that sets '
+                            f'none): set snapshot_name=<run id, snapshot name or path> (python3 '
+                            f'-m multiexit.runs lists the runs)') from None
+    except SnapshotError as e:
+        raise SnapshotError(f'no snapshot_name given, so the default, {default}: {e}') from None
+    print(f'no snapshot_name given: evaluating the default, {default} (the name of a training '
+          f'run that sets none)')
+    return default
+
+
 def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
                       cf_net):
     """(flat metrics, anytime frame, budgeted frame) of one snapshot."""
-    path = checkpoints.pick_checkpoint(checkpoints.resolve(name, SNAPSHOT_DIR), checkpoint)
+    path = checkpoints.pick_checkpoint(checkpoints.resolve(name, SNAPSHOT_DIR, say=print),
+                                       checkpoint)
     model, net, ckpt = load_model(path, device, plain(cf_net))
     n_exits = len(model.exits)
     if cf_loss.get('n_exits', n_exits) != n_exits:
@@ -112,7 +145,7 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         if acc_tops is not None and 1 not in acc_tops:
             raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
                               f'curves are top-1)')
-        snapshot_name = 'test:0' if snapshot_name is None else snapshot_name
+        snapshot_name = default_snapshot() if snapshot_name is None else snapshot_name
         checkpoint = 'best' if checkpoint is None else checkpoint
         names = [str(n) for n in (snapshot_name if isinstance(snapshot_name, (list, tuple))
                                   else [snapshot_name])]
@@ -133,8 +166,9 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         anytime, budgeted = pd.concat(anytime), pd.concat(budgeted)
         anytime.to_csv(run_dir / 'anytime.csv', index=False)
         budgeted.to_csv(run_dir / 'budgeted.csv', index=False)
-        plots.anytime_figure(anytime, run_dir / 'anytime.png')
-        plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted.png')
+        labels = {name: snapshot_label(name) for name in names}
+        plots.anytime_figure(anytime, run_dir / 'anytime.png', labels)
+        plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted.png', labels)
         print(f'wrote anytime.csv, budgeted.csv, anytime.png and budgeted.png to {run_dir}')
         return results[names[0]] if len(names) == 1 else results
 

@@ -1,6 +1,6 @@
 """Training throughput of the paper's MsdNet + DBT with DDP, for one process or several.
 
-    python benchmarks/ddp_throughput.py --device cpu               # 1 process
+    python3 benchmarks/ddp_throughput.py --device cpu               # 1 process
     torchrun --nproc_per_node=2 benchmarks/ddp_throughput.py --device cpu
     torchrun --nproc_per_node=8 benchmarks/ddp_throughput.py       # 8 GPUs
 

@@ -9,7 +9,7 @@ core, and --jobs N gives each of N CPU cells cores / N threads) or N:T (the same
 OMP_NUM_THREADS=T). The default, 1 1:1 2, separates what running two cells at once gains from
 what one thread per process gains. Writes benchmarks/results/<date>-grid_jobs-cpu.json: the
 commands, every wall time, the load average before and after each, and whether every grid
-wrote the same grid.md.
+wrote the same table (results/grid-quick.md).
 """
 import argparse
 import datetime
@@ -42,7 +42,7 @@ def timed_grid(setup, work):
         sys.exit(f'error: {" ".join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}')
     return dict(setup=setup, jobs=int(jobs), omp_num_threads=threads or None,
                 wall_s=round(wall, 2), load_average_before_after=[load, os.getloadavg()]), \
-        (work / 'results' / 'grid.md').read_text()
+        (work / 'results' / 'grid-quick.md').read_text()
 
 
 def main():

@@ -1,8 +1,8 @@
 """Training and evaluation throughput of the paper's MsdNet + DBT, side by side in one process.
 
-    python benchmarks/train_throughput.py                  # CUDA if available, else CPU
-    python benchmarks/train_throughput.py --device cpu --steps 10
-    python benchmarks/train_throughput.py --modes reference,default --no-eval
+    python3 benchmarks/train_throughput.py                  # CUDA if available, else CPU
+    python3 benchmarks/train_throughput.py --device cpu --steps 10
+    python3 benchmarks/train_throughput.py --modes reference,default --no-eval
 
 Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one change at a time:
   reference          the original's mechanics: per-image torchvision transforms in a DataLoader

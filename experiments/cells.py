@@ -30,6 +30,7 @@ DEVICE_KEYS = {'gpu'}
 # Output to a log file: without progress bars, which would fill it, and each line at once, so
 # that it can be followed (tail -f).
 TO_FILE = {'TQDM_DISABLE': '1', 'PYTHONUNBUFFERED': '1'}
+TEE_WAIT_S = 10  # for the rest of a script's stderr once it ended
 
 
 @dataclass(frozen=True)
@@ -139,15 +140,20 @@ class Outcome:
     status: str  # 'done' (before), 'ran' (done now), 'failed' or 'interrupted'
     train: pd.Series = None  # the training run's row
     test: pd.Series = None  # the evaluation run's row
-    reason: str = ''  # of a failure: which script, and its exit code
+    reason: str = ''  # of a failure: which script, its exit code and its error line
+    code: int = None  # of a failure: the exit code of the script that failed
+    error: str = None  # of a failure: that script's last 'error: ...' line, if it printed one
+    kept: bool = False  # of an interruption: a training run of the cell has a last.pt
 
 
 def call(script, updates, snapshots, stop, log=None, env=None, training=False, preexec=None):
-    """Run a script of the repository as a user would; returns its exit code.
+    """Run a script of the repository as a user would; returns (its exit code, its last
+    'error: ...' line or None).
 
-    Its output goes to the file ``log``, else to this terminal. It runs in a session of its own,
-    so that a Ctrl-C on the terminal reaches this process only, which passes it on to a training
-    process through ``stop``.
+    Its output goes to the file ``log``, else to this terminal (stderr through this process,
+    which watches it for the error line). It runs in a session of its own, so that a Ctrl-C on
+    the terminal reaches this process only, which passes it on to a training process through
+    ``stop``.
     """
     cmd = [sys.executable, str(ROOT / script), 'with', *updates]
     env = dict(os.environ if env is None else env, MULTIEXIT_SNAPSHOTS=str(snapshots))
@@ -155,21 +161,50 @@ def call(script, updates, snapshots, stop, log=None, env=None, training=False, p
         env.update(TO_FILE)
     print(f'$ MULTIEXIT_SNAPSHOTS={shlex.quote(str(snapshots))} {shlex.join(cmd)}', flush=True,
           file=log or sys.stdout)
+    start = os.path.getsize(log.name) if log is not None else 0
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=None if log is None else subprocess.STDOUT,
+                            stderr=subprocess.PIPE if log is None else subprocess.STDOUT,
                             start_new_session=True, preexec_fn=preexec)
+    tee = Tee(proc.stderr) if log is None else None
     try:
         if training:
             stop.training.add(proc)
             while proc.poll() is None and stop.signum is None:
                 stop.event.wait(1)
             stop.send(proc)
-        return proc.wait()
+        code = proc.wait()
     finally:  # left by an exception (a cluster task's requeue): the process stops first
         if proc.poll() is None:
             stop.send(proc, signal.SIGTERM)
             proc.wait()
         stop.training.discard(proc)
+        if tee is not None:  # its end: a process the script left behind may hold it open
+            tee.join(TEE_WAIT_S)
+    return code, tee.error() if tee is not None else last_error(log.name, start)
+
+
+class Tee(threading.Thread):
+    """Copies a process's stderr to this one's as it comes (progress bars too) and keeps its
+    end, for its last 'error: ...' line (``error()``)."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.tail = stream, b''
+        self.start()
+
+    def error(self):
+        return _error_line(self.tail.decode(errors='replace'))
+
+    def run(self):
+        out = getattr(sys.stderr, 'buffer', None)
+        for chunk in iter(lambda: os.read(self.stream.fileno(), 1 << 16), b''):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:  # a stderr without bytes (pytest's capture)
+                print(chunk.decode(errors='replace'), end='', file=sys.stderr, flush=True)
+            self.tail = (self.tail + chunk)[-(1 << 16):]
+        self.stream.close()
 
 
 def log_path(out, cell):
@@ -195,12 +230,10 @@ def run_cell(cell, snapshots, stop, log=None, env=None, warn=print, say=print, p
 
     ``say`` reports each step; ``log``, ``env`` and ``preexec`` go to ``call``."""
     def step(script, updates, training=False):
-        """(how the script ended, the runs after it)."""
-        start = os.path.getsize(log.name) if log is not None else 0
-        code = call(script, updates, snapshots, stop, log, env, training, preexec)
-        error = last_error(log.name, start) if log is not None else None
-        ended = f'{script} exit code {code}' + (f' ({error})' if error else '')
-        return ended, load(snapshots, warn)
+        """(Outcome of a failure of the script, the runs after it)."""
+        code, error = call(script, updates, snapshots, stop, log, env, training, preexec)
+        reason = f'{script} exit code {code}' + (f' ({error})' if error else '')
+        return Outcome('failed', reason=reason, code=code, error=error), load(snapshots, warn)
 
     train, parent, test = state(load(snapshots, warn), cell, snapshots)
     if train is not None and test is not None:
@@ -208,21 +241,27 @@ def run_cell(cell, snapshots, stop, log=None, env=None, warn=print, say=print, p
     if train is None:
         resume = [] if parent is None else [f'parent_snapshot={parent["run"]}']
         say('training' if parent is None else f'resuming run {parent["run"]}')
-        ended, table = step(cell.script, cell.updates + resume, training=True)
-        train, _, test = state(table, cell, snapshots)
+        failure, table = step(cell.script, cell.updates + resume, training=True)
+        train, parent, test = state(table, cell, snapshots)
         if train is None:
             if stop.signum is not None:
-                return Outcome('interrupted')
-            return Outcome('failed', reason=ended)
+                return Outcome('interrupted', kept=parent is not None)
+            return failure
         if stop.signum is not None:  # trained just before the signal; tested next time
             return Outcome('interrupted', train)
     if test is None:
         say(f'testing run {train["run"]}')
-        ended, table = step('eval.py', [f'snapshot_name={train["run"]}'])
+        failure, table = step('eval.py', [f'snapshot_name={train["run"]}'])
         test = evaluation(table, train['run'])
         if test is None:
-            return Outcome('failed', train, reason=ended)
+            failure.train = train
+            return failure
     return Outcome('ran', train, test)
+
+
+def _error_line(text):
+    return next((line for line in reversed(text.splitlines()) if line.startswith('error: ')),
+                None)
 
 
 def last_error(path, start=0):
@@ -230,7 +269,6 @@ def last_error(path, start=0):
     try:
         with open(path, 'rb') as f:
             f.seek(start)
-            lines = f.read().decode(errors='replace').splitlines()
+            return _error_line(f.read().decode(errors='replace'))
     except OSError:
         return None
-    return next((line for line in reversed(lines) if line.startswith('error: ')), None)

@@ -28,13 +28,24 @@ terminal; with ``--jobs N``, up to N at once, each with its log in ``<out>/logs/
 (``local.py``); with ``--cluster``, as tasks of a job array (``cluster.py``). Grids that share a
 snapshots folder at the same time must have disjoint cells.
 
-Writes to ``--out`` (results/), after every cell that ran and at the end: grid.md (test top-1
-per exit, mean ± std over seeds, and the difference of every method to standard training,
-paired by seed), grid.csv (one row per run and exit) and grid.png (accuracy per exit, one panel
-per training-set size, one line per method).
+Writes to ``--out`` (results/), after every cell that ran and at the end, ``<name>.md`` (test
+top-1 per exit in %, mean ± std over seeds, and the difference of every method to standard
+training, paired by seed), ``<name>.csv`` (one row per run and exit, accuracies as fractions)
+and ``<name>.png`` (accuracy per exit, one panel per training-set size, one line per method),
+each saying what it covers (data set, network, epochs, seeds). The name tells the grids apart
+(``output_name``: results/grid.md for the full CIFAR-100 grid, results/grid-quick.md for
+--quick, results/grid_standard+dbt_n25+50.md for ``--methods standard dbt --sizes 25 50``, ...),
+so that no grid overwrites another's results. It leaves the seeds out: the rows are every
+finished cell of the snapshots folder with these methods, sizes and settings, whatever the
+seeds asked for, so that ``--seeds 1`` after ``--seeds 0`` writes one table of both.
+
+An error that every cell would repeat (the data set missing, a wrong setting after --) stops
+the grid at once with that line (``schedule.py``).
 """
 import argparse
+import hashlib
 import os
+import re
 import shlex
 import signal
 import sys
@@ -47,8 +58,9 @@ if not __package__:  # python3 experiments/grid.py: the repository is not on the
 import pandas as pd  # noqa: E402
 
 from experiments import cluster, local, tables  # noqa: E402
-from experiments.cells import (Cell, Stop, last_error, load, log_path, run_cell,  # noqa: E402
-                               state)
+from experiments.cells import (DEVICE_KEYS, Cell, Stop, last_error, load, log_path,  # noqa: E402
+                               run_cell, state)
+from experiments.schedule import Schedule  # noqa: E402
 from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line  # noqa: E402
 
 EXIT_CELLS_FAILED = 1
@@ -156,6 +168,41 @@ def plan(preset, methods, sizes, seeds, epochs, extra=()):
     return cells
 
 
+def output_name(preset, methods, sizes, epochs, extra=()):
+    """The name of a grid's table, CSV and figure (<out>/<name>.md, .csv, .png): the prefix of
+    its snapshot names (the data set and --quick), then its methods, sizes and epochs where they
+    are not the preset's, and the config updates given after -- (gpu= aside). Not its seeds:
+    a grid over more seeds of the same cells writes the same files, with every seed."""
+    parts = [preset.prefix]
+    methods = [m for m in METHODS if m in methods]
+    if methods != [m for m in METHODS if m in preset.methods]:
+        parts.append('+'.join(methods))
+    sizes = sorted(sizes, key=tables.size_key)
+    if sizes != sorted(preset.sizes, key=tables.size_key):
+        parts.append('n' + '+'.join(map(str, sizes)))
+    if epochs != preset.epochs:
+        parts.append(f'{epochs}ep')
+    updates = '+'.join(u for u in extra if u.partition('=')[0] not in DEVICE_KEYS)
+    if updates:
+        slug = re.sub(r'[^\w.=+-]', '-', updates)
+        parts.append(slug if len(slug) <= 60 else
+                     f'{slug[:40]}-{hashlib.sha1(updates.encode()).hexdigest()[:8]}')
+    return '_'.join(parts)
+
+
+def seeds_done(table, preset, methods, sizes):
+    """The seeds of the training runs of the snapshots folder named as cells of these methods
+    and sizes (whether they are this grid's cells, ``state`` tells)."""
+    train = table[table['experiment'] == Path(preset.script).stem] if len(table) else table
+    names = {f'{preset.prefix}/{m}/n{size}' for m in methods for size in sizes}
+    seeds = set()
+    for name in train.get('snapshot_name', pd.Series(dtype=object)).dropna().astype(str):
+        cell, _, seed = name.rpartition('/s')
+        if cell in names and seed.isdigit():
+            seeds.add(int(seed))
+    return seeds
+
+
 def parse_args(argv):
     """(options, config updates given after --)."""
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
@@ -185,8 +232,9 @@ def parse_args(argv):
                         default=Path(os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')),
                         help='runs folder (default: $MULTIEXIT_SNAPSHOTS or snapshots)')
     parser.add_argument('--out', type=Path, default=Path('results'),
-                        help='folder for grid.md, grid.csv, grid.png and the logs (default: '
-                             'results)')
+                        help='folder for the table, the CSV, the figure and the logs (default: '
+                             'results); their name says which grid they hold, e.g. '
+                             'results/grid-quick.md')
     parser.add_argument('--dry-run', action='store_true',
                         help='list the cells and what would run, run nothing')
     parser.add_argument('--jobs', type=int, default=1, metavar='N',
@@ -216,26 +264,40 @@ def check(args, extra):
 
 
 class Results:
-    """The rows of the finished cells, written in the cells' order whatever order they came in."""
+    """The rows of the finished cells, written in the cells' order whatever order they came in,
+    to <out>/<name>.md, .csv and .png; ``description``: what the grid is, besides what its rows
+    tell (data set, network, epochs, seeds)."""
 
-    def __init__(self, cells, methods, out, description):
+    def __init__(self, cells, methods, out, name, description):
         self.order = {cell.name: i for i, cell in enumerate(cells)}
-        self.methods, self.out, self.description = methods, out, description
+        self.methods, self.out, self.name, self.description = methods, out, name, description
         self.rows = {}
 
     def add(self, cell, train, test):
         self.rows[cell.name] = tables.cell_rows(cell, train, test)
 
+    def gather(self, table, cells, snapshots):
+        """Adds those of ``cells`` that are done in the snapshots folder (of seeds not asked
+        for this time); returns them."""
+        done = []
+        for cell in cells:
+            train, _, test = state(table, cell, snapshots)
+            if test is not None:
+                self.add(cell, train, test)
+                done.append(cell)
+        return done
+
     def write(self):
         rows = [row for name in sorted(self.rows, key=self.order.get) for row in self.rows[name]]
         labels = {m: METHODS[m].label for m in self.methods}
-        tables.write_results(pd.DataFrame(rows), self.methods, labels, self.out, self.description)
+        tables.write_results(pd.DataFrame(rows), self.methods, labels, self.out, self.name,
+                             self.description)
 
     def show(self):
         if self.rows:
             self.write()
-            print((self.out / 'grid.md').read_text())
-            print(f'wrote grid.md, grid.csv and grid.png to {self.out}')
+            print((self.out / f'{self.name}.md').read_text())
+            print(f'wrote {self.name}.md, {self.name}.csv and {self.name}.png to {self.out}')
 
 
 def main(argv=None):
@@ -263,15 +325,27 @@ def run(args, extra, command):
     if 'semisup' in methods and preset.script != 'train_cifar.py':
         raise ConfigError('semisup: the semi-supervised cells are train_cifar.py\'s (its '
                           'semisup named config); not with --data imagenet')
-    cells = plan(preset, methods, sizes, seeds, epochs, extra)
-    description = '; '.join(
-        [f'{len(cells)} training runs: methods {" ".join(methods)}',
-         f'sizes {" ".join(map(str, sizes))}', f'seeds {" ".join(map(str, seeds))}',
-         f'{epochs} epochs']
-        + [f'with {" ".join(preset.named_configs)}'] * bool(preset.named_configs)
-        + [f'-- {" ".join(extra)}'] * bool(extra))
-    print(description, flush=True)
-    results = Results(cells, methods, args.out, description)
+    warn = warn_once()
+    table = load(args.snapshots, warn)
+    every = plan(preset, methods, sizes,
+                 sorted(set(seeds) | seeds_done(table, preset, methods, sizes)), epochs, extra)
+    cells = [c for c in every if c.seed in seeds]
+    named = [f'with {" ".join(preset.named_configs)}'] * bool(preset.named_configs)
+    print('; '.join([f'{len(cells)} training runs: methods {" ".join(methods)}',
+                     f'sizes {" ".join(map(str, sizes))}', f'seeds {" ".join(map(str, seeds))}',
+                     f'{epochs} epochs'] + named + [f'-- {" ".join(extra)}'] * bool(extra)),
+          flush=True)
+    updates = [u for u in extra if u.partition('=')[0] not in DEVICE_KEYS]
+    results = Results(every, methods, args.out, output_name(preset, methods, sizes, epochs, extra),
+                      '; '.join([f'methods {" ".join(methods)}',
+                                 f'sizes {" ".join(map(str, sizes))}'] + named
+                                + [f'-- {" ".join(updates)}'] * bool(updates)))
+    gathered = results.gather(table, [c for c in every if c.seed not in seeds], args.snapshots)
+    if gathered:
+        print(f'and {plural(len(gathered), "finished cell")} of seed'
+              f'{"s" * (len({c.seed for c in gathered}) > 1)} '
+              f'{" ".join(map(str, sorted({c.seed for c in gathered})))} in {args.snapshots}, '
+              f'which the table gathers too', flush=True)
     record = cluster.read_record(args.out)
     if args.resubmit and record is None:
         raise ConfigError(f'--resubmit: no submission recorded in {args.out / cluster.RECORD};'
@@ -282,9 +356,10 @@ def run(args, extra, command):
             raise ConfigError(f'these cells were submitted to a cluster '
                               f'({args.out / cluster.RECORD}): collect them with the plain '
                               f'command, or remove that file to run them here')
-        on_cluster(args, cells, record, results, preset.prefix, grid_command(args, extra))
+        on_cluster(args, cells, record, results, preset.prefix, grid_command(args, extra),
+                   table)
     else:
-        on_this_machine(args, cells, results, command)
+        on_this_machine(args, cells, results, command, table, warn)
 
 
 def grid_command(args, extra):
@@ -314,10 +389,8 @@ def warn_once():
     return warn
 
 
-def on_this_machine(args, cells, results, command):
+def on_this_machine(args, cells, results, command, table, warn):
     """Trains, resumes and tests what is missing, one cell after another or --jobs at once."""
-    warn = warn_once()
-    table = load(args.snapshots, warn)
     todo, heads = [], {c.name: f'[{i}/{len(cells)}] {c.name}' for i, c in enumerate(cells, 1)}
     for cell in cells:
         head = heads[cell.name]
@@ -337,14 +410,14 @@ def on_this_machine(args, cells, results, command):
     if args.jobs > 1 or args.gpus is not None:
         devices = local.Devices(local.visible_gpus() if args.gpus is None else
                                 [] if args.gpus == 'none' else args.gpus.split(','), args.jobs)
-    stop = Stop()
-    failed, stopped = [], 0
+    stop, schedule = Stop(), Schedule(todo)
+    failed, stopped = [], []
     with stop.handling_signals():
         if args.jobs == 1:
-            finished = one_after_another(todo, heads, args.snapshots, stop, devices, warn)
+            finished = one_after_another(schedule, heads, args.snapshots, stop, devices, warn)
         else:
-            finished = local.run_parallel(todo, args.snapshots, args.out, args.jobs, devices,
-                                           stop)
+            finished = local.run_parallel(schedule, args.snapshots, args.out, args.jobs, devices,
+                                          stop)
         try:
             for cell, outcome in finished:
                 if outcome is None:
@@ -356,17 +429,20 @@ def on_this_machine(args, cells, results, command):
                     log = f'; log {log_path(args.out, cell)}' if args.jobs > 1 else ''
                     failed.append(f'{cell.name} ({outcome.reason}{log})')
                 else:
-                    stopped += 1
+                    stopped.append(outcome)
         except Exception:  # e.g. the tables cannot be written: the running cells stop too
             stop.request(signal.SIGTERM)
             raise
         if stop.signum is not None:
             if results.rows:
                 results.write()
-            print(f'interrupted: {stop.name}: {plural(stopped, "cell")} stopped, each with its '
-                  f'last finished epoch in last.pt; to continue, run the same command again: '
-                  f'{command}', file=sys.stderr, flush=True)
+            print(f'interrupted: {stop.name}: {stopped_cells(stopped)}; to continue, run the '
+                  f'same command again: {command}', file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODE_INTERRUPTED)
+        if schedule.repeated:
+            if results.rows:
+                results.write()
+            raise ConfigError(schedule.repeated_error())
         results.show()
     if failed:
         print(f'error: {len(failed)} of {len(cells)} cells failed: {"; ".join(failed)}',
@@ -374,11 +450,23 @@ def on_this_machine(args, cells, results, command):
         raise SystemExit(EXIT_CELLS_FAILED)
 
 
-def one_after_another(cells, heads, snapshots, stop, devices, warn):
+def stopped_cells(outcomes):
+    """What the interrupted cells keep, e.g. '2 cells stopped (1 with its last finished epoch
+    in last.pt, 1 before its first epoch finished: it starts afresh)'."""
+    counts = [(sum(o.train is not None for o in outcomes), 'trained, to be tested'),
+              (sum(o.train is None and o.kept for o in outcomes),
+               'with {its} last finished epoch in last.pt'),
+              (sum(o.train is None and not o.kept for o in outcomes),
+               'before {its} first epoch finished: {it} starts afresh')]
+    kept = ', '.join(f'{n} ' + what.format(its='its' if n == 1 else 'their',
+                                           it='it' if n == 1 else 'they')
+                     for n, what in counts if n)
+    return f'{plural(len(outcomes), "cell")} stopped' + (f' ({kept})' if kept else '')
+
+
+def one_after_another(schedule, heads, snapshots, stop, devices, warn):
     """Yields (cell, Outcome) of each cell in turn, its processes' output on the terminal."""
-    for cell in cells:
-        if stop.signum is not None:
-            return
+    while stop.signum is None and (cell := schedule.take()) is not None:
         head = heads[cell.name]
         gpu = devices.take() if devices else None
         env = devices.env(gpu) if devices else None
@@ -388,15 +476,15 @@ def one_after_another(cells, heads, snapshots, stop, devices, warn):
             devices.give(gpu)
         if outcome.status == 'failed':
             print(f'{head}: failed: {outcome.reason}', flush=True)
+        schedule.ended(cell, outcome)
         yield cell, outcome
 
 
-def on_cluster(args, cells, record, results, name, collect):
+def on_cluster(args, cells, record, results, name, collect, table):
     """Submits the cells that are neither done nor queued or running (--cluster, --resubmit);
     says where every cell is; writes the tables of the done ones."""
     submit = bool(args.cluster or args.resubmit)
     opts = cluster.options(args) if args.cluster else record['options']
-    table = load(args.snapshots, warn_once())
     todo = []
     for cell in cells:
         train, _, test = state(table, cell, args.snapshots)

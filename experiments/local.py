@@ -60,28 +60,34 @@ class Devices:
         return env
 
 
-def run_parallel(cells, snapshots, out, jobs, devices, stop):
-    """Runs the cells, up to ``jobs`` at once; yields (cell, Outcome) as they finish, and None
-    for cells that were not started because ``stop`` was requested."""
-    def work(cell):
-        if stop.signum is not None:
-            return None
+def run_parallel(schedule, snapshots, out, jobs, devices, stop):
+    """Runs the cells of ``schedule``, up to ``jobs`` at once; yields (cell, Outcome) as they
+    finish, and (None, None) for each that was not started: ``stop`` was requested, or the
+    schedule stopped at an error every cell repeats."""
+    def work():
+        cell = schedule.take() if stop.signum is None else None
+        if cell is None:
+            return None, None
         gpu = devices.take()
         try:
-            return run_logged(cell, snapshots, stop, log_path(out, cell),
-                              f'{cell.name}, ' + (f'GPU {gpu}' if gpu is not None else 'CPU'),
-                              env=devices.env(gpu))
+            outcome = run_logged(cell, snapshots, stop, log_path(out, cell),
+                                 f'{cell.name}, ' + (f'GPU {gpu}' if gpu is not None else 'CPU'),
+                                 env=devices.env(gpu))
         finally:
             devices.give(gpu)
+        schedule.ended(cell, outcome)  # before this thread takes its next cell
+        return cell, outcome
 
-    bar = tqdm(total=len(cells), desc='cells', unit='cell', disable=None, dynamic_ncols=True)
+    total = len(schedule.cells)
+    bar = tqdm(total=total, desc='cells', unit='cell', disable=None, dynamic_ncols=True)
     failed = 0
     with bar, ThreadPoolExecutor(jobs, thread_name_prefix='cell') as pool:
-        pending = {pool.submit(work, cell): cell for cell in cells}
+        pending = {pool.submit(work) for _ in range(total)}
         while pending:
             finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
             for future in finished:
-                cell, outcome = pending.pop(future), future.result()
+                pending.discard(future)
+                cell, outcome = future.result()
                 if outcome is not None and outcome.status != 'interrupted':
                     failed += outcome.status == 'failed'
                     bar.update()

@@ -1,7 +1,12 @@
 """The grid's results: test top-1 per exit as a table (mean ± std over seeds, and the paired
 difference of every method to standard training), a CSV with one row per run and exit, and a
-figure. ``labels``: each method's name in them. A size is a number of training images per class
-or ``ALL``."""
+figure, each saying what it covers (data set, network, epochs, seeds). ``labels``: each
+method's name in them. A size is a number of training images per class or ``ALL``.
+
+Accuracies are fractions in the CSV, as in every file the runs write, and percent in the table
+and the figure, which say so."""
+import textwrap
+
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -10,13 +15,32 @@ from matplotlib.ticker import MaxNLocator
 ALL = 'all'  # the size of every training image but the validation ones
 
 
+def size_key(size):
+    """Sizes in order: the numbers, then ALL."""
+    return size == ALL, 0 if size == ALL else size
+
+
 def cell_rows(cell, train, test):
-    """One row per exit: the cell's test top-1 (%) from the evaluation's sacred result."""
+    """One row per exit: the cell's test top-1 (a fraction) from the evaluation's sacred
+    result, and what the training run covers (data set, network, epochs)."""
     exits = sorted(int(k.rsplit('clf', 1)[1]) for k in test.index
                    if k.startswith('result.acc1_clf') and pd.notna(test[k]))
+    epochs = train.get('n_epochs')  # a float where the table has runs without it
+    covers = dict(data=f'{train.get("cf_trn.call")} in {train.get("data_dir")}',
+                  network=train.get('network'), epochs=int(epochs) if pd.notna(epochs) else None)
     return [dict(method=cell.method, size=cell.size, seed=cell.seed, exit=k,
-                 acc1=round(100 * test[f'result.acc1_clf{k}'], 6), train_run=train['run'],
+                 acc1=test[f'result.acc1_clf{k}'], **covers, train_run=train['run'],
                  eval_run=test['run']) for k in exits]
+
+
+def covered(results):
+    """What the rows cover, e.g. 'Cifar100 in data/smoke; network MsdNet; 1 epoch; seeds 0 1'."""
+    def values(column):
+        return ', '.join(str(v) for v in dict.fromkeys(results[column].dropna()))
+    epochs = values('epochs')
+    seeds = sorted(results['seed'].unique())
+    return (f'{values("data")}; network {values("network")}; {epochs} epoch'
+            f'{"s" * (epochs != "1")}; seed{"s" * (len(seeds) > 1)} {" ".join(map(str, seeds))}')
 
 
 def _mean_std(stats, signed=False):
@@ -62,7 +86,7 @@ def tables(results, methods, labels):
 
 def write_markdown(results, methods, labels, path, description):
     accuracy, difference = tables(results, methods, labels)
-    text = ['# Test top-1 accuracy per exit (%)', '', description, '',
+    text = ['# Test top-1 accuracy per exit (%)', '', f'{covered(results)}; {description}', '',
             'Mean ± standard deviation over seeds of each run\'s best-validation snapshot on the '
             'test split; `size`: training images per class.', '', _markdown(accuracy), '']
     if difference is not None:
@@ -91,15 +115,18 @@ def write_figure(results, methods, labels, path, description):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('test top-1 accuracy (%)')
     axes[0].legend(fontsize='small')
-    fig.suptitle(description, fontsize='medium')
+    fig.suptitle(textwrap.fill(f'{covered(results)}; {description}', 40 * len(sizes) + 30),
+                 fontsize='medium')
     fig.tight_layout()
     fig.savefig(path)
 
 
-def write_results(results, methods, labels, out, description):
-    sizes = sorted(results['size'].unique(), key=lambda s: (s == ALL, 0 if s == ALL else s))
+def write_results(results, methods, labels, out, name, description):
+    """<out>/<name>.csv (fractions), .md and .png (percent)."""
+    sizes = sorted(results['size'].unique(), key=size_key)
     results = results.assign(size=pd.Categorical(results['size'], sizes, ordered=True))
     out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / 'grid.csv', index=False)
-    write_markdown(results, methods, labels, out / 'grid.md', description)
-    write_figure(results, methods, labels, out / 'grid.png', description)
+    results.to_csv(out / f'{name}.csv', index=False)
+    shown = results.assign(acc1=100 * results['acc1'])
+    write_markdown(shown, methods, labels, out / f'{name}.md', description)
+    write_figure(shown, methods, labels, out / f'{name}.png', description)

@@ -5,20 +5,21 @@ A training run directory ``snapshots/<run id>/`` (written by sacred) holds:
 - ``ep<N>.pt``: model snapshots (the best one by validation ``acc1_avg`` when
   ``save_interval == 0``, else one every ``save_interval`` epochs), each with its ``cf_net``,
   epoch and validation metrics.
+
+torch is imported by the functions that read or write checkpoints only: finding runs by name
+(``multiexit.runs``, the grid) needs no torch, whose import takes seconds.
 """
 import json
 import os
 import pickle
 import re
-import tempfile
-import zipfile
+import secrets
 from pathlib import Path
-
-import torch
 
 from .errors import SnapshotError
 
 LAST = 'last.pt'
+DEFAULT_NAME = 'test:0'  # the snapshot_name of a training run that sets none
 EPOCH_FILE = re.compile(r'^ep(\d+)\.pt$')
 
 
@@ -27,8 +28,9 @@ def save_atomic(obj, path):
 
     A crash or a full disk leaves either the old file or the new one, never a torn one.
     """
+    import torch
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
@@ -45,9 +47,22 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
+def _new_temporary(path):
+    """(descriptor, path) of a new file beside ``path``, created as open() creates files: mode
+    0666 less the umask, as sacred's other run files (tempfile.mkstemp's 0600 would hide the
+    weights from colleagues on a shared file system)."""
+    while True:
+        tmp = path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp'
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def load(path, mmap=False):
     """``torch.load(weights_only=True)`` with one clear error line for every failure;
     ``mmap``: the tensors are read only where used (to look at a checkpoint's other values)."""
+    import torch
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f'no checkpoint file {path}')
@@ -76,19 +91,48 @@ def is_run_dir(path):
     return (path / LAST).is_file() or any(EPOCH_FILE.match(p.name) for p in path.glob('ep*.pt'))
 
 
-def run_config(run_dir):
-    """The config.json of a run folder as a dict, or None where there is none readable."""
+def _read(run_dir, name):
     try:
-        return json.loads((Path(run_dir) / 'config.json').read_text())
+        return json.loads((Path(run_dir) / name).read_text())
     except (OSError, ValueError):
         return None
 
 
-def resolve(name, snapshot_dir='snapshots'):
+def run_config(run_dir):
+    """The config.json of a run folder as a dict, or None where there is none readable."""
+    config = _read(run_dir, 'config.json')
+    return config if isinstance(config, dict) else None
+
+
+class UnknownSnapshot(SnapshotError):
+    """No path, run id or training run's snapshot_name is the name given."""
+
+
+def named_runs(name, snapshot_dir):
+    """[(run folder, status)] of the training runs of ``snapshot_dir`` whose config.json has
+    ``snapshot_name=name`` (an evaluation's names what it evaluated), in the order to take them:
+    COMPLETED before any other status (a newer INTERRUPTED or RUNNING run of the same
+    name is unfinished), then the newest (last written to)."""
+    runs = []
+    for run in Path(snapshot_dir).iterdir() if Path(snapshot_dir).is_dir() else ():
+        cf = _read(run, 'config.json') if run.is_dir() else None
+        if not isinstance(cf, dict) or str(cf.get('snapshot_name')) != name:
+            continue
+        info = _read(run, 'run.json')
+        info = info if isinstance(info, dict) else {}
+        if (info.get('experiment') or {}).get('name') != 'eval':
+            status = info.get('status')
+            runs.append((status == 'COMPLETED', run.stat().st_mtime, run.name, run, status))
+    return [(run, status) for *_, run, status in sorted(runs, reverse=True)]
+
+
+def resolve(name, snapshot_dir='snapshots', say=None):
     """Path of a checkpoint file or training run directory named by ``name``.
 
     ``name`` may be a path (file or run directory), a run id (a folder of ``snapshot_dir``) or
-    the ``snapshot_name`` given at training (the most recent training run with that name).
+    the ``snapshot_name`` given at training: of the training runs with that name and a
+    checkpoint, the newest COMPLETED one, else the newest (``named_runs``). ``say``: called
+    with one line saying which run a name chose.
     """
     name = str(name).strip()
     if not name:
@@ -100,17 +144,30 @@ def resolve(name, snapshot_dir='snapshots'):
         if path.is_dir():
             raise SnapshotError(f'{path} holds no checkpoint ({LAST} or ep<N>.pt): not a '
                                 f'training run, or it stopped before its first epoch')
-    runs = []
-    if snapshot_dir.is_dir():
-        for run in snapshot_dir.iterdir():
-            cf = run_config(run) if run.is_dir() else None
-            if cf and cf.get('snapshot_name') == name and is_run_dir(run):
-                runs.append(run)
-    if not runs:
-        raise SnapshotError(f'no snapshot {name!r}: not a path, not a run id in {snapshot_dir}/ '
-                            f'and no training run there has snapshot_name={name!r} '
-                            f'(ls {snapshot_dir} lists the runs)')
-    return max(runs, key=lambda r: (r.stat().st_mtime, r.name))
+    named = named_runs(name, snapshot_dir)
+    usable = [(run, status) for run, status in named if is_run_dir(run)]
+    if not usable and named:
+        runs = ', '.join(f'{run.name} ({status or "no status"})' for run, status in named)
+        raise SnapshotError(
+            f'snapshot_name={name!r} is the name of training run{"s" * (len(named) > 1)} {runs} '
+            f'in {snapshot_dir}/, but no epoch of {"them" if len(named) > 1 else "it"} finished, '
+            f'so there is no checkpoint ({LAST} or ep<N>.pt) to use: train it again, or name '
+            f'another run')
+    if not usable:
+        raise UnknownSnapshot(f'no snapshot {name!r}: not a path, not a run id in '
+                              f'{snapshot_dir}/ and no training run there has '
+                              f'snapshot_name={name!r} (python3 -m multiexit.runs lists the '
+                              f'runs)')
+    (run, status), others = usable[0], usable[1:]
+    if say is not None:
+        newer = [f'run {r.name} ({s or "no status"})' for r, s in others
+                 if r.stat().st_mtime > run.stat().st_mtime]
+        say(f'snapshot_name={name!r}: run {run.name} ({status or "no status"}'
+            + (f', the newest COMPLETED of {len(usable)} runs with that name; newer but '
+               f'unfinished: {", ".join(newer)}' if newer else
+               f', the newest of {len(usable)} runs with that name' if others else '')
+            + ')')
+    return run
 
 
 def recorded_seed(name, snapshot_dir='snapshots'):
@@ -167,6 +224,7 @@ def unpack_model(ckpt, path, cf_net_default=None):
     Our files carry ``model`` and ``cf_net``; a file of the original code is a bare state dict
     (tensors only), whose architecture must then come from ``cf_net_default``.
     """
+    import torch
     if isinstance(ckpt, dict) and 'model' in ckpt and 'cf_net' in ckpt:
         return ckpt['model'], ckpt['cf_net'], ckpt
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):

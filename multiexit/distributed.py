@@ -107,7 +107,7 @@ def peer_failure(e, when=''):
 def launch_command(script):
     """How to start ``script`` again the way this job was started."""
     if not active():
-        return f'python {script}'
+        return f'python3 {script}'
     world = dist.get_world_size()
     local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
     if local == world:

@@ -155,8 +155,8 @@ def load_model(path, device, cf_net_default=None):
 
 def per_exit_table(frame, acc_tops=(1, 5)):
     """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions."""
-    head = (['exit'] + [f'top-{t}' for t in acc_tops] + [f'ensemble top-{t}' for t in acc_tops]
-            + ['ECE', 'MMACs', 'MMACs all heads', 'Mparams'])
+    head = (['exit'] + [f'top-{t} %' for t in acc_tops] + [f'ensemble top-{t} %' for t in acc_tops]
+            + ['ECE %', 'MMACs', 'MMACs all heads', 'Mparams'])
     pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + ['ece']
     rows = [[str(r.exit)] + [f'{100 * getattr(r, c):.2f}' for c in pct]
             + [f'{getattr(r, c) / 1e6:.2f}' for c in ('macs', 'macs_all_heads')]

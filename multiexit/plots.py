@@ -30,26 +30,31 @@ def _anytime(ax, anytime, snapshot, color, **style):
     ax.plot(rows['macs_all_heads'] / 1e6, 100 * rows['acc1'], color=color, **style)
 
 
-def anytime_figure(anytime, path):
-    """Top-1 accuracy of every exit against its cost, one curve per snapshot (``anytime.csv``)."""
+def anytime_figure(anytime, path, labels=None):
+    """Top-1 accuracy of every exit against its cost, one curve per snapshot (``anytime.csv``).
+    ``labels``: {snapshot: its name in the legend} (default: the snapshot column)."""
+    labels = labels or {}
     fig, ax = _figure('Anytime prediction: accuracy of each exit')
     for i, snapshot in enumerate(anytime['snapshot'].unique()):
-        _anytime(ax, anytime, snapshot, f'C{i}', marker='o', label=str(snapshot))
+        _anytime(ax, anytime, snapshot, f'C{i}', marker='o',
+                 label=labels.get(snapshot, str(snapshot)))
     _save(fig, ax, path)
 
 
-def budgeted_figure(budgeted, anytime, path):
+def budgeted_figure(budgeted, anytime, path, labels=None):
     """Test accuracy against mean cost per image of budgeted early exit (``budgeted.csv``):
     per snapshot, per-exit thresholds for geometric exit shares (solid), one global threshold
-    (dashed) and the single exits (dots)."""
+    (dashed) and the single exits (dots). ``labels``: as for ``anytime_figure``."""
+    labels = labels or {}
     fig, ax = _figure('Budgeted batch classification')
     for i, snapshot in enumerate(budgeted['snapshot'].unique()):
         rows = budgeted[budgeted['snapshot'] == snapshot]
+        label = labels.get(snapshot, str(snapshot))
         for method, style, what in (('geometric', '-', r'exit shares $\propto q^k$'),
                                     ('global', '--', 'one threshold')):
             curve = rows[rows['method'] == method].sort_values('avg_macs')
             ax.plot(curve['avg_macs'] / 1e6, 100 * curve['acc1'], style, color=f'C{i}',
-                    label=f'{snapshot}: {what}')
+                    label=f'{label}: {what}')
         _anytime(ax, anytime, snapshot, f'C{i}', marker='o', linestyle='none',
-                 label=f'{snapshot}: single exits')
+                 label=f'{label}: single exits')
     _save(fig, ax, path)

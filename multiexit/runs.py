@@ -1,15 +1,25 @@
 """Run inspection: the sacred runs of a snapshots folder as one pandas table, and training curves.
 
-    python -m multiexit.runs [snapshots/] [--filter key=value ...] [--csv runs.csv] [--plot RUN ...]
+    python3 -m multiexit.runs [snapshots/] [--filter key=value ...] [--wide] [--csv runs.csv]
+    python3 -m multiexit.runs --plot RUN ...          # RUN: a run id or a snapshot_name
 
 One row per run folder: ``run`` (its id), ``experiment`` (train_cifar or eval), ``status``,
 ``start_time``, ``stop_time``, ``duration_s``, ``named_configs``; the configuration flattened to
-dotted keys (``cf_loss.call``, ``cf_trn.n_per_class``, ``seed``, ...; lists as JSON text); for
+dotted keys (``cf_loss.call``, ``cf_trn.n_per_class``, ``seed``, ...; lists as JSON text);
+``network`` and ``method`` (of a training run, or of the runs an evaluation tested); for
 training runs ``final_epoch`` and ``final.<metric>`` (the last logged value of every metric of
 metrics.json), ``best_epoch`` and ``best.<metric>`` (the epoch with the highest ``val.acc1_avg``,
 the first one on a tie, as training keeps it); and ``result.<key>``, the sacred result (for an
-evaluation, the test metrics such as ``result.acc1_clf0``). A resumed run's metrics.json holds only
-the epochs that run trained.
+evaluation, the test metrics such as ``result.acc1_clf0``). Metrics are fractions (0.25 is
+25 %), as in every file the runs write; the printed table gives percent and says so.
+
+A resumed run (``parent_snapshot``) has a folder of its own whose metrics.json holds only the
+epochs it trained. Its row follows the chain of parents back to the first run: the metric
+columns are those of the whole history (the parent's epochs up to the one resumed from, then
+its own), ``parent_run`` and ``first_run`` are the run ids of its parent and of the first run,
+and ``total_duration_s`` sums the durations along the chain. ``--plot`` draws the whole history.
+A parent named by snapshot_name is found as ``multiexit.checkpoints.resolve`` finds it, among
+the runs that started before.
 
 The JSON files that sacred's FileStorageObserver writes are read directly: the library never
 imports sacred. Folders that are not readable runs (no or garbled config.json / run.json /
@@ -29,13 +39,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import checkpoints
 from .errors import ConfigError, SnapshotError, reported_as_one_line
 
 META = ['run', 'experiment', 'status', 'start_time', 'stop_time', 'duration_s', 'named_configs']
-# What `python -m multiexit.runs` prints (where present); the CSV has every column.
-SUMMARY = ['run', 'experiment', 'status', 'start_time', 'duration_s', 'snapshot_name',
-           'named_configs', 'cf_loss.call', 'cf_trn.n_per_class', 'cf_trn.n_unl_per_class', 'seed',
-           'final_epoch', 'best_epoch', 'best.val.acc1_avg', 'result.acc1_avg']
+# Columns named when a filter names none (``--csv`` lists them all).
+KNOWN = ['run', 'experiment', 'status', 'snapshot_name', 'network', 'method', 'named_configs',
+         'cf_loss.call', 'cf_trn.n_per_class', 'seed', 'final_epoch', 'best.val.acc1_avg',
+         'result.acc1_avg']
+WIDTH = 120  # of the table printed without --wide
+METHODS = {'ClassificationOnlyLoss': 'standard', 'DistillationBasedLoss': 'DBT',
+           'DistillationLossConstTemp': 'distillation, T={T}'}  # cf_loss.call -> method
 
 
 class MalformedRun(SnapshotError):
@@ -123,8 +137,96 @@ def load_run(run_dir, with_metrics=True):
     return row
 
 
-def _run_order(path):
-    return (0, int(path.name), '') if path.name.isdigit() else (1, 0, path.name)
+def _run_order(name):
+    return (0, int(name), '') if name.isdigit() else (1, 0, name)
+
+
+def _given(value):
+    return value is not None and str(value).strip() not in ('', 'nan')
+
+
+def method_label(row):
+    """The training method of a run's flat config: standard, DBT, distillation, T=4, ... with
+    ' + unlabelled' for semi-supervised training; None without cf_loss.call."""
+    call = row.get('cf_loss.call')
+    if not isinstance(call, str):
+        return None
+    T = row.get('cf_loss.T')
+    label = METHODS.get(call, call).format(T=f'{T:g}' if isinstance(T, (int, float)) else '?')
+    unlabelled = row.get('cf_trn.n_unl_per_class')
+    if isinstance(unlabelled, (int, float)) and unlabelled > 0:
+        label += ' + unlabelled'
+    return label
+
+
+def network_label(row):
+    """cf_net.call of a run's flat config, with its depth where it has one (ResNet-56)."""
+    call, depth = row.get('cf_net.call'), row.get('cf_net.depth')
+    if not isinstance(call, str):
+        return None
+    return f'{call}-{depth:g}' if isinstance(depth, (int, float)) else call
+
+
+class Lineage:
+    """What each run of a snapshots folder continued (a training run's parent_snapshot) or
+    tested (an evaluation's snapshot_name), found as multiexit.checkpoints.resolve found it
+    when the run started. ``rows``: {run id: flat row} of the folder's runs."""
+
+    def __init__(self, snapshot_dir, rows):
+        self.dir, self.rows, self._named = Path(snapshot_dir), rows, {}
+
+    def source(self, name, run):
+        """(run id, epoch of the checkpoint file named, or None) of the run that ``name`` names
+        for run ``run``: a path, a run id, else the first of the training runs with that
+        snapshot_name that started before ``run`` (checkpoints.named_runs' order); None where
+        it names no run of this folder."""
+        name = str(name).strip()
+        for path in (Path(name), self.dir / name):
+            if path.exists():
+                folder = path if path.is_dir() else path.parent
+                if folder.resolve().parent != self.dir.resolve() or folder.name not in self.rows:
+                    return None
+                epoch = checkpoints.EPOCH_FILE.match(path.name) if path.is_file() else None
+                return folder.name, int(epoch[1]) if epoch else None
+        if name not in self._named:
+            self._named[name] = [r.name for r, _ in checkpoints.named_runs(name, self.dir)
+                                 if checkpoints.is_run_dir(r)]
+        before = [r for r in self._named[name]
+                  if r in self.rows and _run_order(r) < _run_order(run)]
+        return (before[0], None) if before else None
+
+    def chain(self, run):
+        """[(run id, epoch its child resumed from: None for ``run`` or where the child took
+        the last one)], from the first run of ``run``'s parent_snapshot chain to ``run``."""
+        chain = [(run, None)]
+        while True:
+            parent = self.rows[chain[0][0]].get('parent_snapshot')
+            found = self.source(parent, chain[0][0]) if _given(parent) else None
+            if found is None or found[0] in {r for r, _ in chain}:
+                return chain
+            chain.insert(0, found)
+
+    def tested(self, run):
+        """The run ids that an evaluation tested (its snapshot_name: one or a list)."""
+        name = self.rows[run].get('snapshot_name')
+        names = json.loads(name) if isinstance(name, str) and name.startswith('[') else [name]
+        found = [self.source(n if _given(n) else checkpoints.DEFAULT_NAME, run) for n in names]
+        return [f[0] for f in found if f is not None]
+
+
+def history(chain, metrics_of):
+    """The metrics frame of a parent_snapshot chain (``Lineage.chain``): each run's epochs,
+    those of a parent up to the epoch its child resumed from. ``metrics_of``: run id -> its own
+    metrics frame."""
+    frames, end = [], float('inf')
+    for run, resumed_at in reversed(chain):
+        limit = end if resumed_at is None else min(end, resumed_at)
+        frame = metrics_of(run)
+        frame = frame[frame.index <= limit]
+        frames.insert(0, frame)
+        end = frame.index.min() - 1 if len(frame) else limit
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames) if frames else pd.DataFrame(index=pd.Index([], name='epoch'))
 
 
 def load_runs(snapshot_dir, with_metrics=True, warn=_warn):
@@ -135,20 +237,41 @@ def load_runs(snapshot_dir, with_metrics=True, warn=_warn):
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
         raise SnapshotError(f'no snapshots folder {snapshot_dir}')
-    rows = []
-    for path in sorted(snapshot_dir.iterdir(), key=_run_order):
+    rows, metrics = {}, {}
+    for path in sorted(snapshot_dir.iterdir(), key=lambda p: _run_order(p.name)):
         if not path.is_dir() or path.name.startswith(('_', '.')):  # _sources: sacred's copies
             continue
         try:
-            rows.append(load_run(path, with_metrics))
+            rows[path.name] = load_run(path, with_metrics=False)
+            if with_metrics:
+                metrics[path.name] = read_metrics(path)
         except MalformedRun as e:
+            rows.pop(path.name, None)
             warn(f'skipped {path}: {e}')
-    frame = pd.DataFrame(rows)
-    if frame.empty:
+    if not rows:
         return pd.DataFrame(columns=META)
+    lineage, chains = Lineage(snapshot_dir, rows), {}
+    for run, row in rows.items():
+        if row['experiment'] == 'eval':
+            tested = [rows[r] for r in lineage.tested(run)]
+            row['tested_run'] = ','.join(r['run'] for r in tested) or None
+            for column, label in (('network', network_label), ('method', method_label)):
+                labels = dict.fromkeys(label(r) for r in tested if label(r) is not None)
+                row[column] = ', '.join(labels) or None
+            continue
+        chains[run] = lineage.chain(run)
+        row.update(network=network_label(row), method=method_label(row),
+                   first_run=chains[run][0][0],
+                   parent_run=chains[run][-2][0] if len(chains[run]) > 1 else None)
+        if with_metrics:
+            row.update(metric_summary(history(chains[run], metrics.get)))
+    frame = pd.DataFrame(list(rows.values()))
     for column in ('start_time', 'stop_time'):
         frame[column] = pd.to_datetime(frame[column], errors='coerce')
     frame['duration_s'] = (frame['stop_time'] - frame['start_time']).dt.total_seconds()
+    duration = dict(zip(frame['run'], frame['duration_s']))
+    frame['total_duration_s'] = frame['run'].map(
+        lambda run: sum(duration[r] for r, _ in chains[run]) if run in chains else duration[run])
     return frame[META + [c for c in frame.columns if c not in META]]
 
 
@@ -193,34 +316,136 @@ def select(frame, filters, strict=True):
             if not strict:
                 frame = frame if _value(wanted) is None else frame.iloc[:0]
                 continue
-            known = ', '.join(c for c in SUMMARY if c in frame.columns)
+            known = ', '.join(c for c in KNOWN if c in frame.columns)
             raise ConfigError(f'no column {key!r} to filter on (e.g. {known}; --csv lists all)')
         frame = frame[frame[key].map(lambda cell: matches(cell, wanted)).astype(bool)]
     return frame
 
 
-def summary(frame):
-    """The readable subset of columns that ``python -m multiexit.runs`` prints, as text."""
-    out = frame[[c for c in SUMMARY if c in frame.columns]].copy()
-    out['start_time'] = out['start_time'].dt.strftime('%Y-%m-%d %H:%M')
-    out['duration_s'] = out['duration_s'].round()
-    for column in out.columns:
-        values = out[column].dropna()
-        if pd.api.types.is_float_dtype(out[column]):
-            # ints with a gap (NaN) somewhere come as floats
-            form = '{:.0f}' if (values == values.round()).all() else '{:.4f}'
-            out[column] = out[column].map(form.format)
-        out[column] = out[column].where(frame[column].notna(), '-').astype(str)
-    return out
+def _percent(value):
+    return f'{100 * value:.2f}' if isinstance(value, (int, float)) and pd.notna(value) else None
+
+
+def _epochs(row):
+    if row.get('experiment') == 'eval' or not _given(row.get('n_epochs')):
+        return None
+    done = row.get('final_epoch')
+    return f'{0 if pd.isna(done) else int(done)}/{int(row["n_epochs"])}'
+
+
+def _tested_top1(row):
+    """An evaluation's test top-1 (mean over exits), one per snapshot it tested."""
+    name = row.get('snapshot_name')
+    names = json.loads(name) if isinstance(name, str) and name.startswith('[') else None
+    keys = ['result.acc1_avg'] if names is None else [f'result.{n}.acc1_avg' for n in names]
+    values = [_percent(row.get(k)) for k in keys]
+    return ' '.join(v or '-' for v in values) if any(values) else None
+
+
+def _duration(seconds):
+    if not isinstance(seconds, (int, float)) or pd.isna(seconds):
+        return None
+    minutes, s = divmod(round(seconds), 60)
+    return f'{minutes // 60}:{minutes % 60:02d}:{s:02d}'
+
+
+def _text(value):
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if isinstance(value, float) and value == round(value):
+        return str(int(value))  # ints with a gap (NaN) somewhere come as floats
+    return str(value)
+
+
+def _name(row):
+    name = row.get('snapshot_name')
+    if isinstance(name, str) and name.startswith('['):
+        return ', '.join(map(str, json.loads(name)))
+    return _text(name)
+
+
+# (header, value of a row, right-aligned) of the printed table: what fits 120 columns, then
+# what --wide adds. Top-1 in percent (the files hold fractions), the mean over the exits.
+COLUMNS = [
+    ('run', lambda r: r['run'], False), ('name', _name, False),
+    ('experiment', lambda r: _text(r.get('experiment')), False),
+    ('status', lambda r: _text(r.get('status')), False),
+    ('network', lambda r: _text(r.get('network')), False),
+    ('method', lambda r: _text(r.get('method')), False), ('epochs', _epochs, True),
+    ('val top-1 %', lambda r: _percent(r.get('best.val.acc1_avg')), True),
+    ('test top-1 %', _tested_top1, True),
+]
+WIDE = [
+    ('started', lambda r: r['start_time'].strftime('%Y-%m-%d %H:%M')
+     if pd.notna(r.get('start_time')) else None, False),
+    ('duration', lambda r: _duration(r.get('total_duration_s')), True),
+    ('parent', lambda r: _text(r.get('parent_run')), True),
+    ('tested', lambda r: _text(r.get('tested_run')), True),
+    ('named configs', lambda r: _text(r.get('named_configs')) or None, False),
+    ('cf_loss.call', lambda r: _text(r.get('cf_loss.call'))
+     if r.get('experiment') != 'eval' else None, False),
+    ('n/class', lambda r: _text(r.get('cf_trn.n_per_class')), True),
+    ('unlabelled/class', lambda r: _text(r.get('cf_trn.n_unl_per_class')), True),
+    ('seed', lambda r: _text(r.get('seed')), True),
+    ('best epoch', lambda r: _text(r.get('best_epoch')), True),
+    ('final val top-1 %', lambda r: _percent(r.get('final.val.acc1_avg')), True),
+]
+LEGEND = ('top-1 in %, the mean over the exits: val = best epoch of a training run (and of the '
+          'runs it resumed), test = evaluation')
+
+
+def _shorten(text, width):
+    """``text`` in ``width`` characters, its middle replaced by '…' where it is longer."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + '…' + text[len(text) - (width - 1 - head):]
+
+
+def summary(frame, wide=False, width=WIDTH):
+    """The table that ``python3 -m multiexit.runs`` prints, as text: the columns of
+    ``COLUMNS`` (and ``WIDE``), '-' where a run has no value; without ``wide``, names,
+    methods and networks are shortened in the middle so that a line fits ``width``."""
+    columns = COLUMNS + WIDE * wide
+    rows = [[(value(row) or '-') for _, value, _ in columns]
+            for row in frame.to_dict('records')]
+    heads = [head for head, _, _ in columns]
+    widths = [max(len(x) for x in [head] + [r[i] for r in rows]) for i, head in enumerate(heads)]
+    excess = 0 if wide else sum(widths) + 2 * (len(widths) - 1) - width
+    shrinkable = [heads.index(h) for h in ('name', 'method', 'network')]
+    while excess > 0:  # the widest of them loses a character, down to 10
+        i = max(shrinkable, key=lambda k: widths[k])
+        if widths[i] <= 10:
+            break
+        widths[i] -= 1
+        excess -= 1
+    lines = []
+    for cells in [heads] + rows:
+        lines.append('  '.join(_shorten(c, w).rjust(w) if right else _shorten(c, w).ljust(w)
+                               for c, w, (_, _, right) in zip(cells, widths, columns)).rstrip())
+    return '\n'.join(lines)
+
+
+def run_history(snapshot_dir, run):
+    """(metrics frame of run ``run``'s whole parent_snapshot chain, the chain's run ids)."""
+    snapshot_dir = Path(snapshot_dir)
+    table = load_runs(snapshot_dir, with_metrics=False, warn=lambda message: None)
+    rows = {row['run']: row for row in table.to_dict('records')}
+    if run not in rows:
+        raise SnapshotError(f'no run {run} in {snapshot_dir}/ (python3 -m multiexit.runs lists '
+                            f'the runs)')
+    chain = Lineage(snapshot_dir, rows).chain(run)
+    return history(chain, lambda r: read_metrics(snapshot_dir / r)), [r for r, _ in chain]
 
 
 def plot_curves(run_dir, path):
-    """Training curves of a run to a PNG: train and validation top-1 of every exit, the
-    temperature and the learning rate, per epoch."""
+    """Training curves of a run to a PNG, from the first run of its parent_snapshot chain:
+    train and validation top-1 of every exit, the temperature and the learning rate, per
+    epoch."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SnapshotError(f'no run folder {run_dir}')
-    frame = read_metrics(run_dir)
+    frame, chain = run_history(run_dir.parent, run_dir.name)
     exits = sorted(int(c.rsplit('clf', 1)[1]) for c in frame.columns
                    if c.startswith('val.acc1_clf'))
     if not exits:
@@ -249,16 +474,31 @@ def plot_curves(run_dir, path):
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f'run {run_dir.name} {name}')
+        for resumed in chain[1:]:  # where each resumed run took over
+            first = read_metrics(run_dir.parent / resumed).index.min()
+            if pd.notna(first):
+                ax.axvline(first - 0.5, color='0.6', linestyle=':', linewidth=1)
+    runs = ' <- '.join(reversed(chain)) if len(chain) > 1 else run_dir.name
+    fig.suptitle(f'run {runs} {name}'.strip())
     fig.tight_layout()
     fig.savefig(path)
 
 
+def run_folder(name, snapshot_dir):
+    """The folder of the run that ``name`` names: a run id, else what eval.py takes for it (a
+    snapshot_name: its newest COMPLETED training run, said on the terminal)."""
+    folder = Path(snapshot_dir) / str(name)
+    if folder.is_dir():
+        return folder
+    path = checkpoints.resolve(name, snapshot_dir, say=print)
+    return path if path.is_dir() else path.parent
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog='python -m multiexit.runs',
+        prog='python3 -m multiexit.runs',
         description='List the sacred runs of a snapshots folder (a readable subset of columns; '
-                    '--csv writes all of them).')
+                    '--wide: more, --csv writes all of them).')
     parser.add_argument('snapshots', nargs='?',
                         default=os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots'),
                         help='snapshots folder (default: $MULTIEXIT_SNAPSHOTS or snapshots)')
@@ -266,9 +506,14 @@ def main(argv=None):
                         help='keep runs whose column KEY equals VALUE (compared as values: 4 '
                              'matches 4.0; * and ? glob the text), e.g. experiment=eval '
                              'status=COMPLETED cf_loss.call=ClassificationOnlyLoss')
+    parser.add_argument('--wide', action='store_true',
+                        help=f'more columns (start, duration, parent run, settings), not cut to '
+                             f'{WIDTH} characters')
     parser.add_argument('--csv', metavar='PATH', help='write every column of the listed runs')
     parser.add_argument('--plot', nargs='+', default=[], metavar='RUN',
-                        help='write training curves to <snapshots>/<RUN>/curves.png')
+                        help='write training curves, from the first run of a resumed run\'s '
+                             'chain, to <snapshots>/<run id>/curves.png; RUN: a run id or a '
+                             'snapshot_name')
     args = parser.parse_args(argv)
     with reported_as_one_line():
         filters = [parse_filter(f) for f in args.filter]
@@ -276,13 +521,13 @@ def main(argv=None):
         if runs.empty:
             print(f'no runs in {args.snapshots}' + (' match the filters' if filters else ''))
         else:
-            with pd.option_context('display.width', 250, 'display.max_columns', None):
-                print(summary(runs).to_string(index=False))
+            print(summary(runs, wide=args.wide))
+            print(LEGEND)
         if args.csv:
             runs.to_csv(args.csv, index=False)
             print(f'wrote {len(runs)} runs x {runs.shape[1]} columns to {args.csv}')
         for run in args.plot:
-            run_dir = Path(args.snapshots) / run
+            run_dir = run_folder(run, args.snapshots)
             plot_curves(run_dir, run_dir / 'curves.png')
             print(f'wrote {run_dir / "curves.png"}')
 

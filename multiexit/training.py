@@ -473,7 +473,8 @@ def _raise_interrupt(signum, frame):
 
 def epoch_header(n_exits):
     exits = ' '.join(f'{k:>5}' for k in range(n_exits))
-    return (f"{'ep':>4} {'lr':>7} {'T':>6} {'loss':>8} {'trn@1':>6} {'val@1':>6} {'val@5':>6} | "
+    return ('accuracies in %; trn@1, val@1 and val@5: the mean over the exits\n'
+            f"{'ep':>4} {'lr':>7} {'T':>6} {'loss':>8} {'trn@1':>6} {'val@1':>6} {'val@5':>6} | "
             f'val top-1 of exit {exits} | {"s":>5}')
 
 

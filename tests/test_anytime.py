@@ -58,7 +58,10 @@ def test_exit_report_is_flat_with_costs_and_a_row_per_exit():
         [(z.argmax(-1) == labels).double().mean().item() for z in logits])
     assert frame['acc1_ens'][0] == frame['acc1'][0]
     table = per_exit_table(frame).splitlines()
-    assert len(table) == 1 + 3 + 1 and 'MMACs' in table[0] and 'ECE' in table[0]
+    assert len(table) == 1 + 3 + 1 and table[0].split('  ')[:4] == ['exit', 'top-1 %', 'top-5 %',
+                                                                     'ensemble top-1 %']
+    assert 'ECE %' in table[0] and 'MMACs' in table[0]  # percent, saying so; costs in millions
+    assert table[1].split()[1] == f'{100 * frame["acc1"][0]:.2f}'
 
 
 def assert_png(path):
@@ -69,7 +72,10 @@ def assert_png(path):
     assert image.std() > 0.05  # not a blank canvas
 
 
-def test_figures_overlay_snapshots(tmp_path):
+def test_figures_overlay_snapshots_named_by_their_labels(tmp_path, monkeypatch):
+    figures, savefig = [], plots.Figure.savefig
+    monkeypatch.setattr(plots.Figure, 'savefig',
+                        lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
     costs = [1e6, 2e6, 4e6]
     anytime, sweeps = [], []
     for seed, name in enumerate(['dbt', 'standard']):
@@ -80,7 +86,15 @@ def test_figures_overlay_snapshots(tmp_path):
         val = random_logits(seed=10 + seed)
         sweeps.append(budgeted.budget_sweep(*val, logits, labels, costs).assign(snapshot=name))
     anytime, sweeps = pd.concat(anytime), pd.concat(sweeps)
-    plots.anytime_figure(anytime, tmp_path / 'anytime.png')
-    plots.budgeted_figure(sweeps, anytime, tmp_path / 'budgeted.png')
+    labels = {'dbt': 'DBT: dbt:0 (run 2)', 'standard': 'standard: std:0 (run 6)'}
+    plots.anytime_figure(anytime, tmp_path / 'anytime.png', labels)
+    plots.budgeted_figure(sweeps, anytime, tmp_path / 'budgeted.png', labels)
     assert_png(tmp_path / 'anytime.png')
     assert_png(tmp_path / 'budgeted.png')
+    legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in figures]
+    assert legends[0] == list(labels.values())
+    assert legends[1][:3] == [f'{labels["dbt"]}: {what}' for what in (
+        r'exit shares $\propto q^k$', 'one threshold', 'single exits')]
+    plots.anytime_figure(anytime, tmp_path / 'plain.png')  # without labels: the snapshots
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ['dbt',
+                                                                                  'standard']

@@ -190,6 +190,10 @@ def test_gpu_list_names_the_torchrun_command():
             == 'CUDA_VISIBLE_DEVICES=2,3 torchrun --nproc_per_node=2 train_cifar.py with')
 
 
+def test_a_single_process_is_started_again_with_python3_as_the_readme_does():
+    assert distributed.launch_command('train_cifar.py') == 'python3 train_cifar.py'
+
+
 # ---- train_cifar.py under torchrun
 
 SMOKE = ['smoke', 'seed=3', RISING_T]

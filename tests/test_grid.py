@@ -1,5 +1,6 @@
 """experiments/grid.py: the cells it plans, and the quick grid end to end on generated data:
 one cell after another, --jobs, --cluster local, failures, interruptions and preemption."""
+import ast
 import json
 import os
 import re
@@ -14,10 +15,13 @@ import submitit
 import torch
 
 from conftest import ROOT, pythonpath, run_script
-from experiments import grid, tables
+from experiments import cells, grid, local, tables
+from experiments.cells import Outcome
+from experiments.schedule import Schedule
 from multiexit.errors import ConfigError
-from multiexit.runs import load_runs
+from multiexit.runs import load_runs, parse_filter
 from test_anytime import assert_png
+from test_scripts import no_download  # noqa: F401 (a fixture)
 
 QUICK = grid.PRESETS['cifar100', True]
 # The row of epoch 1 in a training run's output: printed once last.pt holds that epoch.
@@ -138,6 +142,180 @@ def test_extra_updates_join_every_cell_but_gpu_is_not_part_of_a_cell():
         grid.plan(QUICK, ['dbt'], [10], [0], 1, ['n_epochs=5'])
 
 
+def test_output_names_tell_grids_apart_but_not_their_seeds():
+    full, imagenet = grid.PRESETS['cifar100', False], grid.PRESETS['imagenet', False]
+    name = lambda preset, methods=None, sizes=None, epochs=None, extra=(): grid.output_name(
+        preset, methods or preset.methods, sizes or preset.sizes, epochs or preset.epochs, extra)
+    names = [name(full), name(QUICK), name(imagenet), name(grid.PRESETS['imagenet', True]),
+             name(full, [*full.methods, 'semisup']), name(full, ['dbt', 'standard']),
+             name(full, sizes=[50, 25]), name(full, epochs=30), name(full, extra=['resnet56']),
+             name(full, extra=['cf_opt.lr=0.05', 'data_dir=/datasets/cifar'])]
+    assert names == ['grid', 'grid-quick', 'grid-imagenet', 'grid-imagenet-quick',
+                     'grid_standard+dbt+const_t4+semisup', 'grid_standard+dbt', 'grid_n25+50',
+                     'grid_30ep', 'grid_resnet56', 'grid_cf_opt.lr=0.05+data_dir=-datasets-cifar']
+    # the same cells in another order, or on another GPU: the same files
+    assert name(QUICK, ['dbt', 'standard'], [20, 10], extra=['gpu=1']) == 'grid-quick'
+    assert name(imagenet, sizes=[grid.ALL, 100]) == 'grid-imagenet_n100+all'
+    long = name(full, extra=[f'cf_scheduler.milestones=[{", ".join(map(str, range(40)))}]'])
+    assert len(long) < 80 and long.startswith('grid_cf_scheduler.milestones=-0--1')
+
+
+def done_cell(snaps, cell, run, acc, epochs=None):
+    """A finished cell as its runs leave it: a COMPLETED training run with the cell's settings
+    (run id ``run``) and a COMPLETED evaluation of it (``run + 1``), of test top-1 ``acc``."""
+    config = {'cf_net': {'call': 'MsdNet'}, 'data_dir': 'data/smoke', 'parent_snapshot': None}
+    for key, text in map(parse_filter, cell.settings):
+        *parents, last = key.split('.')
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        try:
+            node[last] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[last] = text
+    config['cf_trn']['call'] = 'Cifar100'
+    if epochs is not None:
+        config['n_epochs'] = epochs
+    for run_id, experiment, cf, result in (
+            (run, 'train_cifar', config, None),
+            (run + 1, 'eval', {'snapshot_name': str(run), 'checkpoint': None},
+             {'acc1_clf0': acc, 'acc1_clf1': acc})):
+        folder = snaps / str(run_id)
+        folder.mkdir(parents=True)
+        (folder / 'config.json').write_text(json.dumps(cf))
+        (folder / 'run.json').write_text(json.dumps({
+            'experiment': {'name': experiment}, 'status': 'COMPLETED', 'result': result,
+            'meta': {'named_configs': list(cell.named_configs) * (experiment != 'eval')}}))
+
+
+def test_a_grid_over_more_seeds_gathers_every_finished_seed_of_its_cells(tmp_path, capsys):
+    """--seeds 1 after --seeds 0: one table of both; a run of other settings stays out."""
+    snaps, out = tmp_path / 'snaps', tmp_path / 'results'
+    run = 1
+    for cell in grid.plan(QUICK, QUICK.methods, QUICK.sizes, [0, 1, 2], 1):
+        done_cell(snaps, cell, run, 0.01 * run, epochs=2 if cell.seed == 2 else None)
+        run += 2
+    grid.main(['--quick', '--seeds', '1', '--snapshots', str(snaps), '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count(': done (training run') == 4  # the seed asked for
+    assert f'and 4 finished cells of seed 0 in {snaps}, which the table gathers too' in printed
+    results = pd.read_csv(out / 'grid-quick.csv')
+    assert sorted(set(results['seed'])) == [0, 1]  # seed 2's runs trained 2 epochs, not 1
+    assert len(results) == 2 * 2 * 2 * 2  # methods x sizes x seeds x exits
+    markdown = (out / 'grid-quick.md').read_text()
+    assert markdown.splitlines()[2].startswith('Cifar100 in data/smoke; network MsdNet; 1 epoch; '
+                                               'seeds 0 1; methods standard dbt; sizes 10 20')
+    assert '| 10 | DBT | 2 |' in markdown and markdown in printed
+
+
+def fake_cells(monkeypatch, outcome_of, where=grid, name='run_cell'):
+    """Replaces running a cell with ``outcome_of(cell)``; returns the cells run, in order."""
+    ran = []
+
+    def run(cell, *args, **kwargs):
+        ran.append(cell.name)
+        return outcome_of(cell, *args)
+    monkeypatch.setattr(where, name, run)
+    return ran
+
+
+def failure(error):
+    return Outcome('failed', reason=f'train_cifar.py exit code 2 ({error})', code=2, error=error)
+
+
+NO_DATA = 'error: no cifar-100-python/ in data and the download failed'
+
+
+@pytest.mark.parametrize('jobs', [1, 2])
+def test_an_error_every_cell_repeats_stops_the_grid_at_once(tmp_path, capsys, monkeypatch,
+                                                             jobs):
+    where = (grid, 'run_cell') if jobs == 1 else (local, 'run_logged')
+    ran = fake_cells(monkeypatch, lambda cell, *args: failure(NO_DATA), *where)
+    with pytest.raises(SystemExit) as stopped:
+        grid.main(['--quick', '--jobs', str(jobs), '--gpus', 'none',
+                   '--snapshots', str(tmp_path / 'snaps'), '--out', str(tmp_path / 'out')])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(ran) < 4 and err[-1].startswith(f'{NO_DATA} (cells ')
+    assert err[-1].endswith(', which differ in method and size, failed with it, so every cell '
+                            'would: the grid stopped; fix it and run the same command again)')
+    if jobs == 1:  # the next cell to run is the one that differs most from the failed one
+        assert ran == ['grid-quick/standard/n10/s0', 'grid-quick/dbt/n20/s0']
+
+
+def test_an_error_of_some_cells_leaves_the_others_running(tmp_path, capsys, monkeypatch):
+    ran = fake_cells(monkeypatch, lambda cell, *args: failure(
+        f'error: batch_size=1500 exceeds the {100 * cell.size} training examples'))
+    with pytest.raises(SystemExit) as stopped:
+        grid.main(['--quick', '--snapshots', str(tmp_path / 'snaps'), '--out',
+                   str(tmp_path / 'out')])
+    assert stopped.value.code == grid.EXIT_CELLS_FAILED and len(ran) == 4
+    assert capsys.readouterr().err.strip().startswith('error: 4 of 4 cells failed: ')
+
+
+def test_schedule_runs_next_the_cell_that_tells_whether_every_cell_fails_so():
+    todo = grid.plan(QUICK, ['standard', 'dbt'], [10, 20], [0, 1], 1)
+    schedule = Schedule(todo)
+    assert schedule.varied == ['method', 'size', 'seed']
+    first = schedule.take()
+    schedule.ended(first, failure(NO_DATA))
+    probe = schedule.take()
+    assert (probe.method, probe.size, probe.seed) == ('dbt', 20, 1)  # differs in everything
+    schedule.ended(probe, Outcome('failed', code=1, error=NO_DATA))  # a crash: not bad input
+    assert schedule.repeated is None
+    schedule.ended(probe, failure(NO_DATA))
+    assert schedule.repeated == (NO_DATA, [first, probe]) and schedule.take() is None
+    lone = Schedule(todo[:1])
+    lone.ended(lone.take(), failure(NO_DATA))  # nothing varies: one failure tells
+    assert lone.repeated_error().startswith(f'{NO_DATA[7:]} (cell grid-quick/standard/n10/s0 '
+                                            f'failed with it, so every cell would')
+
+
+def test_the_interrupt_line_says_what_each_stopped_cell_kept(tmp_path, capsys, monkeypatch):
+    def interrupted(cell, snapshots, stop):
+        stop.request(signal.SIGINT)
+        return Outcome('interrupted', kept=False)  # before its first epoch finished
+    fake_cells(monkeypatch, interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        grid.main(['--quick', '--snapshots', str(tmp_path / 'snaps'), '--out',
+                   str(tmp_path / 'out')])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().startswith(
+        'interrupted: SIGINT: 1 cell stopped (1 before its first epoch finished: it starts '
+        'afresh); to continue, run the same command again: python3 -m experiments.grid --quick')
+    train = pd.Series({'run': '3'})
+    assert grid.stopped_cells([Outcome('interrupted', kept=True), Outcome('interrupted', train),
+                               Outcome('interrupted', kept=True)]) == (
+        '3 cells stopped (1 trained, to be tested, 2 with their last finished epoch in last.pt)')
+
+
+def test_the_output_of_a_cell_on_the_terminal_is_watched_for_its_error_line(capfd):
+    script = ("import sys; sys.stderr.write('50%|##   | 1/2\\r'); "
+              "print('error: not this one', file=sys.stderr); "
+              "print('error: the last one', file=sys.stderr); print('bye', file=sys.stderr)")
+    proc = subprocess.Popen([sys.executable, '-c', script], stderr=subprocess.PIPE)
+    tee = cells.Tee(proc.stderr)
+    proc.wait()
+    tee.join()
+    assert tee.error() == 'error: the last one'
+    assert capfd.readouterr().err == '50%|##   | 1/2\rerror: not this one\nerror: the last one\nbye\n'
+
+
+def test_without_the_data_set_the_grid_stops_after_two_cells(tmp_path, no_download):  # noqa: F811
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.grid', '--methods', 'standard', 'dbt', '--sizes',
+         '25', '50', '--seeds', '0', '1', '--epochs', '1', '--snapshots', 'snaps', '--',
+         'data_dir=empty'], cwd=tmp_path, env=dict(grid_env(), **no_download),
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('train_cifar.py with') == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith('error: no cifar-100-python/ in empty and the download failed')
+    assert error.endswith('(cells grid/standard/n25/s0, grid/dbt/n50/s1, which differ in method, '
+                          'size and seed, failed with it, so every cell would: the grid stopped; '
+                          'fix it and run the same command again)')
+
+
 @pytest.mark.parametrize('args, message', [
     (['--quick', '--sizes', '26'], 'error: size 26: need 0 < size and size + 5 validation'),
     (['--quick', '--epochs', '0'], 'error: seeds must be >= 0 and epochs > 0'),
@@ -197,23 +375,26 @@ def test_quick_grid_trains_and_tests_every_cell_once(quick):
 
 def test_table_and_figure_hold_the_test_accuracies(quick):
     work, first, before, _, _ = quick
-    results = pd.read_csv(work / 'results' / 'grid.csv')
+    results = pd.read_csv(work / 'results' / 'grid-quick.csv')
     evals = before[before['experiment'] == 'eval']
     tests = evals.set_index(evals['snapshot_name'].astype(str))
     exits = sorted(int(c.rsplit('clf', 1)[1]) for c in before if c.startswith('result.acc1_clf'))
     assert len(results) == len(QUICK.methods) * len(QUICK.sizes) * len(exits)
-    for row in results.itertuples():
-        assert row.acc1 == pytest.approx(100 * tests.loc[str(row.train_run),
-                                                         f'result.acc1_clf{row.exit}'])
-    markdown = (work / 'results' / 'grid.md').read_text()
-    acc = results.set_index(['method', 'size', 'exit'])['acc1']
+    for row in results.itertuples():  # fractions, as in the runs' own files
+        assert row.acc1 == tests.loc[str(row.train_run), f'result.acc1_clf{row.exit}']
+    assert set(results['data']) == {'Cifar100 in data/smoke'}
+    assert set(results['network']) == {'MsdNet'} and set(results['epochs']) == {1}
+    markdown = (work / 'results' / 'grid-quick.md').read_text()
+    assert markdown.splitlines()[2] == ('Cifar100 in data/smoke; network MsdNet; 1 epoch; seed 0; '
+                                        'methods standard dbt; sizes 10 20; with smoke')
+    acc = 100 * results.set_index(['method', 'size', 'exit'])['acc1']  # the table: percent
     for size in QUICK.sizes:
         dbt = ' | '.join(f'{acc["dbt", size, k]:.1f}' for k in exits)
         diff = ' | '.join(f'{acc["dbt", size, k] - acc["standard", size, k]:+.1f}' for k in exits)
         assert f'| {size} | DBT | 1 | {dbt} |' in markdown
         assert f'| {size} | DBT − standard | 1 | {diff} |' in markdown
     assert markdown in first.stdout
-    assert_png(work / 'results' / 'grid.png')
+    assert_png(work / 'results' / 'grid-quick.png')
 
 
 def test_rerun_skips_done_cells_and_adds_semisup(quick):
@@ -233,7 +414,7 @@ def test_rerun_skips_done_cells_and_adds_semisup(quick):
     assert json.loads(semi['cf_val.lab_unl_ratio']) == [1, 1]
     tested = new.loc[new['experiment'] == 'eval', 'snapshot_name'].astype(str)
     assert sorted(tested) == [semi['run']]
-    markdown = (work / 'results2' / 'grid.md').read_text()
+    markdown = (work / 'results2' / 'grid-quick_standard+dbt+semisup_n20.md').read_text()
     assert '| 20 | DBT + unlabelled | 1 |' in markdown
     assert '| 20 | DBT + unlabelled − standard | 1 |' in markdown
     assert '| 10 |' not in markdown
@@ -272,16 +453,19 @@ def test_imagenet_quick_grid_trains_with_train_imagenet_and_its_tables_hold_size
     run = train.iloc[0]
     assert run['status'] == 'COMPLETED' and run['named_configs'] == 'smoke'
     assert pd.isna(run['cf_trn.n_per_class']) and run['cf_trn.nval_per_class'] == 2
-    markdown = (tmp_path / 'results' / 'grid.md').read_text()
+    markdown = (tmp_path / 'results' / 'grid-imagenet-quick_dbt_nall.md').read_text()
+    assert markdown.splitlines()[2].startswith('ImageFolder in data/smoke-images; network MsdNet; '
+                                               '1 epoch; seed 0; methods dbt; sizes all')
     assert '| all | DBT | 1 |' in markdown and markdown in first.stdout
     again = run_grid(*args, '--dry-run', cwd=tmp_path)
     assert again.stdout.count(': done (training run') == 1
 
 
-def tables_equal(work, other):
-    """grid.md and grid.csv of two grids of the same cells (run ids aside) are the same."""
-    assert (work / 'results' / 'grid.md').read_text() == (other / 'results' / 'grid.md').read_text()
-    csv = [pd.read_csv(w / 'results' / 'grid.csv').drop(columns=['train_run', 'eval_run'])
+def tables_equal(work, other, name='grid-quick'):
+    """The tables and CSVs of two grids of the same cells (run ids aside) are the same."""
+    assert (work / 'results' / f'{name}.md').read_text() == \
+        (other / 'results' / f'{name}.md').read_text()
+    csv = [pd.read_csv(w / 'results' / f'{name}.csv').drop(columns=['train_run', 'eval_run'])
            for w in (work, other)]
     pd.testing.assert_frame_equal(*csv)
 
@@ -295,7 +479,7 @@ def assert_overlap(runs):
 
 def test_tables_keep_the_order_of_the_cells_whatever_order_they_finish_in(tmp_path):
     cells = grid.plan(QUICK, QUICK.methods, QUICK.sizes, QUICK.seeds, 1)
-    results = grid.Results(cells, list(QUICK.methods), tmp_path, 'cells in any order')
+    results = grid.Results(cells, list(QUICK.methods), tmp_path, 'grid', 'cells in any order')
     for i, cell in reversed(list(enumerate(cells))):
         results.add(cell, pd.Series({'run': str(2 * i)}),
                     pd.Series({'run': str(2 * i + 1), 'result.acc1_clf0': i / 100}))
@@ -310,7 +494,7 @@ def test_tables_put_size_all_after_the_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(tables.Figure, 'savefig',
                         lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
     cells = grid.plan(QUICK, ['dbt'], [grid.ALL, 20, 10], [0], 1)
-    results = grid.Results(cells, ['dbt'], tmp_path, 'sizes all, 20 and 10')
+    results = grid.Results(cells, ['dbt'], tmp_path, 'grid', 'sizes all, 20 and 10')
     for i, cell in enumerate(cells):
         results.add(cell, pd.Series({'run': str(2 * i)}),
                     pd.Series({'run': str(2 * i + 1), 'result.acc1_clf0': i / 100}))
@@ -360,7 +544,7 @@ def test_a_failed_cell_is_reported_with_its_log_while_the_others_finish(tmp_path
     assert proc.stderr.strip().endswith(f'; log {log})')
     assert 'error: batch_size=1500 exceeds' in (tmp_path / log).read_text()
     assert re.search(r'^done grid-quick/dbt/n20/s0 ', proc.stdout, re.M)
-    results = pd.read_csv(tmp_path / 'results' / 'grid.csv')
+    results = pd.read_csv(tmp_path / 'results' / 'grid-quick_dbt_batch_size=1500.csv')
     assert set(results['size']) == {20}
 
 
@@ -490,7 +674,7 @@ def test_ctrl_c_stops_the_grid_with_one_line_and_the_same_command_resumes(tmp_pa
     assert 'Traceback' not in err
     assert 'interrupted: SIGINT during epoch 2;' in err  # the training run's own line
     assert err.strip().splitlines()[-1] == (
-        'interrupted: SIGINT: 1 cell stopped, each with its last finished epoch in last.pt; to '
+        'interrupted: SIGINT: 1 cell stopped (1 with its last finished epoch in last.pt); to '
         'continue, run the same command again: python3 -m experiments.grid ' + ' '.join(args))
     run_grid(*args, cwd=tmp_path)
     resumed_like_the_reference(tmp_path, reference)
@@ -506,7 +690,7 @@ def test_ctrl_c_stops_every_cell_of_jobs_and_the_same_command_resumes(tmp_path, 
     output = text(tmp_path / 'stdout.txt') + text(tmp_path / 'stderr.txt')
     assert 'Traceback' not in output
     assert [line for line in output.splitlines() if 'interrupted' in line] == [
-        'interrupted: SIGINT: 2 cells stopped, each with its last finished epoch in last.pt; to '
+        'interrupted: SIGINT: 2 cells stopped (2 with their last finished epoch in last.pt); to '
         'continue, run the same command again: python3 -m experiments.grid ' + ' '.join(args)]
     for name in names:
         assert 'interrupted: SIGINT during epoch 2;' in log_of(tmp_path, name).read_text()

@@ -134,7 +134,7 @@ def test_signal_stops_cleanly_with_resume_instructions(workdir, tmp_path, sig):
     assert status(run) == 'INTERRUPTED'
     epoch = saved_epoch(run)
     assert epoch >= 1
-    command = lines[0].split('resume with: python train_cifar.py with ')[1].split()
+    command = lines[0].split('resume with: python3 train_cifar.py with ')[1].split()
     run_script('train_cifar.py', 'with', *command, f'n_epochs={epoch + 1}', cwd=workdir,
                snapshots=snaps)
     assert saved_epoch(newest_run(snaps)) == epoch + 1

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT, pythonpath
 from multiexit.errors import ConfigError, SnapshotError
-from multiexit.runs import load_runs, parse_filter, plot_curves, select
+from multiexit.runs import (WIDTH, load_runs, method_label, network_label, parse_filter,
+                            plot_curves, run_history, select, summary)
 from test_anytime import assert_png
 
 VAL_AVG = [0.10, 0.30, 0.20]  # the best epoch is 2, not the last
@@ -34,10 +35,10 @@ def write_run(folder, config=None, run=None, metrics=None):
             (folder / name).write_text(text)
 
 
-def run_json(experiment, result, named=(), status='COMPLETED'):
-    return {'experiment': {'name': experiment}, 'status': status,
-            'start_time': '2026-01-01T10:00:00.000000', 'stop_time': '2026-01-01T10:01:30.000000',
-            'meta': {'named_configs': list(named)}, 'result': result}
+def run_json(experiment, result, named=(), status='COMPLETED', minutes=(0, 1.5)):
+    start, stop = (f'2026-01-01T10:{int(m):02d}:{int(60 * m) % 60:02d}.000000' for m in minutes)
+    return {'experiment': {'name': experiment}, 'status': status, 'start_time': start,
+            'stop_time': stop, 'meta': {'named_configs': list(named)}, 'result': result}
 
 
 @pytest.fixture(scope='module')
@@ -167,9 +168,10 @@ def test_command_line_lists_filters_and_writes_csv(snaps, tmp_path):
     assert proc.returncode == 0, proc.stderr
     csv = pd.read_csv(tmp_path / 'all.csv')
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:3] == ['run', 'experiment', 'status']
-    assert lines[1].split()[:3] == ['1', 'train_cifar', 'COMPLETED']
-    assert lines[2] == f'wrote 1 runs x {csv.shape[1]} columns to all.csv'
+    assert lines[0].split()[:4] == ['run', 'name', 'experiment', 'status']
+    assert lines[1].split()[:4] == ['1', 'grid/dbt/n25/s0', 'train_cifar', 'COMPLETED']
+    assert lines[2].startswith('top-1 in %, the mean over the exits')
+    assert lines[3] == f'wrote 1 runs x {csv.shape[1]} columns to all.csv'
     assert [line for line in proc.stderr.splitlines() if 'skipped' in line][0].startswith(
         f'warning: skipped {snaps / "3"}: config.json is not valid JSON')
     assert list(csv['run']) == [1]
@@ -188,7 +190,7 @@ def test_command_line_filters_on_none(snaps, tmp_path):
 def test_command_line_default_folder_and_plot(snaps, tmp_path):
     proc = runs_cli('--plot', '1', cwd=snaps.parent)  # ./snapshots
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[:3] == ['run', 'experiment', 'status']
+    assert proc.stdout.split()[:3] == ['run', 'name', 'experiment']
     assert_png(snaps / '1' / 'curves.png')
 
 
@@ -202,3 +204,116 @@ def test_command_line_bad_input_is_one_line(snaps, args, message):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if not line.startswith('warning:')]
     assert len(errors) == 1 and errors[0].startswith(message)
+
+
+def test_the_table_fits_120_columns_and_an_evaluation_shows_what_it_tested(tmp_path):
+    snaps = tmp_path / 'snapshots'
+    name = 'grid-imagenet-quick/a-rather-long-method-name/n1000/s12345'
+    config = {'snapshot_name': name, 'n_epochs': 300, 'parent_snapshot': None,
+              'cf_net': {'call': 'ResNet', 'depth': 56},
+              'cf_loss': {'call': 'DistillationLossConstTemp', 'T': 4.0}}
+    write_run(snaps / '1', config, run_json('train_cifar', None, status='INTERRUPTED'),
+              sacred_metrics({'val.acc1_avg': [0.2, 0.3012], 'val.acc1_clf0': [0.1, 0.2]}))
+    # eval.py's own cf_net (for bare state dicts) and cf_loss are not the tested run's
+    evaluation = {'snapshot_name': '1', 'cf_net': {'call': 'MsdNet'},
+                  'cf_loss': {'call': '_MultiExitAccuracy'}}
+    write_run(snaps / '2', evaluation, run_json('eval', {'acc1_avg': 0.2512, 'acc1_clf0': 0.2}))
+    write_run(snaps / '3', dict(evaluation, snapshot_name='["1", "nowhere"]'),
+              run_json('eval', {'1': {'acc1_avg': 0.2512}}))
+    runs = load_runs(snaps)
+    text = summary(runs)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= WIDTH
+    assert lines[0].split() == ['run', 'name', 'experiment', 'status', 'network', 'method',
+                                'epochs', 'val', 'top-1', '%', 'test', 'top-1', '%']
+    train, test, both = (line.split('  ') for line in lines[1:])
+    train, test, both = ([c.strip() for c in line if c.strip()] for line in (train, test, both))
+    assert train[0] == '1' and '…' in train[1]  # shortened in the middle
+    assert train[1].startswith('grid-imagen') and train[1].endswith('/s12345')
+    assert train[2:] == ['train_cifar', 'INTERRUPTED', 'ResNet-56', 'distillation, T=4', '2/300',
+                         '30.12', '-']
+    assert test == ['2', '1', 'eval', 'COMPLETED', 'ResNet-56', 'distillation, T=4', '-', '-',
+                    '25.12']
+    assert both[-1] == '25.12 -' and both[1] == '1, nowhere'
+    assert '_MultiExitAccuracy' not in text and 'MsdNet' not in text
+    assert runs.set_index('run').loc['2', 'tested_run'] == '1'
+    wide = summary(runs, wide=True).splitlines()
+    assert name in wide[1] and 'started' in wide[0] and 'duration' in wide[0]
+    assert '_MultiExitAccuracy' not in '\n'.join(wide)
+
+
+@pytest.mark.parametrize('config, method, network', [
+    ({'cf_loss.call': 'ClassificationOnlyLoss', 'cf_net.call': 'MsdNet'}, 'standard', 'MsdNet'),
+    ({'cf_loss.call': 'DistillationBasedLoss', 'cf_trn.n_unl_per_class': 350,
+      'cf_net.call': 'WideResNet', 'cf_net.depth': 28}, 'DBT + unlabelled', 'WideResNet-28'),
+    ({'cf_loss.call': 'DistillationLossConstTemp', 'cf_loss.T': 4.0, 'cf_trn.n_unl_per_class': 0},
+     'distillation, T=4', None),
+    ({'cf_loss.call': 'MyLoss'}, 'MyLoss', None),
+])
+def test_method_and_network_labels(config, method, network):
+    assert method_label(config) == method and network_label(config) == network
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+    """Run 1 (epochs 1-2) resumed as run 2 (3-4) by id, run 2 as run 3 (5-6) by name; run 4
+    restarts from run 1's ep1.pt (epochs 2-3); run 5 evaluates the name."""
+    snaps = tmp_path_factory.mktemp('chain') / 'snapshots'
+    config = {'snapshot_name': 'long', 'n_epochs': 6, 'parent_snapshot': None,
+              'cf_net': {'call': 'MsdNet'}, 'cf_loss': {'call': 'DistillationBasedLoss'}}
+
+    def train(run, parent, epochs, val, status, minutes, name='long'):
+        metrics = sacred_metrics({'val.acc1_avg': val, 'val.acc1_clf0': val,
+                                  'train.acc1_clf0': val, 'lr': [0.1] * len(val)})
+        for m in metrics.values():
+            m['steps'] = list(epochs)
+        write_run(snaps / run, dict(config, parent_snapshot=parent, snapshot_name=name),
+                  run_json('train_cifar', None, status=status, minutes=minutes), metrics)
+        (snaps / run / 'last.pt').write_bytes(b'')
+        return snaps / run
+
+    first = train('1', None, [1, 2], [0.1, 0.5], 'INTERRUPTED', (0, 2))
+    (first / 'ep2.pt').write_bytes(b'')
+    (first / 'ep1.pt').write_bytes(b'')
+    second = train('2', '1', [3, 4], [0.3, 0.4], 'INTERRUPTED', (3, 5))
+    os.utime(first, (1, 1))
+    os.utime(second, (2, 2))
+    train('3', 'long', [5, 6], [0.2, 0.3], 'COMPLETED', (6, 8))
+    train('4', str(first / 'ep1.pt'), [2, 3], [0.2, 0.2], 'COMPLETED', (9, 10), name='branch')
+    write_run(snaps / '5', {'snapshot_name': 'long'}, run_json('eval', {'acc1_avg': 0.25}))
+    return snaps
+
+
+def test_a_resumed_run_follows_its_parents_back_to_the_first_run(chain):
+    runs = load_runs(chain).set_index('run')
+    last = runs.loc['3']
+    assert (last['parent_run'], last['first_run']) == ('2', '1')
+    assert last['final_epoch'] == 6 and last['best_epoch'] == 2  # in run 1
+    assert last['best.val.acc1_avg'] == 0.5 and last['final.val.acc1_avg'] == 0.3
+    assert last['total_duration_s'] == 3 * 120 and last['duration_s'] == 120
+    assert runs.loc['2', 'parent_run'] == '1' and runs.loc['2', 'total_duration_s'] == 240
+    branch = runs.loc['4']  # from run 1's epoch 1, not the epoch 2 that run 1 also trained
+    assert (branch['parent_run'], branch['first_run']) == ('1', '1')
+    assert branch['final_epoch'] == 3 and branch['best.val.acc1_avg'] == 0.2
+    assert runs.loc['5', 'tested_run'] == '3'  # the newest COMPLETED run of that name
+    frame, ids = run_history(chain, '3')
+    assert ids == ['1', '2', '3'] and list(frame.index) == [1, 2, 3, 4, 5, 6]
+    assert list(frame['val.acc1_avg']) == [0.1, 0.5, 0.3, 0.4, 0.2, 0.3]
+    frame, ids = run_history(chain, '4')
+    assert ids == ['1', '4'] and list(frame['val.acc1_avg']) == [0.1, 0.2, 0.2]
+    line = next(line for line in summary(load_runs(chain)).splitlines() if line.startswith('3 '))
+    assert ' 6/6 ' in line and ' 50.00 ' in line
+
+
+def test_plot_takes_a_snapshot_name_and_draws_the_whole_chain(chain, monkeypatch):
+    drawn = []
+    monkeypatch.setattr('multiexit.runs.Figure.savefig', lambda fig, path: drawn.append(fig))
+    plot_curves(chain / '3', chain / '3' / 'curves.png')
+    [fig] = drawn
+    assert list(fig.axes[1].lines[0].get_xdata()) == [1, 2, 3, 4, 5, 6]  # val top-1, exit 0
+    assert fig._suptitle.get_text() == 'run 3 <- 2 <- 1 long'
+    proc = runs_cli(str(chain), '--plot', 'long', cwd=chain.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "snapshot_name='long': run 3 (COMPLETED, the newest of 3 runs with that name)" in \
+        proc.stdout
+    assert_png(chain / '3' / 'curves.png')

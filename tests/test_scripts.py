@@ -1,4 +1,5 @@
 """train_cifar.py and eval.py end to end, on generated data, on CPU."""
+import importlib
 import json
 import math
 import re
@@ -112,6 +113,9 @@ def test_cout_has_the_table_but_no_progress_bars(trained):
     snaps, procs = trained
     cout = (snaps / '1' / 'cout.txt').read_text()
     assert 'val top-1 of exit' in cout and '\r' not in cout and 'it/s' not in cout
+    header = cout.index('val top-1 of exit')  # the units and what the first columns average
+    assert cout[:header].splitlines()[-2] == ('accuracies in %; trn@1, val@1 and val@5: the mean '
+                                              'over the exits')
     assert 'it/s' in procs['full'].stderr  # the terminal did get a progress bar
 
 
@@ -182,7 +186,7 @@ PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params') f
 def test_eval_prints_table_and_returns_metrics(trained):
     snaps, procs = trained
     out = procs['eval'].stdout
-    assert 'top-1' in out and 'ensemble top-1' in out and 'ECE' in out and 'MMACs' in out
+    assert 'top-1 %' in out and 'ensemble top-1 %' in out and 'ECE %' in out and 'MMACs' in out
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
     assert set(result) == set(metric_names(3, (1, 5))) | PER_EXIT
@@ -228,6 +232,37 @@ def test_eval_of_several_snapshots_overlays_them(trained, workdir):
     for name in ('anytime.csv', 'budgeted.csv'):
         assert set(pd.read_csv(eval_run / name)['snapshot'].astype(str)) == {'full', '2'}
     assert_png(eval_run / 'budgeted.png')
+
+
+def test_eval_names_the_run_a_name_took_and_labels_figures_by_run_name_and_method(trained,
+                                                                                 monkeypatch):
+    snaps, procs = trained
+    assert "snapshot_name='full': run 1 (COMPLETED)" in procs['eval'].stdout
+    script = importlib.import_module('eval')
+    monkeypatch.setattr(script, 'SNAPSHOT_DIR', str(snaps))
+    assert script.snapshot_label('full') == 'DBT: full (run 1)'
+    assert script.snapshot_label('2') == 'DBT: smoke (run 2)'  # the smoke config's name
+    best = next((snaps / '1').glob('ep*.pt'))
+    assert script.snapshot_label(str(best)) == f'DBT: full (run 1, {best.stem})'
+
+
+def test_eval_of_a_named_run_without_checkpoint_or_without_a_name_says_so(tmp_path):
+    snaps = tmp_path / 'snapshots'
+    (snaps / '1').mkdir(parents=True)  # a training run that failed before its first epoch
+    (snaps / '1' / 'config.json').write_text(json.dumps({'snapshot_name': 'broken'}))
+    (snaps / '1' / 'run.json').write_text(json.dumps({'status': 'FAILED',
+                                                      'experiment': {'name': 'train_cifar'}}))
+    for args, message in (
+            (['with', 'snapshot_name=broken'],
+             f"error: snapshot_name='broken' is the name of training run 1 (FAILED) in {snaps}/, "
+             f'but no epoch of it finished, so there is no checkpoint'),
+            ([], f'error: no snapshot_name given, and no training run in {snaps}/ has the '
+                 f'default one, test:0 (the name of a training run that sets none): set '
+                 f'snapshot_name=')):
+        proc = run_script('eval.py', *args, cwd=tmp_path, snapshots=snaps, check=False)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+        assert errors[0].startswith(message)
 
 
 def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
@@ -302,9 +337,9 @@ def test_missing_data_whose_download_fails_is_one_line(tmp_path, no_download):
 @pytest.mark.parametrize('page, script', [('README.md', 'train_cifar.py'),
                                           ('docs/imagenet.md', 'train_imagenet.py')])
 def test_smoke_block_works_after_the_main_command_failed(tmp_path, no_download, page, script):
-    """A reader who tries the page's main command first (no data here) and then its smoke block
-    has a failed run in snapshots/ before the smoke run: the block, run as written, still
-    evaluates the smoke run."""
+    """A reader who tries the page's main command first (no data here: refused, and no run
+    folder left) and then its smoke block: the block, run as written, evaluates the smoke
+    run."""
     snaps = tmp_path / 'snapshots'
     failed = run_script(script, cwd=tmp_path, snapshots=snaps, check=False, env=no_download)
     assert failed.returncode == 2 and not (snaps / '1').exists()  # refused: no run folder
@@ -316,7 +351,9 @@ def test_smoke_block_works_after_the_main_command_failed(tmp_path, no_download, 
         run_script(name, *args, cwd=tmp_path, snapshots=snaps)
     evaluation = read(snaps / '2' / 'run.json')
     assert evaluation['experiment']['name'] == 'eval' and evaluation['status'] == 'COMPLETED'
-    assert (snaps / '2' / 'cout.txt').read_text().startswith(f'{snaps}/1/')  # the smoke run
+    said, evaluated = (snaps / '2' / 'cout.txt').read_text().splitlines()[:2]
+    assert re.fullmatch(r"snapshot_name='smoke(-imagenet)?': run 1 \(COMPLETED\)", said)
+    assert evaluated.startswith(f'{snaps}/1/')  # the smoke run
 
 
 def test_semi_supervised_run(workdir, tmp_path):
