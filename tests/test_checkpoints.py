@@ -5,8 +5,9 @@ import pickle
 import pytest
 import torch
 
-from multiexit import checkpoints
+from multiexit import checkpoints, training
 from multiexit.errors import SnapshotError
+from test_anytime import SMALL_NET
 
 
 def test_atomic_save_roundtrip_leaves_no_temporary(tmp_path):
@@ -100,3 +101,75 @@ def test_pick_checkpoint_best_last_epoch(tmp_path):
     assert checkpoints.pick_checkpoint(run, 'last').name == 'last.pt'
     with pytest.raises(SnapshotError, match=r'\[5, 10, 15\]'):
         checkpoints.pick_checkpoint(run, 7)
+
+
+# The smoke MsdNet on the generated CIFAR-10 (250 training images: 5 steps of 50 per epoch).
+TINY_NET = dict(SMALL_NET, out_dim=None)
+TINY_DATA = dict(call='Cifar10', n_per_class=30, nval_per_class=5, augment=True)
+# torch 0.4's stepping (after each epoch): epochs 1-2 at lr 0.1, epoch 3 on at 0.01
+MILESTONE = dict(call='MultiStepLR', milestones=[2], gamma=0.1)
+
+
+def tiny_run(data_dir, run_dir, n_epochs, save_interval=0, parent_snapshot=None, logged=None):
+    """A Run built through the library; ``logged`` collects {name: {epoch: value}}."""
+    run_dir.mkdir(exist_ok=True)
+    log_scalar = (lambda name, value, ep: logged.setdefault(name, {}).update({ep: value})
+                  ) if logged is not None else None
+    return training.Run(TINY_NET, dict(call='DistillationBasedLoss', acc_tops=[1], C=0.5, maxprob=0.5),
+               TINY_DATA, dict(TINY_DATA, augment=False), dict(call='SGD', lr=0.1, momentum=0.9),
+               MILESTONE, 50, 50, n_epochs, save_interval, data_dir, -1, 0, run_dir,
+               parent_snapshot=parent_snapshot, log=lambda *a: None, log_scalar=log_scalar)
+
+
+@pytest.fixture(scope='module')
+def two_epochs(fake_data, tmp_path_factory):
+    """A run of 2 epochs that kept a model snapshot after each (ep1.pt, ep2.pt)."""
+    run = tiny_run(fake_data, tmp_path_factory.mktemp('parent'), 2, save_interval=1)
+    run.fit()
+    return run.run_dir
+
+
+@pytest.mark.parametrize('parent_epoch, expected_lr', [(1, {2: 0.1, 3: 0.01}), (2, {3: 0.01})])
+def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_epochs, tmp_path,
+                                                                 parent_epoch, expected_lr):
+    """ep<N>.pt holds weights only (the original's way to resume): the schedule is replayed to
+    epoch N, so a resumed run crosses the milestone at the same epoch as an uninterrupted one."""
+    path = two_epochs / f'ep{parent_epoch}.pt'
+    snapshot = checkpoints.load(path)
+    assert 'optimizer' not in snapshot and 'scheduler' not in snapshot
+    logged = {}
+    run = tiny_run(fake_data, tmp_path, parent_epoch, parent_snapshot=str(path), logged=logged)
+    assert run.epoch == parent_epoch and run.parent_path == path
+    for k, v in snapshot['model'].items():
+        assert torch.equal(run.model.state_dict()[k], v), k
+    run.n_epochs = 3
+    run.fit()
+    assert logged['lr'] == pytest.approx(expected_lr)
+    assert checkpoints.load(tmp_path / 'last.pt')['epoch'] == 3
+
+
+def test_best_snapshot_is_the_best_validation_epoch_not_the_last(fake_data, tmp_path,
+                                                                 monkeypatch):
+    """save_interval=0 keeps one ep<N>.pt: the epoch of the highest validation acc1_avg, here
+    epoch 2 of 3 (the validation score is forced; the weights are those each epoch trained)."""
+    scores, weights = [0.2, 0.5, 0.3], {}
+    real = training.evaluate
+
+    def forced(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        weights[len(weights) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return dict(out, acc1_avg=scores[len(weights) - 1])
+
+    monkeypatch.setattr(training, 'evaluate', forced)
+    run = tiny_run(fake_data, tmp_path, 3)
+    run.fit()
+    assert sorted(p.name for p in tmp_path.glob('ep*.pt')) == ['ep2.pt']
+    assert (run.best_epoch, run.best_val) == (2, 0.5)
+    best = checkpoints.load(tmp_path / 'ep2.pt')
+    assert best['epoch'] == 2 and best['val_metrics']['acc1_avg'] == 0.5
+    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+    for k, v in best['model'].items():
+        assert torch.equal(v, weights[2][k]), k
+    last = checkpoints.load(tmp_path / 'last.pt')
+    assert (last['epoch'], last['best_epoch'], last['best_val']) == (3, 2, 0.5)
+    assert checkpoints.pick_checkpoint(tmp_path) == tmp_path / 'ep2.pt'
