@@ -158,6 +158,38 @@ def test_unlabelled_images_never_enter_the_labelled_splits(fake_data):
         assert not set(idx) & set(unl)
 
 
+
+def test_semi_supervised_splits_are_disjoint_and_unlabelled_images_reach_the_loss_unlabelled(
+        fake_data):
+    """One draw's labelled training, unlabelled and validation images are pairwise disjoint;
+    an epoch's batches (what the training step hands the loss) carry -100 for every unlabelled
+    image, and the permuted class of the image for a labelled one, the same in both splits."""
+    cf = dict(call='Cifar100', n_per_class=6, nval_per_class=2, seed=3, n_unl_per_class=4,
+              lab_unl_ratio=(1, 1))
+    images, raw = data.load_cifar('Cifar100', fake_data, train=True)
+    which = {image.tobytes(): i for i, image in enumerate(images)}
+    assert len(which) == len(images)  # the generated images are distinct: they identify
+    spec = data.DATASETS['Cifar100']
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    seen = {}
+    for split in ('train', 'val'):  # not augmented: a batch's images show which images they are
+        loader, _ = data.build_split(cf, split, fake_data, 50, 'cpu')
+        for x, y in loader:
+            u8 = ((x * std + mean) * 255).round().to(torch.uint8).numpy()
+            for image, label in zip(u8, y.tolist()):
+                seen.setdefault(split, {})[which[image.tobytes()]] = label
+    train, val = seen['train'], seen['val']
+    unl = {i for i, label in train.items() if label == -100}
+    lab = set(train) - unl
+    assert (len(lab), len(unl), len(val)) == (400, 400, 200)  # an epoch: every image once
+    assert not (lab & unl or lab & set(val) or unl & set(val))
+    assert all(sum(raw[i] == k for i in unl) == 4 for k in range(100))
+    class_of = {}  # the class permutation: one label per raw class, a bijection
+    for i, label in list(train.items()) + list(val.items()):
+        if label != -100:
+            assert class_of.setdefault(raw[i], label) == label
+    assert sorted(class_of.values()) == list(range(100)) and -100 not in val.values()
+
 def test_unlabelled_without_ratio_is_rejected(fake_data):
     cf = dict(call='Cifar100', n_per_class=8, nval_per_class=2, seed=0, n_unl_per_class=4)
     with pytest.raises(ConfigError, match='lab_unl_ratio'):
