@@ -147,6 +147,21 @@ def test_semi_supervised_interleaves_labelled_and_unlabelled(fake_data):
     assert (val.labels >= 0).all() and len(val.labels) == 200
 
 
+
+def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
+    """With more unlabelled examples than the ratio takes (semisup: 350 per class for 100
+    labelled, 1:1), every epoch visits each labelled example once, paired with a new draw of
+    unlabelled ones, so that over the epochs all of them are used."""
+    labels = torch.tensor([-100] * 12 + [3] * 4)
+    order = data.EpochOrder(labels, 4, shuffle=True, lab_unl_ratio=(1, 1), seed=0)
+    draws = []
+    for epoch in range(20):
+        pos = order.positions(epoch).view(-1, 2)  # (labelled, unlabelled) pairs
+        assert sorted(pos[:, 0].tolist()) == [12, 13, 14, 15]
+        draws.append(frozenset(pos[:, 1].tolist()))
+        assert len(draws[-1]) == 4 and (labels[pos[:, 1]] == -100).all()
+    assert len(set(draws)) > 10 and frozenset().union(*draws) == set(range(12))
+
 def test_unlabelled_images_never_enter_the_labelled_splits(fake_data):
     _, raw = data.load_cifar('Cifar100', fake_data, train=True)
     unl = data.unlabelled_indices(raw, 4, seed=0, n_classes=100)
