@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'last.pt'
     checkpoints.save_atomic({'epoch': 1}, path)
 
-    def disk_full(*args, **kwargs):
+    def disk_full(obj, f, *args, **kwargs):  # the disk fills up half-way through the file
+        with open(f, 'wb') if isinstance(f, (str, os.PathLike)) else nullcontext(f) as out:
+            out.write(b'half a checkpoint')
         raise OSError(28, 'No space left on device')
 
     monkeypatch.setattr(torch, 'save', disk_full)
