@@ -151,22 +151,33 @@ def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_e
     assert checkpoints.load(tmp_path / 'last.pt')['epoch'] == 3
 
 
+def forced_validation(monkeypatch, scores):
+    """Validation gives the acc1_avg ``scores[epoch - 1]``; returns {epoch: the model's weights
+    then, and the ep<N>.pt files of every folder involved just before its checkpoints}."""
+    real, seen = training.evaluate, {}
+
+    def forced(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        epoch = min(set(scores) - set(seen))
+        seen[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return dict(out, acc1_avg=scores[epoch])
+
+    monkeypatch.setattr(training, 'evaluate', forced)
+    return seen
+
+
+def ep_files(run_dir):
+    return sorted(p.name for p in run_dir.glob('ep*.pt'))
+
+
 def test_best_snapshot_is_the_best_validation_epoch_not_the_last(fake_data, tmp_path,
                                                                  monkeypatch):
     """save_interval=0 keeps one ep<N>.pt: the epoch of the highest validation acc1_avg, here
     epoch 2 of 3 (the validation score is forced; the weights are those each epoch trained)."""
-    scores, weights = [0.2, 0.5, 0.3], {}
-    real = training.evaluate
-
-    def forced(model, *args, **kwargs):
-        out = real(model, *args, **kwargs)
-        weights[len(weights) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
-        return dict(out, acc1_avg=scores[len(weights) - 1])
-
-    monkeypatch.setattr(training, 'evaluate', forced)
+    weights = forced_validation(monkeypatch, {1: 0.2, 2: 0.5, 3: 0.3})
     run = tiny_run(fake_data, tmp_path, 3)
     run.fit()
-    assert sorted(p.name for p in tmp_path.glob('ep*.pt')) == ['ep2.pt']
+    assert ep_files(tmp_path) == ['ep2.pt']
     assert (run.best_epoch, run.best_val) == (2, 0.5)
     best = checkpoints.load(tmp_path / 'ep2.pt')
     assert best['epoch'] == 2 and best['val_metrics']['acc1_avg'] == 0.5
@@ -176,3 +187,24 @@ def test_best_snapshot_is_the_best_validation_epoch_not_the_last(fake_data, tmp_
     last = checkpoints.load(tmp_path / 'last.pt')
     assert (last['epoch'], last['best_epoch'], last['best_val']) == (3, 2, 0.5)
     assert checkpoints.pick_checkpoint(tmp_path) == tmp_path / 'ep2.pt'
+
+
+def test_a_resumed_run_carries_the_best_snapshot_along(fake_data, tmp_path, monkeypatch):
+    """Resumed from last.pt, a run starts its folder with a copy of the parent's best snapshot
+    and replaces it only with a better epoch; the parent's folder is left as it was."""
+    forced_validation(monkeypatch, {1: 0.5, 2: 0.2, 3: 0.3, 4: 0.6})
+    parent = tiny_run(fake_data, tmp_path / 'parent', 2)
+    parent.fit()
+    best = (tmp_path / 'parent' / 'ep1.pt').read_bytes()
+    resumed = tiny_run(fake_data, tmp_path / 'resumed', 3,
+                       parent_snapshot=str(tmp_path / 'parent'))
+    assert ep_files(resumed.run_dir) == ['ep1.pt']
+    assert (resumed.run_dir / 'ep1.pt').read_bytes() == best
+    resumed.fit()  # epoch 3: 0.3, not better than epoch 1's 0.5
+    assert ep_files(resumed.run_dir) == ['ep1.pt'] and resumed.best_epoch == 1
+    resumed.n_epochs = 4
+    resumed.fit()  # epoch 4: 0.6, the new best
+    assert ep_files(resumed.run_dir) == ['ep4.pt'] and (resumed.best_epoch, resumed.best_val) == (
+        4, 0.6)
+    assert ep_files(tmp_path / 'parent') == ['ep1.pt']
+    assert (tmp_path / 'parent' / 'ep1.pt').read_bytes() == best
