@@ -106,9 +106,9 @@ def test_pick_checkpoint_best_last_epoch(tmp_path):
         checkpoints.pick_checkpoint(run, 7)
 
 
-# The smoke MsdNet on the generated CIFAR-10 (250 training images: 5 steps of 50 per epoch).
+# The smoke MsdNet on the generated CIFAR-10 (100 training images: 2 steps of 50 per epoch).
 TINY_NET = dict(SMALL_NET, out_dim=None)
-TINY_DATA = dict(call='Cifar10', n_per_class=30, nval_per_class=5, augment=True)
+TINY_DATA = dict(call='Cifar10', n_per_class=15, nval_per_class=5, augment=True)
 # torch 0.4's stepping (after each epoch): epochs 1-2 at lr 0.1, epoch 3 on at 0.01
 MILESTONE = dict(call='MultiStepLR', milestones=[2], gamma=0.1)
 
