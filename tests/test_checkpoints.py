@@ -118,10 +118,11 @@ def tiny_run(data_dir, run_dir, n_epochs, save_interval=0, parent_snapshot=None,
     run_dir.mkdir(exist_ok=True)
     log_scalar = (lambda name, value, ep: logged.setdefault(name, {}).update({ep: value})
                   ) if logged is not None else None
-    return training.Run(TINY_NET, dict(call='DistillationBasedLoss', acc_tops=[1], C=0.5, maxprob=0.5),
-               TINY_DATA, dict(TINY_DATA, augment=False), dict(call='SGD', lr=0.1, momentum=0.9),
-               MILESTONE, 50, 50, n_epochs, save_interval, data_dir, -1, 0, run_dir,
-               parent_snapshot=parent_snapshot, log=lambda *a: None, log_scalar=log_scalar)
+    loss = dict(call='DistillationBasedLoss', acc_tops=[1], C=0.5, maxprob=0.5)
+    return training.Run(TINY_NET, loss, TINY_DATA, dict(TINY_DATA, augment=False),
+                        dict(call='SGD', lr=0.1, momentum=0.9), MILESTONE, 50, 50, n_epochs,
+                        save_interval, data_dir, -1, 0, run_dir, parent_snapshot=parent_snapshot,
+                        log=lambda *a: None, log_scalar=log_scalar)
 
 
 @pytest.fixture(scope='module')

@@ -344,7 +344,8 @@ def test_differences_to_standard_are_paired_by_seed():
     assert accuracy.to_dict('records') == [
         {'size': 20, 'method': 'standard', 'seeds': 3, 'exit 0': '60.0 ± 10.0',
          'exit 1': '61.0 ± 10.0'},
-        {'size': 20, 'method': 'DBT', 'seeds': 3, 'exit 0': '62.0 ± 10.0', 'exit 1': '64.0 ± 10.0'},
+        {'size': 20, 'method': 'DBT', 'seeds': 3, 'exit 0': '62.0 ± 10.0',
+         'exit 1': '64.0 ± 10.0'},
         {'size': 20, 'method': 'DBT + unlabelled', 'seeds': 2, 'exit 0': '54.0 ± 7.1',
          'exit 1': '55.0 ± 7.1'}]
     assert difference.to_dict('records') == [
