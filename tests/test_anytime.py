@@ -43,6 +43,42 @@ def test_ece_is_the_binned_calibration_gap():
     assert expected_calibration_error(certain, unlabelled) == pytest.approx([0])
 
 
+
+def from_probabilities(rows, n_classes=10):
+    """Logits whose softmax is ``rows`` (padded with zeros, i.e. -inf logits): ``m`` equal
+    entries give the confidence 1/m exactly; argmax takes the first of tied classes."""
+    p = torch.zeros(len(rows), n_classes, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        p[i, :len(row)] = torch.tensor(row, dtype=torch.float64)
+    return p.log()
+
+
+def test_ece_bins_by_hand_at_the_bin_edges():
+    """A confidence on an edge i/n belongs to the bin below it; neighbouring bins whose gaps
+    (accuracy - confidence) have opposite signs show any shift or merge of the bins."""
+    # 4 bins (0, 1/4], (1/4, 1/2], (1/2, 3/4], (3/4, 1]: confidence, right?, gap, bin
+    logits = from_probabilities([[1 / 4] * 4,   # 1/4 wrong   -0.25  0
+                                 [1 / 2] * 2,   # 1/2 right   +0.5   1
+                                 [0.6, 0.4],    # 0.6 wrong   -0.6   2
+                                 [0.8, 0.2],    # 0.8 right   +0.2   3
+                                 [1.0]])        # 1   right    0     3
+    labels = torch.tensor([9, 0, 1, 0, 0])
+    expected = (0.25 + 0.5 + 0.6 + 0.2) / 5
+    assert expected_calibration_error(logits[None], labels, n_bins=4) == pytest.approx([expected])
+    # the 15 default bins: edges 3/15 = 1/5 and 5/15 = 1/3, and a confident error at 1, in
+    # the first of two exits (the second is always right)
+    logits = from_probabilities([[1 / 5] * 5,                     # right  +0.8   bin 2
+                                 [0.21, 0.2, 0.2, 0.2, 0.19],     # wrong  -0.21  bin 3
+                                 [1 / 3] * 3,                     # wrong  -1/3   bin 4
+                                 [0.35, 0.3, 0.2, 0.15],          # right  +0.65  bin 5
+                                 [0, 0, 0, 1.0]])                 # wrong  -1     bin 14
+    labels = torch.tensor([0, 1, 5, 0, 4])
+    certain = torch.full((5, 10), -50.0, dtype=torch.float64)
+    certain[torch.arange(5), labels] = 50.0
+    expected = (0.8 + 0.21 + 1 / 3 + 0.65 + 1) / 5
+    assert expected_calibration_error(torch.stack([logits, certain]), labels) == \
+        pytest.approx([expected, 0])
+
 def test_exit_report_is_flat_with_costs_and_a_row_per_exit():
     torch.manual_seed(0)
     costs = flops.exit_costs(models.build(SMALL_NET))

@@ -1,6 +1,7 @@
 """Budgeted batch classification: threshold fitting, exit decisions, the budget sweep."""
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -90,3 +91,33 @@ def test_budget_sweep_spends_more_compute_for_larger_budgets():
     shares = sweep[[f'exited{k}' for k in range(len(costs))]]
     assert shares.sum(axis=1).tolist() == pytest.approx([1.0] * len(sweep))
     assert (shares.to_numpy() @ costs).tolist() == pytest.approx(sweep['avg_macs'].tolist())
+
+
+def test_thresholds_are_fitted_on_the_validation_split_alone():
+    """Validation and test splits that differ (test: half as many samples, far more confident
+    logits): every threshold is fitted on validation, the test split only gets them applied."""
+    costs = [1e6, 2.5e6, 3e6, 5e6]
+    val_logits, val_labels = synthetic_logits(1000, seed=1)
+    test_logits, test_labels = synthetic_logits(500, seed=2)
+    sweep = budgeted.budget_sweep(val_logits, val_labels, 4 * test_logits, test_labels, costs)
+    val_conf, _ = budgeted.confidences(val_logits)
+    test_conf, test_pred = budgeted.confidences(4 * test_logits)
+    columns = [f'threshold{k}' for k in range(len(costs))]
+    geometric = sweep[sweep['method'] == 'geometric']
+    for q, row in zip(budgeted.GEOMETRIC_QS, geometric.itertuples()):
+        thresholds = budgeted.fit_thresholds(val_conf, budgeted.geometric_fractions(4, q))
+        assert [getattr(row, c) for c in columns] == thresholds.tolist()
+        acc, macs, shares = budgeted.outcome(test_conf, test_pred, test_labels, thresholds, costs)
+        assert (row.acc1, row.avg_macs) == (acc, macs)
+        assert [getattr(row, f'exited{k}') for k in range(4)] == shares
+    levels = torch.linspace(0, 1, budgeted.GLOBAL_LEVELS, dtype=torch.float64)
+    grid = torch.quantile(val_conf[:-1].flatten().double(), levels).tolist() + [math.inf]
+    assert sweep.loc[sweep['method'] == 'global', 'param'].tolist() == grid
+    # the splits do differ: at q = 1 validation has a quarter per exit, test leaves earlier
+    q1 = geometric[geometric['param'] == 1.0].iloc[0]
+    assert q1['val_avg_macs'] == pytest.approx(sum(costs) / 4)
+    assert q1['exited0'] > 0.5 and q1['avg_macs'] < q1['val_avg_macs']
+    # another test split moves nothing fitted
+    other = budgeted.budget_sweep(val_logits, val_labels, test_logits, test_labels, costs)
+    fitted = columns + ['param', 'val_acc1', 'val_avg_macs']
+    pd.testing.assert_frame_equal(other[fitted], sweep[fitted])

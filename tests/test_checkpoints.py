@@ -1,12 +1,14 @@
 import json
 import os
 import pickle
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from multiexit import checkpoints
+from multiexit import checkpoints, training
 from multiexit.errors import SnapshotError
+from test_anytime import SMALL_NET
 
 
 def test_atomic_save_roundtrip_leaves_no_temporary(tmp_path):
@@ -21,7 +23,9 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'last.pt'
     checkpoints.save_atomic({'epoch': 1}, path)
 
-    def disk_full(*args, **kwargs):
+    def disk_full(obj, f, *args, **kwargs):  # the disk fills up half-way through the file
+        with open(f, 'wb') if isinstance(f, (str, os.PathLike)) else nullcontext(f) as out:
+            out.write(b'half a checkpoint')
         raise OSError(28, 'No space left on device')
 
     monkeypatch.setattr(torch, 'save', disk_full)
@@ -150,3 +154,108 @@ def test_pick_checkpoint_best_last_epoch(tmp_path):
     assert checkpoints.pick_checkpoint(run, 'last').name == 'last.pt'
     with pytest.raises(SnapshotError, match=r'\[5, 10, 15\]'):
         checkpoints.pick_checkpoint(run, 7)
+
+
+# The smoke MsdNet on the generated CIFAR-10 (100 training images: 2 steps of 50 per epoch).
+TINY_NET = dict(SMALL_NET, out_dim=None)
+TINY_DATA = dict(call='Cifar10', n_per_class=15, nval_per_class=5, augment=True)
+# torch 0.4's stepping (after each epoch): epochs 1-2 at lr 0.1, epoch 3 on at 0.01
+MILESTONE = dict(call='MultiStepLR', milestones=[2], gamma=0.1)
+
+
+def tiny_run(data_dir, run_dir, n_epochs, save_interval=0, parent_snapshot=None, logged=None):
+    """A Run built through the library; ``logged`` collects {name: {epoch: value}}."""
+    run_dir.mkdir(exist_ok=True)
+    log_scalar = (lambda name, value, ep: logged.setdefault(name, {}).update({ep: value})
+                  ) if logged is not None else None
+    loss = dict(call='DistillationBasedLoss', acc_tops=[1], C=0.5, maxprob=0.5)
+    return training.Run(TINY_NET, loss, TINY_DATA, dict(TINY_DATA, augment=False),
+                        dict(call='SGD', lr=0.1, momentum=0.9), MILESTONE, 50, 50, n_epochs,
+                        save_interval, data_dir, -1, 0, run_dir, parent_snapshot=parent_snapshot,
+                        log=lambda *a: None, log_scalar=log_scalar)
+
+
+@pytest.fixture(scope='module')
+def two_epochs(fake_data, tmp_path_factory):
+    """A run of 2 epochs that kept a model snapshot after each (ep1.pt, ep2.pt)."""
+    run = tiny_run(fake_data, tmp_path_factory.mktemp('parent'), 2, save_interval=1)
+    run.fit()
+    return run.run_dir
+
+
+@pytest.mark.parametrize('parent_epoch, expected_lr', [(1, {2: 0.1, 3: 0.01}), (2, {3: 0.01})])
+def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_epochs, tmp_path,
+                                                                 parent_epoch, expected_lr):
+    """ep<N>.pt holds weights only (the original's way to resume): the schedule is replayed to
+    epoch N, so a resumed run crosses the milestone at the same epoch as an uninterrupted one."""
+    path = two_epochs / f'ep{parent_epoch}.pt'
+    snapshot = checkpoints.load(path)
+    assert 'optimizer' not in snapshot and 'scheduler' not in snapshot
+    logged = {}
+    run = tiny_run(fake_data, tmp_path, parent_epoch, parent_snapshot=str(path), logged=logged)
+    assert run.epoch == parent_epoch and run.parent_path == path
+    for k, v in snapshot['model'].items():
+        assert torch.equal(run.model.state_dict()[k], v), k
+    run.n_epochs = 3
+    run.fit()
+    assert logged['lr'] == pytest.approx(expected_lr)
+    assert checkpoints.load(tmp_path / 'last.pt')['epoch'] == 3
+
+
+def forced_validation(monkeypatch, scores):
+    """Validation gives the acc1_avg ``scores[epoch - 1]``; returns {epoch: the model's weights
+    then, and the ep<N>.pt files of every folder involved just before its checkpoints}."""
+    real, seen = training.evaluate, {}
+
+    def forced(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        epoch = min(set(scores) - set(seen))
+        seen[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return dict(out, acc1_avg=scores[epoch])
+
+    monkeypatch.setattr(training, 'evaluate', forced)
+    return seen
+
+
+def ep_files(run_dir):
+    return sorted(p.name for p in run_dir.glob('ep*.pt'))
+
+
+def test_best_snapshot_is_the_best_validation_epoch_not_the_last(fake_data, tmp_path,
+                                                                 monkeypatch):
+    """save_interval=0 keeps one ep<N>.pt: the epoch of the highest validation acc1_avg, here
+    epoch 2 of 3 (the validation score is forced; the weights are those each epoch trained)."""
+    weights = forced_validation(monkeypatch, {1: 0.2, 2: 0.5, 3: 0.3})
+    run = tiny_run(fake_data, tmp_path, 3)
+    run.fit()
+    assert ep_files(tmp_path) == ['ep2.pt']
+    assert (run.best_epoch, run.best_val) == (2, 0.5)
+    best = checkpoints.load(tmp_path / 'ep2.pt')
+    assert best['epoch'] == 2 and best['val_metrics']['acc1_avg'] == 0.5
+    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+    for k, v in best['model'].items():
+        assert torch.equal(v, weights[2][k]), k
+    last = checkpoints.load(tmp_path / 'last.pt')
+    assert (last['epoch'], last['best_epoch'], last['best_val']) == (3, 2, 0.5)
+    assert checkpoints.pick_checkpoint(tmp_path) == tmp_path / 'ep2.pt'
+
+
+def test_a_resumed_run_carries_the_best_snapshot_along(fake_data, tmp_path, monkeypatch):
+    """Resumed from last.pt, a run starts its folder with a copy of the parent's best snapshot
+    and replaces it only with a better epoch; the parent's folder is left as it was."""
+    forced_validation(monkeypatch, {1: 0.5, 2: 0.2, 3: 0.3, 4: 0.6})
+    parent = tiny_run(fake_data, tmp_path / 'parent', 2)
+    parent.fit()
+    best = (tmp_path / 'parent' / 'ep1.pt').read_bytes()
+    resumed = tiny_run(fake_data, tmp_path / 'resumed', 3,
+                       parent_snapshot=str(tmp_path / 'parent'))
+    assert ep_files(resumed.run_dir) == ['ep1.pt']
+    assert (resumed.run_dir / 'ep1.pt').read_bytes() == best
+    resumed.fit()  # epoch 3: 0.3, not better than epoch 1's 0.5
+    assert ep_files(resumed.run_dir) == ['ep1.pt'] and resumed.best_epoch == 1
+    resumed.n_epochs = 4
+    resumed.fit()  # epoch 4: 0.6, the new best
+    assert ep_files(resumed.run_dir) == ['ep4.pt'] and (resumed.best_epoch, resumed.best_val) == (
+        4, 0.6)
+    assert ep_files(tmp_path / 'parent') == ['ep1.pt']
+    assert (tmp_path / 'parent' / 'ep1.pt').read_bytes() == best

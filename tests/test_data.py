@@ -147,6 +147,21 @@ def test_semi_supervised_interleaves_labelled_and_unlabelled(fake_data):
     assert (val.labels >= 0).all() and len(val.labels) == 200
 
 
+
+def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
+    """With more unlabelled examples than the ratio takes (semisup: 350 per class for 100
+    labelled, 1:1), every epoch visits each labelled example once, paired with a new draw of
+    unlabelled ones, so that over the epochs all of them are used."""
+    labels = torch.tensor([-100] * 12 + [3] * 4)
+    order = data.EpochOrder(labels, 4, shuffle=True, lab_unl_ratio=(1, 1), seed=0)
+    draws = []
+    for epoch in range(20):
+        pos = order.positions(epoch).view(-1, 2)  # (labelled, unlabelled) pairs
+        assert sorted(pos[:, 0].tolist()) == [12, 13, 14, 15]
+        draws.append(frozenset(pos[:, 1].tolist()))
+        assert len(draws[-1]) == 4 and (labels[pos[:, 1]] == -100).all()
+    assert len(set(draws)) > 10 and frozenset().union(*draws) == set(range(12))
+
 def test_unlabelled_images_never_enter_the_labelled_splits(fake_data):
     _, raw = data.load_cifar('Cifar100', fake_data, train=True)
     unl = data.unlabelled_indices(raw, 4, seed=0, n_classes=100)
@@ -157,6 +172,38 @@ def test_unlabelled_images_never_enter_the_labelled_splits(fake_data):
         idx, _ = data.subset_indices(labels, split, 8, 2, seed=0, n_classes=100)
         assert not set(idx) & set(unl)
 
+
+
+def test_semi_supervised_splits_are_disjoint_and_unlabelled_images_reach_the_loss_unlabelled(
+        fake_data):
+    """One draw's labelled training, unlabelled and validation images are pairwise disjoint;
+    an epoch's batches (what the training step hands the loss) carry -100 for every unlabelled
+    image, and the permuted class of the image for a labelled one, the same in both splits."""
+    cf = dict(call='Cifar100', n_per_class=6, nval_per_class=2, seed=3, n_unl_per_class=4,
+              lab_unl_ratio=(1, 1))
+    images, raw = data.load_cifar('Cifar100', fake_data, train=True)
+    which = {image.tobytes(): i for i, image in enumerate(images)}
+    assert len(which) == len(images)  # the generated images are distinct: they identify
+    spec = data.DATASETS['Cifar100']
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    seen = {}
+    for split in ('train', 'val'):  # not augmented: a batch's images show which images they are
+        loader, _ = data.build_split(cf, split, fake_data, 50, 'cpu')
+        for x, y in loader:
+            u8 = ((x * std + mean) * 255).round().to(torch.uint8).numpy()
+            for image, label in zip(u8, y.tolist()):
+                seen.setdefault(split, {})[which[image.tobytes()]] = label
+    train, val = seen['train'], seen['val']
+    unl = {i for i, label in train.items() if label == -100}
+    lab = set(train) - unl
+    assert (len(lab), len(unl), len(val)) == (400, 400, 200)  # an epoch: every image once
+    assert not (lab & unl or lab & set(val) or unl & set(val))
+    assert all(sum(raw[i] == k for i in unl) == 4 for k in range(100))
+    class_of = {}  # the class permutation: one label per raw class, a bijection
+    for i, label in list(train.items()) + list(val.items()):
+        if label != -100:
+            assert class_of.setdefault(raw[i], label) == label
+    assert sorted(class_of.values()) == list(range(100)) and -100 not in val.values()
 
 def test_unlabelled_without_ratio_is_rejected(fake_data):
     cf = dict(call='Cifar100', n_per_class=8, nval_per_class=2, seed=0, n_unl_per_class=4)

@@ -510,6 +510,34 @@ def test_tables_put_size_all_after_the_numbers(tmp_path, monkeypatch):
         '10 training images per class', '20 training images per class', 'all training images']
 
 
+
+def test_differences_to_standard_are_paired_by_seed():
+    """Seeds that differ by 10 points in every method, methods that differ by a constant: the
+    per-seed differences have no spread. A seed that one method lacks is left out of its
+    differences only."""
+    rows = []
+    for seed in range(3):
+        for k in range(2):
+            standard = 50 + 10 * seed + k
+            rows += [dict(method='standard', size=20, seed=seed, exit=k, acc1=standard),
+                     dict(method='dbt', size=20, seed=seed, exit=k, acc1=standard + 2 + k)]
+            if seed < 2:
+                rows.append(dict(method='semisup', size=20, seed=seed, exit=k, acc1=standard - 1))
+    labels = {'standard': 'standard', 'dbt': 'DBT', 'semisup': 'DBT + unlabelled'}
+    accuracy, difference = tables.tables(pd.DataFrame(rows), list(labels), labels)
+    assert accuracy.to_dict('records') == [
+        {'size': 20, 'method': 'standard', 'seeds': 3, 'exit 0': '60.0 ± 10.0',
+         'exit 1': '61.0 ± 10.0'},
+        {'size': 20, 'method': 'DBT', 'seeds': 3, 'exit 0': '62.0 ± 10.0',
+         'exit 1': '64.0 ± 10.0'},
+        {'size': 20, 'method': 'DBT + unlabelled', 'seeds': 2, 'exit 0': '54.0 ± 7.1',
+         'exit 1': '55.0 ± 7.1'}]
+    assert difference.to_dict('records') == [
+        {'size': 20, 'method': 'DBT − standard', 'seeds': 3, 'exit 0': '+2.0 ± 0.0',
+         'exit 1': '+3.0 ± 0.0'},
+        {'size': 20, 'method': 'DBT + unlabelled − standard', 'seeds': 2, 'exit 0': '-1.0 ± 0.0',
+         'exit 1': '-1.0 ± 0.0'}]
+
 @pytest.fixture(scope='module')
 def parallel(tmp_path_factory):
     work = tmp_path_factory.mktemp('jobs')

@@ -203,6 +203,22 @@ def test_loader_epochs_are_seeded_and_do_not_depend_on_the_workers(folder):
     assert x.shape == (8, 3, SIZE, SIZE) and x.dtype == torch.float32
 
 
+
+def test_training_batches_are_the_original_augmentation_of_their_files(folder):
+    """The loader's pieces together: each image of a training batch is the reference transform
+    (crop, jitter, flip, and the lighting noise that the device adds) of its file, drawn with
+    the seed of (run seed, epoch, position)."""
+    loader = data_set().loader('train', folder, 8, 'cpu', seed=7)
+    x, y = batches(loader, epoch=2)[0]
+    files = loader._loader.dataset
+    idx, _, _ = next(loader.order.batches(2))
+    for j, i in enumerate(idx.tolist()):
+        with Image.open(files.root / files.paths[i].decode()) as img, \
+                torch.random.fork_rng(devices=[]):
+            expected, _ = reference_train(img, SIZE, image_transforms.sample_seed(7, 2, i))
+        torch.testing.assert_close(x[j], expected, rtol=0, atol=1e-5)
+        assert y[j] == files.labels[i]
+
 def test_a_dropped_loader_stops_its_processes_at_once(folder):
     """Freed by reference counting, not left to the garbage collector: that one closes the
     queues to the loader processes first, and each process then waits out a 5 s timeout

@@ -2,7 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from multiexit import losses, models
 from multiexit.metrics import MultiExitAccuracy, metric_names
+from multiexit.train_step import TrainStep
+from test_anytime import SMALL_NET
 
 
 def brute_force(logits_list, y, tops, T):
@@ -57,3 +60,24 @@ def test_reset_and_no_temperature():
     m.reset()
     m.update([torch.eye(3), torch.eye(3)], torch.tensor([1, 2, 0]))
     assert m.compute()['acc1_avg'] == 0.0
+
+
+def test_training_step_reports_adj_maxprob_at_the_temperature_it_trained_with():
+    """The step's adj_maxprob is the teacher's confidence at the T its loss used (what DBT
+    compares to maxprob), not at the T that the loss then raised."""
+    torch.manual_seed(0)
+    model = models.build(dict(SMALL_NET, out_dim=10))
+    loss = losses.build(dict(call='DistillationBasedLoss', n_exits=3, C=0.5, maxprob=0.0))
+    step = TrainStep(model, loss, torch.optim.SGD(model.parameters(), lr=0.0), 3, (1,), 'cpu',
+                     T=loss.temperature)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    step.start_epoch()
+    with torch.no_grad():
+        teacher = model(x)[-1]  # training mode, as in the step: the same logits
+    step(x, y)
+    _, metrics, _ = step.finish_epoch()
+    assert loss.T == pytest.approx(1.05)  # raised once, after the step's metrics
+    expected = F.softmax(teacher, dim=1).amax(dim=1).mean().item()
+    assert metrics['adj_maxprob'] == pytest.approx(expected, rel=1e-6)
+    assert metrics['adj_maxprob'] != pytest.approx(
+        F.softmax(teacher / 1.05, dim=1).amax(dim=1).mean().item(), rel=1e-6)

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import ROOT, pythonpath
 from multiexit.errors import ConfigError, SnapshotError
-from multiexit.runs import (WIDTH, load_runs, method_label, network_label, parse_filter,
-                            plot_curves, run_history, select, summary)
+from multiexit.runs import (WIDTH, load_runs, method_label, metric_summary, network_label,
+                            parse_filter, plot_curves, run_history, select, summary)
 from test_anytime import assert_png
 
 VAL_AVG = [0.10, 0.30, 0.20]  # the best epoch is 2, not the last
@@ -103,6 +103,14 @@ def test_final_and_best_epoch_metrics(table):
     assert train['best.temperature'] == 1.2 and train['final.lr'] == 0.01
 
 
+
+def test_best_epoch_is_the_first_of_a_tie_as_training_keeps_it():
+    frame = pd.DataFrame({'val.acc1_avg': [0.1, 0.3, 0.2, 0.3],
+                          'val.acc1_clf0': [0.1, 0.2, 0.3, 0.4]}, index=[1, 2, 3, 4])
+    summary = metric_summary(frame)
+    assert summary['best_epoch'] == 2 and summary['best.val.acc1_clf0'] == 0.2
+    assert summary['final_epoch'] == 4 and summary['final.val.acc1_clf0'] == 0.4
+
 def test_evaluation_results_are_columns(table):
     evaluation = table[0].set_index('run').loc['2']
     assert evaluation['result.acc1_clf0'] == 0.21 and evaluation['result.acc1_clf1'] == 0.33
@@ -115,6 +123,7 @@ def test_evaluation_results_are_columns(table):
     ('amp=False', ['1']),
     ('snapshot_name=1', ['2']),  # the evaluation of run 1 (an int in its config)
     ('snapshot_name=grid/*', ['1']),
+    ('snapshot_name=GRID/*', []),  # globs match the text as it is
     ('status=COMPLETED', ['1', '2']),
     ('experiment=eval', ['2']),
     ('seed=7', []),

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+from multiexit import budgeted, datasets
+from multiexit.evaluation import exit_logits, load_model
 from multiexit.metrics import metric_names
 from conftest import RISING_T, ROOT, run_script
 from test_anytime import assert_png
@@ -193,7 +195,7 @@ def test_eval_prints_table_and_returns_metrics(trained):
     assert 0 <= result['acc1_avg'] <= 1
 
 
-def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained):
+def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     snaps, _ = trained
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
@@ -216,6 +218,14 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained):
     assert glob['avg_macs'].is_monotonic_increasing
     assert glob['avg_macs'].iloc[-1] == anytime['macs_all_heads'].iloc[-1]
     assert glob['acc1'].iloc[-1] == pytest.approx(result['acc1_clf2'])
+    # the thresholds are fitted on the training run's validation split (its cf_val), not test
+    model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
+    cf_val = read(snaps / '1' / 'config.json')['cf_val']
+    val_loader = datasets.build(cf_val).loader('val', workdir / 'data' / 'smoke', 250, 'cpu')
+    val_conf = budgeted.confidences(exit_logits(model, val_loader)[0])[0]
+    for row in geometric.itertuples():
+        fitted = budgeted.fit_thresholds(val_conf, budgeted.geometric_fractions(3, row.param))
+        assert [row.threshold0, row.threshold1] == pytest.approx(fitted[:2].tolist(), rel=1e-5)
     for name in ('anytime.png', 'budgeted.png'):
         assert_png(eval_run / name)
 
