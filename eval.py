@@ -6,10 +6,11 @@
     python eval.py with snapshot_name=old_ep300 cf_net.n_exits=11   # a file of the original code
     python eval.py with "snapshot_name=['3', '5']"    # several, overlaid in the figures
 
-Prints per exit top-1, top-5, ensemble accuracy, calibration error and cost; fits early-exit
-thresholds on the training run's validation split and applies them to the test split
-(budgeted batch classification). Writes anytime.csv, budgeted.csv, anytime.png and
-budgeted.png to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
+Prints per exit top-1, top-5, ensemble accuracy, calibration error, cost, and the time per
+image measured on this device in both early-exit modes; fits early-exit thresholds on the
+training run's validation split and applies them to the test split (budgeted batch
+classification). Writes anytime.csv, budgeted.csv, anytime.png, budgeted.png and budgeted_ms.png
+to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
 flat dict of metrics, or for several snapshots {snapshot: dict of metrics}.
 """
 import json
@@ -24,7 +25,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # rais
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
-from multiexit import checkpoints, datasets, flops, plots  # noqa: E402
+from multiexit import checkpoints, datasets, exit_timing, flops, plots  # noqa: E402
 from multiexit.budgeted import budget_sweep  # noqa: E402
 from multiexit.errors import ConfigError, reported_as_one_line  # noqa: E402
 from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,  # noqa: E402
@@ -64,7 +65,8 @@ def config():
         call='_MultiExitAccuracy',
         acc_tops=[1, 5],  # top-k accuracies reported
     )
-    batch_size = 250  # evaluation batch
+    batch_size = 250  # evaluation batch (and the streaming early exit's, timed)
+    time_repeats = 5  # timed runs of every block per early-exit mode, for ms per image (0: none)
     data_dir = None  # None: the training run's data_dir (else 'data')
     cf_net = PAPER_NET  # architecture of a bare state dict from the original code only
 
@@ -79,7 +81,7 @@ def training_config(path):
 
 
 def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
-                      cf_net):
+                      cf_net, time_repeats=0):
     """(flat metrics, anytime frame, budgeted frame) of one snapshot."""
     path = checkpoints.pick_checkpoint(checkpoints.resolve(name, SNAPSHOT_DIR), checkpoint)
     model, net, ckpt = load_model(path, device, plain(cf_net))
@@ -106,16 +108,18 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
     size = test_data.input_size
     costs = flops.exit_costs(model, (3, size, size))
-    report = exit_report(*test, costs, acc_tops)
+    times = (exit_timing.exit_ms(model, (3, size, size), batch_size, time_repeats)
+             if time_repeats else None)
+    report = exit_report(*test, costs, acc_tops, times)
     anytime = anytime_frame(report, n_exits, acc_tops)
     print(per_exit_table(anytime, acc_tops))
-    budgeted = budget_sweep(*val, *test, [c['macs_all_heads'] for c in costs])
+    budgeted = budget_sweep(*val, *test, [c['macs_all_heads'] for c in costs], times)
     return report, anytime, budgeted
 
 
 @ex.main
 def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, gpu,
-         cf_net):
+         cf_net, time_repeats):
     with reported_as_one_line():
         if cf_loss.get('call') != '_MultiExitAccuracy':
             raise ConfigError(f"cf_loss.call must be '_MultiExitAccuracy', got {cf_loss.get('call')!r}")
@@ -123,6 +127,9 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         if 1 not in acc_tops:
             raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
                               f'curves are top-1)')
+        if isinstance(time_repeats, bool) or not isinstance(time_repeats, int) or time_repeats < 0:
+            raise ConfigError(f'time_repeats must be an int >= 0 (0: no timing), got '
+                              f'{time_repeats!r}')
         snapshot_name = 'test:0' if snapshot_name is None else snapshot_name
         checkpoint = 'best' if checkpoint is None else checkpoint
         names = [str(n) for n in (snapshot_name if isinstance(snapshot_name, (list, tuple))
@@ -134,7 +141,7 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         for name in names:
             report, any_frame, budget_frame = evaluate_snapshot(
                 name, checkpoint, cf_test, cf_val, dict(cf_loss, acc_tops=acc_tops), batch_size,
-                data_dir, device, cf_net)
+                data_dir, device, cf_net, time_repeats)
             results[name] = report
             for frame, frames in ((any_frame, anytime), (budget_frame, budgeted)):
                 frame.insert(0, 'snapshot', name)
@@ -146,7 +153,12 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         budgeted.to_csv(run_dir / 'budgeted.csv', index=False)
         plots.anytime_figure(anytime, run_dir / 'anytime.png')
         plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted.png')
-        print(f'wrote anytime.csv, budgeted.csv, anytime.png and budgeted.png to {run_dir}')
+        written = 'anytime.csv, budgeted.csv, anytime.png, budgeted.png'
+        if time_repeats:
+            plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted_ms.png',
+                                  exit_timing.TIME_COLUMNS)
+            written += ', budgeted_ms.png'
+        print(f'wrote {written} to {run_dir}')
         return results[names[0]] if len(names) == 1 else results
 
 
