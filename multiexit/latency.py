@@ -26,14 +26,15 @@ class LatencyExit(FixedSizeRunner):
     def __init__(self, model, batch_size=1, input_size=(3, 32, 32), graphs=None):
         super().__init__(model, batch_size, graphs)
         b, device = self.batch_size, self.device
-        self.x = torch.zeros(b, *input_size, device=device)
         self.h = [None] * self.n_exits  # block outputs, where the next step reads them
-        self.active = torch.zeros(b, dtype=torch.bool, device=device)  # not left yet
-        self.pred = torch.zeros(b, dtype=torch.int64, device=device)
-        self.exit = torch.zeros_like(self.pred)
-        self.conf = torch.zeros(b, dtype=torch.float32, device=device)
-        self.go_on = torch.zeros((), dtype=torch.bool, device=device)
-        self.arange = torch.arange(b, device=device)
+        with self.eval_mode():
+            self.x = torch.zeros(b, *input_size, device=device)
+            self.active = torch.zeros(b, dtype=torch.bool, device=device)  # not left yet
+            self.pred = torch.zeros(b, dtype=torch.int64, device=device)
+            self.exit = torch.zeros_like(self.pred)
+            self.conf = torch.zeros(b, dtype=torch.float32, device=device)
+            self.go_on = torch.zeros((), dtype=torch.bool, device=device)
+            self.arange = torch.arange(b, device=device)
 
     @contextlib.contextmanager
     def sandbox(self):

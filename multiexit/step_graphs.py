@@ -73,7 +73,8 @@ class FixedSizeRunner:
         self.graphs = graphs  # None: eager steps
         self.replays = {}  # (block, size) -> replay of its captured step
         self.captures = self.syncs = 0
-        self.thresholds = torch.zeros(self.n_exits, dtype=torch.float32, device=self.device)
+        with self.eval_mode():
+            self.thresholds = torch.zeros(self.n_exits, dtype=torch.float32, device=self.device)
 
     @property
     def graphed(self):
@@ -81,8 +82,10 @@ class FixedSizeRunner:
         return self.graphs is not None
 
     def set_thresholds(self, thresholds):
-        # a copy from pageable host memory, staged at once: no sync with the device
-        self.thresholds.copy_(checked_thresholds(self.model, thresholds), non_blocking=True)
+        values = checked_thresholds(self.model, thresholds)
+        if self.device.type == 'cuda':
+            values = values.pin_memory()  # from pageable memory, the copy may wait for the GPU
+        self.thresholds.copy_(values, non_blocking=True)
 
     def host_value(self, t):
         """``t`` (on the device) as a Python number or list: a host sync, counted."""
@@ -124,12 +127,14 @@ class FixedSizeRunner:
 
     @contextlib.contextmanager
     def eval_mode(self):
-        """The model in eval mode (restored afterwards); a graph captured in eval mode replays
-        eval mode whatever the model's mode is later."""
+        """The model in eval mode (restored afterwards; a graph captured in eval mode replays
+        eval mode whatever the model's mode is later), without autograd, and outside inference
+        mode whatever the caller's: the runner's tensors, updated in place by every step, must
+        not become inference tensors."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 yield
         finally:
             self.model.train(was_training)

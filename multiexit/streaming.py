@@ -20,13 +20,13 @@ HEAD, LENGTH = 0, 1  # columns of the queue counters: position of the oldest ent
 
 
 def block_inputs(model, input_size, device):
-    """Per block, its input for one image (block 0: the image; block k: block k-1's output)."""
+    """Per block, its input for one image (block 0: the image; block k: block k-1's output);
+    call without autograd."""
     h = torch.zeros(1, *input_size, device=device)
     inputs = [h]
-    with torch.no_grad():
-        for block in model.blocks[:-1]:
-            h = block(h)
-            inputs.append(h)
+    for block in model.blocks[:-1]:
+        h = block(h)
+        inputs.append(h)
     return inputs
 
 
@@ -82,11 +82,11 @@ class StreamingExit(FixedSizeRunner):
         self.input_size = tuple(input_size)
         with self.eval_mode():
             templates = block_inputs(model, self.input_size, self.device)
-        capacity = (self.wave_batches + 1) * b
-        self.queues = [None] + [_Queue(t, capacity, self.device) for t in templates[1:]]
-        self.counters = torch.zeros(self.n_exits, 2, dtype=torch.int64, device=self.device)
-        self.arange = torch.arange(b, device=self.device)
-        self._allocate_stream(b)
+            capacity = (self.wave_batches + 1) * b
+            self.queues = [None] + [_Queue(t, capacity, self.device) for t in templates[1:]]
+            self.counters = torch.zeros(self.n_exits, 2, dtype=torch.int64, device=self.device)
+            self.arange = torch.arange(b, device=self.device)
+            self._allocate_stream(b)
 
     def _allocate_stream(self, n):
         """Queue 0 (the images of a stream of up to ``n``) and the outputs, each with a dump slot

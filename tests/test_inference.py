@@ -344,16 +344,36 @@ def test_timing_the_exits_changes_no_result(net, cls):
 
 def test_benchmark_script_writes_json_with_its_command(tmp_path):
     out = tmp_path / 'early_exit.json'
-    args = ['--cf-net', json.dumps(SMALL_NET), '--images', '32', '--calibration', '32',
-            '--batch-size', '16', '--repeats', '1', '--threads', '1', '--qs', '0.5', '2',
+    args = ['--cf-net', json.dumps(SMALL_NET), '--batch-sizes', '1', '4', '--batches', '3',
+            '--min-images', '8', '--latency-max-batch', '1', '--calibration', '32',
+            '--repeats', '1', '--exit-repeats', '1', '--threads', '1', '--qs', '0.5', '2',
             '--out', str(out)]
     subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'early_exit.py'), *args],
                    check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
-    assert result['command'].endswith(shlex.join(args))
-    assert [b['q'] for b in result['budgets']] == [0.5, 2.0]
-    for b in result['budgets']:
-        assert b['same_decisions_as_budgeted'] and b['images_per_s'] > 0
-        assert sum(b['exit_shares']) == pytest.approx(1)
+    assert result['command'].endswith(shlex.join(args)) and result['complete']
+    rows = result['cpu_speedup']
+    assert [(r['mode'], r['batch_size'], r['q']) for r in rows] == [
+        (mode, b, q) for b in (1, 4) for q in (0.5, 2.0)
+        for mode in ('streaming', 'latency', 'shrinking') if mode != 'latency' or b == 1]
+    assert [r['images'] for r in rows] == [8] * 6 + [12] * 4  # whole batches, at least 8
+    for r in rows:
+        assert r['identical'] and r['speedup'] > 0 and r['images_per_s'] > 0
+        assert sum(r['exit_shares']) == pytest.approx(1)
+        assert r['macs_ratio'] == pytest.approx(result['macs_all_heads'][-1] / r['avg_macs'])
     # a larger q sends samples to later exits
-    assert result['budgets'][0]['avg_macs'] < result['budgets'][1]['avg_macs']
+    assert all(a['macs_ratio'] > b['macs_ratio'] for a, b in zip(rows[:3], rows[3:6]))
+    for b, modes in (('1', ('streaming', 'latency')), ('4', ('streaming',))):
+        exits = result['exits'][b]
+        assert set(exits) == {'macs_all_heads'} | {f'ms_{m}' for m in modes}
+        for m in modes:  # measured time per image of each exit, next to its MACs
+            assert exits[f'ms_{m}'][0] > 0 and exits[f'ms_{m}'] == sorted(exits[f'ms_{m}'])
+        assert result['full_forward'][b]['images_per_s'] > 0
+        assert not result['full_forward'][b]['graph']
+    streaming = [r for r in rows if r['mode'] == 'streaming']
+    assert all(r['predicted_ms_per_image'] > 0 for r in streaming)
+    targets = result['targets']
+    assert targets[0] == {'what': 'identical predictions and exits in every row', 'met': True}
+    shrinking = {(r['batch_size'], r['q']): r['speedup'] for r in rows if r['mode'] == 'shrinking'}
+    assert [t['streaming_over_shrinking'] for t in targets[1:]] == pytest.approx(
+        [r['speedup'] / shrinking[r['batch_size'], r['q']] for r in streaming])
