@@ -17,6 +17,10 @@ Each row (mode, batch size, q) has ``macs_ratio`` (full MACs over the mean MACs 
 equal the budgeted decisions on the full pass at B), next to the measured ms per image and the
 one predicted from the measured time per image of each exit (``exits``, next to its MACs).
 
+On CUDA, convolutions and matrix products run in fp32 without TF32 (``tf32`` in the JSON): the
+budgeted decisions are defined in fp32, and TF32 would round a partial batch at the end of a
+stream (another batch size, other kernels) differently by about 1e-3.
+
 With random weights the images are Gaussian noise and BatchNorm takes its statistics from the
 calibration images (a random network with fresh statistics saturates its softmax, and ties
 defeat the quantile thresholds); the weights then do not matter for speed, the exit shares do.
@@ -210,6 +214,7 @@ def sweep_batch_size(model, x, batch_size, budgets, costs, args, device):
                 'speedup': full_s / seconds,
                 'identical': torch.equal(got_exits, expected) and torch.equal(got_pred,
                                                                               expected_pred),
+                'differing': int(((got_exits != expected) | (got_pred != expected_pred)).sum()),
                 'exit_shares': (torch.bincount(expected.cpu(), minlength=len(costs))
                                 / len(x)).tolist(),
                 'avg_macs': mean_cost(expected, costs),
@@ -257,6 +262,8 @@ def targets(rows, device):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -273,6 +280,7 @@ def main(argv=None):
         'date': datetime.datetime.now().isoformat(timespec='seconds'),
         'device': str(device), 'device_name': device_name(device),
         'torch': torch.__version__, 'threads': torch.get_num_threads(),
+        'tf32': device.type == 'cuda' and torch.backends.cudnn.allow_tf32,
         'load_average_before_after': [os.getloadavg()],
         'model': source, 'cf_net': cf_net, 'macs_all_heads': costs,
         'calibration': len(calibration), 'repeats': args.repeats, 'batch_sizes': list(sizes),

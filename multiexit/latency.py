@@ -5,8 +5,6 @@ Each step (block k, exit head k, the decision) is a CUDA graph on a GPU that rea
 step's output where that step left it; after each step the host reads one flag, whether an image
 of the batch goes on, and stops there if none does.
 """
-import contextlib
-
 import torch
 
 from .inference import exit_step
@@ -30,21 +28,12 @@ class LatencyExit(FixedSizeRunner):
         with self.eval_mode():
             self.x = torch.zeros(b, *input_size, device=device)
             self.active = torch.zeros(b, dtype=torch.bool, device=device)  # not left yet
+            self.pending = self.active  # zeros: steps decide nothing
             self.pred = torch.zeros(b, dtype=torch.int64, device=device)
             self.exit = torch.zeros_like(self.pred)
             self.conf = torch.zeros(b, dtype=torch.float32, device=device)
             self.go_on = torch.zeros((), dtype=torch.bool, device=device)
             self.arange = torch.arange(b, device=device)
-
-    @contextlib.contextmanager
-    def sandbox(self):
-        """No image active, so that steps decide nothing; the batch's state is restored."""
-        saved = self.active.clone()
-        self.active.zero_()
-        try:
-            yield
-        finally:
-            self.active.copy_(saved)
 
     def _step(self, k, size):
         h, conf, pred = exit_step(self.model, k, self.h[k - 1] if k else self.x)
@@ -62,8 +51,8 @@ class LatencyExit(FixedSizeRunner):
         self.host_value(self.go_on)
 
     def run(self, x, thresholds):
-        """(predictions int64, exit indices int64, confidences float32) per image of ``x``
-        (on the model's device), in ``x``'s order."""
+        """(predictions int64, exit indices int64, confidences float32) per image of ``x``, in
+        its order; ``x`` on the model's device (a copy from elsewhere may sync)."""
         n, b = len(x), self.batch_size
         with self.eval_mode():
             self.set_thresholds(thresholds)

@@ -57,9 +57,9 @@ class FixedSizeRunner:
     device tensor read by the steps, steps of fixed sizes captured lazily (all blocks of a size
     at once, inside ``sandbox``) and the count of host syncs.
 
-    Subclasses define ``_step(k, size)`` (no host sync, no data-dependent shape) and ``sandbox``
-    (a state in which a step changes nothing that matters: warm-up, capture and timing run
-    there, also in the middle of a stream).
+    Subclasses define ``_step(k, size)`` (no host sync, no data-dependent shape) and
+    ``pending``, a tensor whose zeros leave no image pending (every queue empty, no image
+    active), so that a step only computes and decides nothing (see ``sandbox``).
     """
 
     def __init__(self, model, batch_size, graphs=None):
@@ -116,7 +116,14 @@ class FixedSizeRunner:
 
     @contextlib.contextmanager
     def sandbox(self):
-        raise NotImplementedError
+        """No image pending, restored afterwards: warm-up, capture and timing run there, also
+        in the middle of a stream."""
+        saved = self.pending.clone()
+        self.pending.zero_()
+        try:
+            yield
+        finally:
+            self.pending.copy_(saved)
 
     def _step(self, k, size):
         raise NotImplementedError

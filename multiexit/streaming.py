@@ -8,7 +8,6 @@ leave, and appends the others to queue k + 1. All of it runs on the device (a CU
 block and batch size on a GPU); the queues' lengths live in a device tensor, which the host reads
 once per round of steps to plan the next round.
 """
-import contextlib
 import math
 
 import torch
@@ -82,9 +81,11 @@ class StreamingExit(FixedSizeRunner):
         self.input_size = tuple(input_size)
         with self.eval_mode():
             templates = block_inputs(model, self.input_size, self.device)
+            self.image_template = templates[0]
             capacity = (self.wave_batches + 1) * b
             self.queues = [None] + [_Queue(t, capacity, self.device) for t in templates[1:]]
             self.counters = torch.zeros(self.n_exits, 2, dtype=torch.int64, device=self.device)
+            self.pending = self.counters  # zeros: every queue empty, steps write dump rows only
             self.arange = torch.arange(b, device=self.device)
             self._allocate_stream(b)
 
@@ -92,22 +93,12 @@ class StreamingExit(FixedSizeRunner):
         """Queue 0 (the images of a stream of up to ``n``) and the outputs, each with a dump slot
         at index ``n``; the graphs captured for smaller buffers are dropped."""
         self.stream_capacity = n
-        self.queues[0] = _Queue(torch.zeros(1, *self.input_size), n, self.device)
+        self.queues[0] = _Queue(self.image_template, n, self.device)
         self.queues[0].ids = torch.arange(n + 1, device=self.device)
         self.pred = torch.zeros(n + 1, dtype=torch.int64, device=self.device)
         self.exit = torch.zeros_like(self.pred)
         self.conf = torch.zeros(n + 1, dtype=torch.float32, device=self.device)
         self.replays = {}
-
-    @contextlib.contextmanager
-    def sandbox(self):
-        """Every queue empty, so that steps only write dump rows; the counters are restored."""
-        saved = self.counters.clone()
-        self.counters.zero_()
-        try:
-            yield
-        finally:
-            self.counters.copy_(saved)
 
     def _step(self, k, size):
         q, count = self.queues[k], self.counters[k]
@@ -152,8 +143,8 @@ class StreamingExit(FixedSizeRunner):
         return next((s for s in self.tail_sizes if s >= n), self.batch_size)
 
     def run(self, x, thresholds):
-        """(predictions int64, exit indices int64, confidences float32) per image of ``x``
-        (on the model's device), in ``x``'s order."""
+        """(predictions int64, exit indices int64, confidences float32) per image of ``x``, in
+        its order; ``x`` on the model's device (a copy from elsewhere may sync)."""
         n = len(x)
         with self.eval_mode():
             if n > self.stream_capacity:

@@ -19,6 +19,7 @@ from multiexit.inference import early_exit_predict
 from multiexit.latency import LatencyExit
 from multiexit.streaming import StreamingExit
 from multiexit.training import Run, train_epoch
+from test_inference import SyncsInForward
 from test_models import TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -191,17 +192,6 @@ def test_a_new_learning_rate_is_captured_afresh():
 
 
 def test_a_failed_capture_warns_once_and_trains_eagerly(capfd):
-    class SyncsInForward(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            out = self.net(x)
-            if out[0].sum().item() > 1e30:  # a host sync: not capturable
-                raise AssertionError
-            return out
-
     model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=True)
     step.model = SyncsInForward(model)
     losses_, _ = trajectory(step, loss_fn, fixed_batch(CUDA), 6)

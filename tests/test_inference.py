@@ -1,5 +1,6 @@
 """Early-exit inference (shrinking batch, streaming, latency) against the budgeted decisions on
 the full forward pass."""
+import contextlib
 import json
 import math
 import shlex
@@ -34,6 +35,7 @@ def images(n, seed):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+@contextlib.contextmanager
 def block_batch_sizes(model):
     """Records, per block, the batch size it ran on and whether its output had a pruned scale."""
     seen = {k: [] for k in range(len(model.blocks))}
@@ -46,7 +48,11 @@ def block_batch_sizes(model):
         return record
 
     handles = [b.register_forward_hook(hook(k)) for k, b in enumerate(model.blocks)]
-    return seen, handles
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.mark.parametrize('q', [0.5, 1.0, 2.0])
@@ -63,12 +69,8 @@ def test_early_exit_equals_budgeted_decisions_and_skips_computation(net, q):
     assert expected.unique().numel() == n_exits  # every exit is used: the check means something
 
     net.train()  # early_exit_predict must run in eval mode, and restore the mode
-    seen, handles = block_batch_sizes(net)
-    try:
+    with block_batch_sizes(net) as seen:
         pred, exits = early_exit_predict(net, x, thresholds)
-    finally:
-        for h in handles:
-            h.remove()
     assert net.training
     assert torch.equal(exits, expected)
     assert torch.equal(pred, logits.argmax(-1).gather(0, exits[None])[0])
@@ -96,12 +98,8 @@ def test_a_confidence_equal_to_its_threshold_leaves(net, k):
 
 def test_all_leave_at_the_first_exit(net):
     x = images(8, seed=3)
-    seen, handles = block_batch_sizes(net)
-    try:
+    with block_batch_sizes(net) as seen:
         pred, exits = early_exit_predict(net, x, [-math.inf] * len(net.exits))
-    finally:
-        for h in handles:
-            h.remove()
     assert exits.tolist() == [0] * 8
     assert all(not seen[k] for k in range(1, len(net.blocks)))  # nothing computed after exit 0
     with torch.inference_mode():
@@ -172,12 +170,8 @@ def test_streaming_runs_every_block_on_full_batches(net, tail_sizes):
     x, thresholds = images(37, seed=5), fitted(net, 1.0)
     _, exits, _ = simulated(net, x, thresholds, 37)
     runner = StreamingExit(net, 4, wave_batches=1, tail_sizes=tail_sizes)
-    seen, handles = block_batch_sizes(net)
-    try:
+    with block_batch_sizes(net) as seen:
         _, got, _ = runner.run(x, thresholds)
-    finally:
-        for h in handles:
-            h.remove()
     assert torch.equal(got, exits)
     assert int((exits >= 1).sum()) > runner.queues[1].capacity  # queue 1 went round its ring
     for k in range(len(net.blocks)):
@@ -193,12 +187,8 @@ def test_streaming_runs_every_block_on_full_batches(net, tail_sizes):
 def test_streaming_syncs_once_per_round(net):
     x, thresholds = images(37, seed=5), fitted(net, 1.0)
     runner = StreamingExit(net, 4)
-    seen, handles = block_batch_sizes(net)
-    try:
+    with block_batch_sizes(net) as seen:
         runner.run(x, thresholds)
-    finally:
-        for h in handles:
-            h.remove()
     steps = sum(len(sizes) for sizes in seen.values())
     assert 0 < runner.syncs <= runner.rounds_bound(37) < steps, (runner.syncs, steps)
 
@@ -207,12 +197,8 @@ def test_latency_syncs_once_per_block_until_the_image_has_left(net):
     x, thresholds = images(20, seed=6), fitted(net, 1.0)
     _, exits, _ = simulated(net, x, thresholds, 1)
     runner = LatencyExit(net, 1)
-    seen, handles = block_batch_sizes(net)
-    try:
+    with block_batch_sizes(net) as seen:
         _, got, _ = runner.run(x, thresholds)
-    finally:
-        for h in handles:
-            h.remove()
     assert torch.equal(got, exits)
     n_exits = len(net.exits)
     assert [len(seen[k]) for k in range(n_exits)] == [int((exits >= k).sum())
@@ -305,13 +291,15 @@ def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
 
 
 class SyncsInForward(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
+    """``module`` (whose output is a list), with a host sync: not capturable."""
 
-    def forward(self, h):
-        out = self.block(h)
-        if out[-1].sum().item() > 1e30:  # a host sync: not capturable
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        out = self.module(x)
+        if out[-1].sum().item() > 1e30:
             raise AssertionError
         return out
 
