@@ -6,10 +6,11 @@
     python3 eval.py with snapshot_name=old_ep300 cf_net.n_exits=11  # a file of the original code
     python3 eval.py with "snapshot_name=['3', '5']"   # several, overlaid in the figures
 
-Prints per exit top-1, top-5, ensemble accuracy, calibration error and cost; fits early-exit
-thresholds on the training run's validation split and applies them to the test split
-(budgeted batch classification). Writes anytime.csv, budgeted.csv, anytime.png and
-budgeted.png to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
+Prints per exit top-1, top-5, ensemble accuracy, calibration error, cost, and the time per
+image measured on this device in both early-exit modes; fits early-exit thresholds on the
+training run's validation split and applies them to the test split (budgeted batch
+classification). Writes anytime.csv, budgeted.csv, anytime.png, budgeted.png and budgeted_ms.png
+to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
 flat dict of metrics, or for several snapshots {snapshot: dict of metrics}.
 """
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from multiexit import checkpoints, datasets, flops, plots, runs
+from multiexit import checkpoints, datasets, exit_timing, flops, plots, runs
 from multiexit.budgeted import budget_sweep
 from multiexit.errors import ConfigError, SnapshotError, reported_as_one_line
 from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,
@@ -54,7 +55,8 @@ def config():
         call='_MultiExitAccuracy',
         acc_tops=None,  # top-k accuracies reported (None: [1, 5], or [1] below 5 classes)
     )
-    batch_size = 250  # evaluation batch
+    batch_size = 250  # evaluation batch (and the streaming early exit's, timed)
+    time_repeats = 5  # timed runs of every block per early-exit mode, for ms per image (0: none)
     data_dir = None  # None: the training run's data_dir (else 'data')
     cf_net = PAPER_NET  # architecture of a bare state dict from the original code only
 
@@ -100,7 +102,7 @@ def default_snapshot():
 
 
 def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
-                      cf_net):
+                      cf_net, time_repeats=0):
     """(flat metrics, anytime frame, budgeted frame) of one snapshot."""
     path = checkpoints.pick_checkpoint(checkpoints.resolve(name, SNAPSHOT_DIR, say=print),
                                        checkpoint)
@@ -128,16 +130,18 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
     size = test_data.input_size
     costs = flops.exit_costs(model, (3, size, size))
-    report = exit_report(*test, costs, acc_tops)
+    times = (exit_timing.exit_ms(model, (3, size, size), batch_size, time_repeats)
+             if time_repeats else None)
+    report = exit_report(*test, costs, acc_tops, times)
     anytime = anytime_frame(report, n_exits, acc_tops)
     print(per_exit_table(anytime, acc_tops))
-    budgeted = budget_sweep(*val, *test, [c['macs_all_heads'] for c in costs])
+    budgeted = budget_sweep(*val, *test, [c['macs_all_heads'] for c in costs], times)
     return report, anytime, budgeted
 
 
 @ex.main
 def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, gpu,
-         cf_net):
+         cf_net, time_repeats):
     with reported_as_one_line(), refusing(_run):  # bad input: the run leaves no folder
         if cf_loss.get('call') != '_MultiExitAccuracy':
             raise ConfigError(f"cf_loss.call must be '_MultiExitAccuracy', got {cf_loss.get('call')!r}")
@@ -145,6 +149,9 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         if acc_tops is not None and 1 not in acc_tops:
             raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
                               f'curves are top-1)')
+        if isinstance(time_repeats, bool) or not isinstance(time_repeats, int) or time_repeats < 0:
+            raise ConfigError(f'time_repeats must be an int >= 0 (0: no timing), got '
+                              f'{time_repeats!r}')
         snapshot_name = default_snapshot() if snapshot_name is None else snapshot_name
         checkpoint = 'best' if checkpoint is None else checkpoint
         names = [str(n) for n in (snapshot_name if isinstance(snapshot_name, (list, tuple))
@@ -156,7 +163,7 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         for name in names:
             report, any_frame, budget_frame = evaluate_snapshot(
                 name, checkpoint, cf_test, cf_val, dict(cf_loss, acc_tops=acc_tops), batch_size,
-                data_dir, device, cf_net)
+                data_dir, device, cf_net, time_repeats)
             results[name] = report
             for frame, frames in ((any_frame, anytime), (budget_frame, budgeted)):
                 frame.insert(0, 'snapshot', name)
@@ -169,7 +176,12 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         labels = {name: snapshot_label(name) for name in names}
         plots.anytime_figure(anytime, run_dir / 'anytime.png', labels)
         plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted.png', labels)
-        print(f'wrote anytime.csv, budgeted.csv, anytime.png and budgeted.png to {run_dir}')
+        written = 'anytime.csv, budgeted.csv, anytime.png, budgeted.png'
+        if time_repeats:
+            plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted_ms.png', labels,
+                                  exit_timing.TIME_COLUMNS)
+            written += ', budgeted_ms.png'
+        print(f'wrote {written} to {run_dir}')
         return results[names[0]] if len(names) == 1 else results
 
 

@@ -11,7 +11,8 @@ reported and the next one still runs:
   throughput   benchmarks/train_throughput.py, every mode, with the test counts: its JSON goes to
                benchmarks/results/<date>-<device>.json (and OUT_DIR/throughput.json)
   profile      benchmarks/profile_step.py: kernels per step, their GPU time, the top kernels
-  early_exit   benchmarks/early_exit.py --device cuda
+  early_exit   benchmarks/early_exit.py --device cuda: streaming, latency and shrinking early exit
+               at batch sizes 1, 16, 256 and 1024 against the graphed full forward (gpu_speedup)
   concurrency  benchmarks/concurrent_training.py: 1, 2 and 4 training processes on the GPU
 Writes OUT_DIR/summary.json and OUT_DIR/stages.log (every stage's output) and prints a summary
 table last. Exit code: 0 when every stage passed, 1 otherwise.
@@ -30,11 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ('.whl', '../shared/device-wheels')  # relative to the repository
 # seconds per stage (limit, kept for the stages after it), for the full check and --quick
-# (2026-11-26, H100: tests 121 s, early exit 16 s, eager modes ~400 images/s: launch bound)
+# (2026-11-26, H100: tests 121 s, early exit 16 s, eager modes ~400 images/s: launch bound;
+# the early-exit sweep of batch sizes is to take at most 90 s)
 LIMITS = {False: dict(cuda_tests=(200, 250), throughput=(220, 150), profile=(50, 110),
-                      early_exit=(30, 90), concurrency=(90, 0)),
+                      early_exit=(90, 90), concurrency=(90, 0)),
           True: dict(cuda_tests=(150, 100), throughput=(80, 60), profile=(30, 40),
-                     early_exit=(20, 30), concurrency=(40, 0))}
+                     early_exit=(60, 30), concurrency=(40, 0))}
 QUICK_MODES = 'reference,fused_sgd,cuda_graph,default,compile_default'
 
 
@@ -186,10 +188,19 @@ def main():
         checker.stage('profile', [py, 'benchmarks/profile_step.py', '--json',
                                   out / 'profile.json'], *limits['profile'])
     if 'early_exit' not in skip:
+        early_exit = out / 'early_exit.json'
+        quick = ['--batch-sizes', '1', '256', '--repeats', '2'] if args.quick else []
         checker.stage('early_exit', [py, 'benchmarks/early_exit.py', '--device', 'cuda',
-                                     '--images', '1024', '--calibration', '1024', '--batch-size',
-                                     '256', '--out', out / 'early_exit.json'],
+                                     '--calibration', '1024', *quick, '--out', early_exit],
                       *limits['early_exit'])
+        if early_exit.is_file():
+            e = json.loads(early_exit.read_text())
+            if not all(r['identical'] for r in e['gpu_speedup']):
+                checker.rows[-1]['status'] = 'FAILED'
+                checker.rows[-1]['note'] = 'early exit decided otherwise than the simulated one'
+            elif not e['complete']:
+                checker.rows[-1]['note'] += f" (batch sizes done: {', '.join(e['full_forward'])})"
+
     if 'concurrency' not in skip:
         seconds = '4' if args.quick else '6'
         procs = ['1', '2'] if args.quick else ['1', '2', '4']
@@ -238,9 +249,14 @@ def table(s):
                   for k in p['top_kernels'][:8]]
     e = s.get('early_exit')
     if e:
-        lines.append(f"early exit: full forward {e['full_forward']['images_per_s']:.0f} img/s; "
-                     + ', '.join(f"q={b['q']}: x{b['speedup']:.2f} ({b['macs_speedup']:.1f}x fewer "
-                                 f"MACs)" for b in e['budgets']))
+        lines.append('early exit against the graphed full forward, q=0.5 (speedup, MACs ratio):')
+        for b, full in e['full_forward'].items():
+            lines.append(f"  batch {b:>4}: full {full['images_per_s']:8.0f} img/s; " + ', '.join(
+                f"{r['mode']} x{r['speedup']:.2f} (x{r['macs_ratio']:.1f})"
+                + ('' if r['identical'] else ' NOT IDENTICAL') for r in e['gpu_speedup']
+                if str(r['batch_size']) == b and r['q'] == 0.5))
+        lines += [f"  {'met' if t['met'] else 'MISSED'}: {t['what']}"
+                  + (f" (x{t['speedup']:.2f})" if 'speedup' in t else '') for t in e['targets']]
     lines.append(f"total {s['total_s']:.0f} s")
     return '\n'.join(lines)
 

@@ -7,6 +7,7 @@ import torch
 
 from . import checkpoints, models
 from .errors import SnapshotError
+from .exit_timing import TIME_COLUMNS
 from .losses import IGNORE
 from .metrics import MultiExitAccuracy
 
@@ -112,30 +113,35 @@ def expected_calibration_error(logits, labels, n_bins=ECE_BINS):
     return (per_bin.view(n_exits, n_bins).abs().sum(dim=1) / max(n, 1)).tolist()
 
 
-def exit_report(logits, labels, costs, acc_tops=(1, 5)):
+def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None):
     """Flat dict: the accuracy metrics of ``metrics.metric_names`` and, per exit k,
     ``ece_clf{k}``, ``macs_clf{k}``, ``macs_all_heads_clf{k}`` and ``params_clf{k}``
-    (``costs`` from ``flops.exit_costs``)."""
+    (``costs`` from ``flops.exit_costs``), and ``ms_streaming_clf{k}`` and ``ms_latency_clf{k}``
+    with ``exit_times`` (from ``exit_timing.exit_ms``)."""
     acc = MultiExitAccuracy(len(logits), acc_tops)
     acc.update(list(logits), labels)
     report = acc.compute()
     ece = expected_calibration_error(logits, labels)
-    for key, values in [('ece', ece)] + [(c, [row[c] for row in costs])
-                                         for c in ('macs', 'macs_all_heads', 'params')]:
+    per_exit = [('ece', ece)] + [(c, [row[c] for row in costs])
+                                 for c in ('macs', 'macs_all_heads', 'params')]
+    for key, values in per_exit + list((exit_times or {}).items()):
         report.update({f'{key}_clf{k}': v for k, v in enumerate(values)})
     return report
 
 
 def anytime_frame(report, n_exits, acc_tops=(1, 5)):
     """One row per exit of an ``exit_report``: exit, acc{t}, acc{t}_ens (the mean softmax of
-    exits 0..k; exit 0's own at k = 0), ece, macs, macs_all_heads, params."""
+    exits 0..k; exit 0's own at k = 0), ece, macs, macs_all_heads, params, and the measured
+    ms_streaming and ms_latency where the report has them."""
+    costs = ['ece', 'macs', 'macs_all_heads', 'params'] + [c for c in TIME_COLUMNS
+                                                           if f'{c}_clf0' in report]
     rows = []
     for k in range(n_exits):
         row = {'exit': k}
         row.update({f'acc{t}': report[f'acc{t}_clf{k}'] for t in acc_tops})
         row.update({f'acc{t}_ens': report[f'acc{t}_ens{k}' if k else f'acc{t}_clf0']
                     for t in acc_tops})
-        row.update({c: report[f'{c}_clf{k}'] for c in ('ece', 'macs', 'macs_all_heads', 'params')})
+        row.update({c: report[f'{c}_clf{k}'] for c in costs})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -154,13 +160,17 @@ def load_model(path, device, cf_net_default=None):
 
 
 def per_exit_table(frame, acc_tops=(1, 5)):
-    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions."""
+    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions, measured
+    times (where the frame has them) in ms per image."""
+    times = [c for c in TIME_COLUMNS if c in frame]
     head = (['exit'] + [f'top-{t} %' for t in acc_tops] + [f'ensemble top-{t} %' for t in acc_tops]
-            + ['ECE %', 'MMACs', 'MMACs all heads', 'Mparams'])
+            + ['ECE %', 'MMACs', 'MMACs all heads', 'Mparams']
+            + [c.replace('_', ' ') for c in times])
     pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + ['ece']
     rows = [[str(r.exit)] + [f'{100 * getattr(r, c):.2f}' for c in pct]
             + [f'{getattr(r, c) / 1e6:.2f}' for c in ('macs', 'macs_all_heads')]
-            + [f'{r.params / 1e6:.3f}'] for r in frame.itertuples()]
+            + [f'{r.params / 1e6:.3f}'] + [f'{getattr(r, c):.3f}' for c in times]
+            for r in frame.itertuples()]
     rows.append(['avg'] + [f'{100 * frame[f"acc{t}"].mean():.2f}' for t in acc_tops]
                 + [''] * (len(head) - 1 - len(acc_tops)))
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]

@@ -1,38 +1,55 @@
-"""Early-exit inference: the network runs block by block and stops computing for the samples
-that are confident enough, so the batch shrinks as samples leave.
+"""Early-exit inference: a sample leaves at the first exit k whose max-softmax is >=
+``thresholds[k]`` (the last exit takes the rest) and is no longer computed after it. Every way of
+running it decides as ``budgeted.exit_indices`` does on the full forward pass's confidences:
+
+- ``early_exit_predict`` (here): one batch that shrinks as samples leave, one host sync per block;
+- ``streaming.StreamingExit``: throughput; a queue of pending images in front of every block, which
+  only ever runs on full batches (CUDA graphs on a GPU);
+- ``latency.LatencyExit``: one image, or a small fixed batch, at a time (CUDA graphs on a GPU).
 
 Uses the model contract of ``multiexit.models``: ``h = model.blocks[k](h)`` and
-``model.exits[k](model.exit_features(h))``. Its decisions are those of
-``budgeted.exit_indices`` on the full forward pass's confidences, at the same thresholds.
+``model.exits[k](model.exit_features(h))``.
 """
 import torch
 
 from .budgeted import confidences
 
 
-def _rows(h, keep):
-    """Rows ``keep`` of a block's output: a tensor, or a list of per-scale tensors in which a
-    pruned scale is None (MsdNet)."""
+def tree_map(fn, h, *others):
+    """``fn`` applied to every tensor of a block's output, a tensor or a list of per-scale tensors
+    in which a pruned scale is None (MsdNet), with the matching parts of ``others``."""
     if h is None:
         return None
     if isinstance(h, (list, tuple)):
-        return type(h)(_rows(t, keep) for t in h)
-    return h[keep]
+        return type(h)(tree_map(fn, *parts) for parts in zip(h, *others))
+    return fn(h, *others)
+
+
+def exit_step(model, k, h):
+    """(block k's output, confidence and prediction of exit k) for block k's input ``h``."""
+    h = model.blocks[k](h)
+    conf, pred = confidences(model.exits[k](model.exit_features(h)))
+    return h, conf, pred
+
+
+def checked_thresholds(model, thresholds):
+    """``thresholds`` as float32 on the CPU, the precision in which ``budgeted.exit_indices``
+    compares them, whatever precision compares them here."""
+    n_exits = len(model.exits)
+    if len(thresholds) != n_exits:
+        raise ValueError(f'{len(thresholds)} thresholds for {n_exits} exits')
+    return torch.as_tensor(thresholds, dtype=torch.float32).cpu()
 
 
 @torch.inference_mode()
 def early_exit_predict(model, x, thresholds):
     """(predictions, exit index) per sample of ``x``, both int64 on ``x``'s device.
 
-    A sample leaves at the first exit k whose max-softmax is >= ``thresholds[k]`` (the last exit
-    takes the rest) and is no longer computed after it. The model runs in eval mode (restored
-    afterwards): in train mode BatchNorm would mix the statistics of whichever samples remain.
+    The model runs in eval mode (restored afterwards): in train mode BatchNorm would mix the
+    statistics of whichever samples remain.
     """
-    n_exits = len(model.exits)
-    if len(thresholds) != n_exits:
-        raise ValueError(f'{len(thresholds)} thresholds for {n_exits} exits')
-    # float32 values, as budgeted.exit_indices compares them, whatever precision compares here
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float32).tolist()
+    thresholds = checked_thresholds(model, thresholds).tolist()
+    n_exits = len(thresholds)
     was_training = model.training
     model.eval()
     try:
@@ -41,16 +58,15 @@ def early_exit_predict(model, x, thresholds):
         rows = torch.arange(len(x), device=x.device)  # positions in x of the samples still running
         h = x
         for k in range(n_exits):
-            h = model.blocks[k](h)
-            conf, p = confidences(model.exits[k](model.exit_features(h)))
+            h, conf, p = exit_step(model, k, h)
             last = k == n_exits - 1
             leave = torch.ones_like(p, dtype=torch.bool) if last else conf >= thresholds[k]
             pred[rows[leave]] = p[leave]
             exit_of[rows[leave]] = k
             stay = ~leave
-            if not stay.any():
+            if not stay.any():  # host sync, once per block
                 break
-            rows, h = rows[stay], _rows(h, stay)
+            rows, h = rows[stay], tree_map(lambda t: t[stay], h)
         return pred, exit_of
     finally:
         model.train(was_training)

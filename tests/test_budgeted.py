@@ -121,3 +121,38 @@ def test_thresholds_are_fitted_on_the_validation_split_alone():
     other = budgeted.budget_sweep(val_logits, val_labels, test_logits, test_labels, costs)
     fitted = columns + ['param', 'val_acc1', 'val_avg_macs']
     pd.testing.assert_frame_equal(other[fitted], sweep[fitted])
+
+
+def test_budget_sweep_reports_the_mean_time_per_image_of_each_mode():
+    costs, ms = [1e6, 2.5e6, 3e6, 5e6], {'ms_streaming': [0.1, 0.3, 0.4, 0.9],
+                                           'ms_latency': [2.0, 3.0, 5.0, 8.0]}
+    sweep = budgeted.budget_sweep(*synthetic_logits(500, seed=1), *synthetic_logits(500, seed=2),
+                                  costs, ms)
+    shares = sweep[[f'exited{k}' for k in range(len(costs))]].to_numpy()
+    for name, per_exit in ms.items():
+        assert (shares @ per_exit).tolist() == pytest.approx(sweep[f'avg_{name}'].tolist())
+
+
+@pytest.mark.parametrize('budget', [0.15, 0.35, 0.6])
+def test_thresholds_fitted_to_a_time_budget_spend_it(budget):
+    """The mean time per image on the fitting data is within the budget, and no q of the sweep
+    spends more of it without exceeding it."""
+    ms = [0.1, 0.3, 0.4, 0.9]
+    conf, _ = budgeted.confidences(synthetic_logits(2000, seed=1)[0])
+    q, thresholds, cost = budgeted.fit_to_budget(conf, ms, budget)
+    exits = budgeted.exit_indices(conf, thresholds)
+    assert cost == pytest.approx(budgeted.mean_cost(exits, ms)) and cost <= budget
+    grid = [budgeted.mean_cost(budgeted.exit_indices(conf, budgeted.fit_thresholds(
+        conf, budgeted.geometric_fractions(4, g))), ms) for g in budgeted.GEOMETRIC_QS]
+    assert cost >= max(c for c in grid if c <= budget)
+    assert budget - cost < 0.01  # the bisection gets close
+
+
+def test_a_time_budget_outside_the_exits_costs():
+    ms = [0.1, 0.3, 0.4, 0.9]
+    conf, _ = budgeted.confidences(synthetic_logits(100, seed=1)[0])
+    q, thresholds, cost = budgeted.fit_to_budget(conf, ms, 5.0)
+    assert q == math.inf and cost == 0.9
+    assert budgeted.exit_indices(conf, thresholds).tolist() == [3] * 100
+    with pytest.raises(ValueError, match='below the cost of the first exit, 0.1'):
+        budgeted.fit_to_budget(conf, ms, 0.05)

@@ -1,6 +1,6 @@
 """The CUDA path: loaders, numerics against the CPU, the default fast step (bf16, channels_last,
-fused SGD, CUDA graph), the scripts, resume, evaluation, early exit and torchrun. Skipped without
-a GPU; `benchmarks/gpu_check.py` runs them on one."""
+fused SGD, CUDA graph), the scripts, resume, evaluation, early exit (its graphed streaming and
+latency modes) and torchrun. Skipped without a GPU; `benchmarks/gpu_check.py` runs them on one."""
 import inspect
 import json
 import os
@@ -16,7 +16,11 @@ from multiexit import budgeted, datasets, losses, models, train_step
 from multiexit.data import DATASETS, DeviceLoader
 from multiexit.image_folders import write_fake_image_folders
 from multiexit.inference import early_exit_predict
+from multiexit.latency import LatencyExit
+from multiexit.streaming import StreamingExit
 from multiexit.training import Run, train_epoch
+from test_inference import SyncsInForward
+from test_models import TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -188,17 +192,6 @@ def test_a_new_learning_rate_is_captured_afresh():
 
 
 def test_a_failed_capture_warns_once_and_trains_eagerly(capfd):
-    class SyncsInForward(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            out = self.net(x)
-            if out[0].sum().item() > 1e30:  # a host sync: not capturable
-                raise AssertionError
-            return out
-
     model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=True)
     step.model = SyncsInForward(model)
     losses_, _ = trajectory(step, loss_fn, fixed_batch(CUDA), 6)
@@ -263,24 +256,37 @@ def test_eval_on_cuda(script_runs):
     result = read(snaps / '5' / 'run.json')['result']
     assert read(snaps / '5' / 'config.json')['gpu'] == 0
     assert 0 <= result['acc1_avg'] <= 1 and 'macs_clf10' in result
-    assert (snaps / '5' / 'budgeted.csv').is_file()
+    # the time per image of each exit, measured on the GPU in both graphed modes
+    assert 0 < result['ms_streaming_clf0'] < result['ms_streaming_clf10']
+    assert 0 < result['ms_latency_clf0'] < result['ms_latency_clf10']
+    for name in ('budgeted.csv', 'budgeted_ms.png'):
+        assert (snaps / '5' / name).is_file()
+    assert 'warning: CUDA graph capture' not in procs['eval'].stderr
 
 
-def test_early_exit_on_cuda_gives_the_budgeted_decisions():
+@pytest.fixture(scope='module')
+def noise_net():
+    """(the paper's MsdNet on the GPU in eval mode with the BatchNorm statistics of noise (see
+    benchmarks/early_exit.py), a generator of more noise, its calibration confidences)."""
     torch.manual_seed(0)
     net = models.build(PAPER_NET).to(CUDA)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # BatchNorm statistics of the noise (see benchmarks/early_exit.py)
+    with torch.no_grad():
         net.train()
         for _ in range(3):
             net(torch.randn(128, 3, 32, 32, generator=g).to(CUDA))
     net.eval()
     with torch.inference_mode():
         calib = torch.stack(net(torch.randn(256, 3, 32, 32, generator=g).to(CUDA)))
-        x = torch.randn(256, 3, 32, 32, generator=g).to(CUDA)
+    return net, g, budgeted.confidences(calib.cpu())[0]
+
+
+def test_early_exit_on_cuda_gives_the_budgeted_decisions(noise_net):
+    net, g, calib = noise_net
+    x = torch.randn(256, 3, 32, 32, generator=g).to(CUDA)
+    with torch.inference_mode():
         conf, _ = budgeted.confidences(torch.stack(net(x)).cpu())
-    thresholds = budgeted.fit_thresholds(budgeted.confidences(calib.cpu())[0],
-                                         budgeted.geometric_fractions(11, 0.7))
+    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, 0.7))
     expected = budgeted.exit_indices(conf, thresholds)
     assert expected.unique().numel() >= 5  # several exits used: the comparison means something
     _, exit_of = early_exit_predict(net, x, thresholds)
@@ -289,6 +295,128 @@ def test_early_exit_on_cuda_gives_the_budgeted_decisions():
     # a subset runs other kernels than the full batch: only a tie within rounding may flip
     near = (conf - torch.as_tensor(thresholds, dtype=conf.dtype)[:, None]).abs().amin(0) < 1e-4
     assert not (differ & ~near).any()
+
+
+def simulated(net, x, thresholds, batch_size):
+    """(predictions, exits, confidences, all confidences) of the budgeted decisions on the full
+    forward pass in batches of ``batch_size``, on the CPU."""
+    with torch.inference_mode():
+        logits = torch.cat([torch.stack(net(b)) for b in x.split(batch_size)], dim=1).cpu()
+    conf, pred = budgeted.confidences(logits)
+    exits = budgeted.exit_indices(conf, thresholds)
+    at_exit = lambda t: t.gather(0, exits[None])[0]
+    return at_exit(pred), exits, at_exit(conf), conf
+
+
+def near_a_threshold(conf, thresholds):
+    """Samples whose confidence at some exit lies within rounding of its threshold: a kernel
+    for another batch size may decide them otherwise."""
+    return (conf - torch.as_tensor(thresholds, dtype=conf.dtype)[:, None]).abs().amin(0) < 1e-4
+
+
+def counted_syncs_only(runner, monkeypatch):
+    """Makes any host sync but the runner's counted ones (``host_value``) an error."""
+    counted = runner.host_value
+
+    def host_value(t):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return counted(t)
+        finally:
+            torch.cuda.set_sync_debug_mode('error')
+    monkeypatch.setattr(runner, 'host_value', host_value)
+
+
+@pytest.fixture
+def sync_debug_off_afterwards():
+    yield
+    torch.cuda.set_sync_debug_mode(0)
+
+
+def test_streaming_on_cuda_replays_graphs_and_decides_bit_for_bit_as_the_full_pass(
+        noise_net, deterministic_cudnn, monkeypatch, sync_debug_off_afterwards):
+    """Every step at batch 64 (tails padded to it), as the full pass in batches of 64: the same
+    kernels on the same shapes, so the same bits for each image, whatever else is in its batch.
+    The host syncs once per round of steps and nowhere else, other thresholds replay the same
+    graphs."""
+    net, g, calib = noise_net
+    x = torch.randn(640, 3, 32, 32, generator=g).to(CUDA)
+    runner = StreamingExit(net, 64, tail_sizes=[])
+    for q in (0.7, 1.5):
+        thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, q))
+        pred, exits, conf, _ = simulated(net, x, thresholds, 64)
+        assert exits.unique().numel() >= 5  # several exits used: the comparison means something
+        got = runner.run(x, thresholds)
+        assert all(t.is_cuda for t in got)
+        assert runner.graphed and runner.captures == 11  # one graph per block, for both budgets
+        assert torch.equal(got[1].cpu(), exits) and torch.equal(got[0].cpu(), pred)
+        assert torch.equal(got[2].cpu(), conf)
+    syncs = runner.syncs
+    counted_syncs_only(runner, monkeypatch)
+    torch.cuda.set_sync_debug_mode('error')
+    again = runner.run(x, thresholds)  # raises at any other host sync
+    torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(again[1].cpu(), exits)
+    assert 0 < runner.syncs - syncs <= runner.rounds_bound(len(x))
+
+
+def test_streaming_on_cuda_with_its_default_tail_graphs(noise_net):
+    """Batches of 256 and the end of the stream on smaller graphs (64, 16, 4, 1): the decisions
+    of the full pass in batches of 256, but where a confidence lies within rounding of a
+    threshold (another batch size, other kernels)."""
+    net, g, calib = noise_net
+    x = torch.randn(1000, 3, 32, 32, generator=g).to(CUDA)
+    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, 0.7))
+    pred, exits, conf, all_conf = simulated(net, x, thresholds, 256)
+    runner = StreamingExit(net, 256)
+    assert runner.tail_sizes == [1, 4, 16, 64]
+    got_pred, got_exits, got_conf = (t.cpu() for t in runner.run(x, thresholds))
+    sizes = {size for _, size in runner.replays}
+    assert runner.graphed and sizes - {256} and runner.captures == 11 * len(sizes)
+    near = near_a_threshold(all_conf, thresholds)
+    differ = (got_exits != exits) | (got_pred != pred)
+    assert not (differ & ~near).any()
+    same = ~differ
+    torch.testing.assert_close(got_conf[same], conf[same], rtol=1e-5, atol=1e-6)
+
+
+def test_latency_on_cuda_replays_graphs_and_syncs_once_per_block(
+        noise_net, deterministic_cudnn, monkeypatch, sync_debug_off_afterwards):
+    net, g, calib = noise_net
+    x = torch.randn(48, 3, 32, 32, generator=g).to(CUDA)
+    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, 0.7))
+    pred, exits, conf, _ = simulated(net, x, thresholds, 1)
+    runner = LatencyExit(net, 1)
+    got = runner.run(x, thresholds)
+    assert runner.graphed and runner.captures == 11
+    assert torch.equal(got[1].cpu(), exits) and torch.equal(got[0].cpu(), pred)
+    assert torch.equal(got[2].cpu(), conf)
+    syncs = runner.syncs
+    counted_syncs_only(runner, monkeypatch)
+    torch.cuda.set_sync_debug_mode('error')
+    runner.run(x, thresholds)  # raises at any other host sync
+    torch.cuda.set_sync_debug_mode(0)
+    # after every block an image ran but the last: whether it goes on
+    assert runner.syncs - syncs == int((exits + 1).clamp(max=10).sum())
+
+
+@pytest.mark.parametrize('name', sorted(models.REGISTRY))
+def test_every_registered_model_early_exits_on_cuda_graphs(name):
+    torch.manual_seed(0)
+    net = models.build(TINY[name]).to(CUDA).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        calib, _ = budgeted.confidences(torch.stack(net(
+            torch.randn(48, 3, 32, 32, generator=g).to(CUDA))).cpu())
+    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(3, 1.0))
+    x = torch.randn(64, 3, 32, 32, generator=g).to(CUDA)
+    for runner in (StreamingExit(net, 8, tail_sizes=[]), LatencyExit(net, 4)):
+        pred, exits, conf, all_conf = simulated(net, x, thresholds, runner.batch_size)
+        assert exits.unique().numel() == 3
+        got_pred, got_exits, _ = (t.cpu() for t in runner.run(x, thresholds))
+        assert runner.graphed and runner.captures == 3, type(runner).__name__
+        differ = (got_exits != exits) | (got_pred != pred)
+        assert not (differ & ~near_a_threshold(all_conf, thresholds)).any()
 
 
 def test_torchrun_one_process_nccl(tmp_path):

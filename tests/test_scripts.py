@@ -182,13 +182,15 @@ def test_resume_trains_with_the_settings_it_records(trained, workdir):
         assert change in line, line
 
 
-PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params') for k in range(3)}
+PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params', 'ms_streaming',
+                                    'ms_latency') for k in range(3)}
 
 
 def test_eval_prints_table_and_returns_metrics(trained):
     snaps, procs = trained
     out = procs['eval'].stdout
     assert 'top-1 %' in out and 'ensemble top-1 %' in out and 'ECE %' in out and 'MMACs' in out
+    assert 'ms streaming' in out and 'ms latency' in out
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
     assert set(result) == set(metric_names(3, (1, 5))) | PER_EXIT
@@ -205,6 +207,10 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
         for col, key in (('acc1', 'acc1_clf'), ('ece', 'ece_clf'), ('macs', 'macs_clf')):
             assert row[col] == pytest.approx(result[f'{key}{k}'])
     assert anytime['macs_all_heads'].is_monotonic_increasing
+    for mode in ('streaming', 'latency'):  # measured time per image of each exit, in both modes
+        times = anytime[f'ms_{mode}']
+        assert times.iloc[0] > 0 and times.is_monotonic_increasing
+        assert times.tolist() == pytest.approx([result[f'ms_{mode}_clf{k}'] for k in range(3)])
     budget = pd.read_csv(eval_run / 'budgeted.csv')
     assert set(budget['snapshot'].astype(str)) == {'full'}
     geometric = budget[budget['method'] == 'geometric']
@@ -226,7 +232,11 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     for row in geometric.itertuples():
         fitted = budgeted.fit_thresholds(val_conf, budgeted.geometric_fractions(3, row.param))
         assert [row.threshold0, row.threshold1] == pytest.approx(fitted[:2].tolist(), rel=1e-5)
-    for name in ('anytime.png', 'budgeted.png'):
+    for mode in ('streaming', 'latency'):  # the budgeted curves in ms per image
+        shares = budget[[f'exited{k}' for k in range(3)]].to_numpy()
+        assert (shares @ anytime[f'ms_{mode}'].to_numpy()).tolist() == pytest.approx(
+            budget[f'avg_ms_{mode}'].tolist())
+    for name in ('anytime.png', 'budgeted.png', 'budgeted_ms.png'):
         assert_png(eval_run / name)
 
 
@@ -238,7 +248,9 @@ def test_eval_of_several_snapshots_overlays_them(trained, workdir):
     result = read(eval_run / 'run.json')['result']
     assert set(result) == {'full', '2'}
     assert all(set(r) == set(metric_names(3, (1, 5))) | PER_EXIT for r in result.values())
-    assert result['full'] == pytest.approx(read(snaps / '4' / 'run.json')['result'])
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith('ms_')}  # measured
+    earlier = read(snaps / '4' / 'run.json')['result']
+    assert untimed(result['full']) == pytest.approx(untimed(earlier))
     for name in ('anytime.csv', 'budgeted.csv'):
         assert set(pd.read_csv(eval_run / name)['snapshot'].astype(str)) == {'full', '2'}
     assert_png(eval_run / 'budgeted.png')
@@ -288,6 +300,7 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
     ('eval.py', ['snapshot_name=1', 'cf_loss.acc_tops=[1,101]'],
      'cf_loss acc_tops=[1, 101]: top-101 needs as many classes, '),
+    ('eval.py', ['snapshot_name=1', 'time_repeats=-1'], 'time_repeats must be an int >= 0'),
     ('eval.py', ['snapshot=1'], 'unknown setting snapshot (did you mean snapshot_name?)'),
     ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs=-3: expected an integer >= 1'),
     ('train_cifar.py', ['smoke', 'n_epochs=0'], 'n_epochs=0: expected an integer >= 1'),
