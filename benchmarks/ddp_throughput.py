@@ -85,7 +85,7 @@ def main():
             'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
             'processes': world, 'threads_per_process': torch.get_num_threads(),
             'cpu_cores': os.cpu_count(), 'torch': torch.__version__,
-            'command': (f'torchrun --nproc_per_node={world} ' if world > 1 else 'python ')
+            'command': (f'torchrun --nproc_per_node={world} ' if world > 1 else 'python3 ')
                        + ' '.join(sys.argv),
             'date': datetime.date.today().isoformat(),
             'global_batch': args.batch, 'timed_steps': args.steps, 'warmup_steps': args.warmup,

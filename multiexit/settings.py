@@ -100,7 +100,7 @@ RULES = {
     'data_dir': PATH, 'generate_fake_data': SWITCH, 'compile': one_of(*COMPILE_MODES),
     **{switch: SWITCH for switch in ('amp', 'channels_last', 'cuda_graph', 'deterministic',
                                      'cudnn_benchmark', 'sync_bn')},
-    'cf_loss': {'C': number(0, 1), 'maxprob': number(0, 1, low_open=True),
+    'cf_loss': {'C': number(0, 1), 'maxprob': number(0, 1),
                 'global_scale': number(0, low_open=True), 'T': number(0, low_open=True),
                 'Tmult': number(1), 'n_exits': integer(1, optional=True),
                 'acc_tops': integers(1, optional=True)},

@@ -192,11 +192,10 @@ def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_e
     snapshot = checkpoints.load(path)
     assert 'optimizer' not in snapshot and 'scheduler' not in snapshot
     logged = {}
-    run = tiny_run(fake_data, tmp_path, parent_epoch, parent_snapshot=str(path), logged=logged)
+    run = tiny_run(fake_data, tmp_path, 3, parent_snapshot=str(path), logged=logged)
     assert run.epoch == parent_epoch and run.parent_path == path
     for k, v in snapshot['model'].items():
         assert torch.equal(run.model.state_dict()[k], v), k
-    run.n_epochs = 3
     run.fit()
     assert logged['lr'] == pytest.approx(expected_lr)
     assert checkpoints.load(tmp_path / 'last.pt')['epoch'] == 3
