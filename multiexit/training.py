@@ -21,6 +21,7 @@ from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, Peer
 from .evaluation import GraphedForward, evaluate
 from .metrics import check_tops, default_tops
 from .progress import bar
+from .settings import plain
 
 
 FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
@@ -71,15 +72,6 @@ def set_rng_state(state):
 
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def plain(obj):
-    """Sacred's read-only containers as plain dicts/lists (for checkpoints and comparisons)."""
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
 
 
 def _flat(tree, prefix=''):

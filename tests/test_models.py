@@ -94,7 +94,9 @@ def test_regenerated_reference_state_reproduces_logits():
         for _ in range(5):
             model.train()(torch.randn(64, 3, 32, 32, generator=g))
         logits = model.eval()(ref['input'])
-    torch.testing.assert_close(torch.stack(logits), ref['logits'], rtol=1e-4, atol=1e-5)
+    # BN statistics summed over 5 passes round differently by thread count (one thread, as
+    # under pytest -n 2: 1.5e-5 on logits of order 1)
+    torch.testing.assert_close(torch.stack(logits), ref['logits'], rtol=1e-4, atol=5e-5)
 
 
 def test_build_unknown_name_lists_known():
