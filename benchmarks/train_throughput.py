@@ -135,13 +135,12 @@ def time_reference(device, images, labels, warmup, steps):
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def time_ours(device, images, labels, warmup, steps, reference_loss=False, channels_last=False,
-              amp=False, fused=False, compile_mode=None, cuda_graph=False):
-    """Our loop (multiexit.training.train_epoch) with the given switches; returns (images/s,
-    seconds of the warm-up epoch: compilation and capture included)."""
+def paper_step(device, reference_loss=False, channels_last=False, amp=False, fused=False,
+               compile_mode=None, cuda_graph=False):
+    """The training step (``multiexit.train_step``) of the paper's MsdNet + DBT with these
+    switches (those of TRAIN_MODES and ``default_switches``)."""
     model, opt = build(device, channels_last, fused)
     loss_fn = losses.build(PAPER_LOSS).to(device)
-    spec = DATASETS['Cifar100']
     step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
     step_loss = torch.compile(loss_fn, mode=compile_mode) if compile_mode else loss_fn
     if reference_loss:  # device data, but the original's host-synced temperature
@@ -149,8 +148,16 @@ def time_ours(device, images, labels, warmup, steps, reference_loss=False, chann
         step_loss = torch.nn.Module()
         step_loss.forward = ref
     T = None if reference_loss else loss_fn.temperature
-    step = train_step.build(step_model, step_loss, opt, 11, (1, 5), device, amp=amp, T=T,
+    return train_step.build(step_model, step_loss, opt, 11, (1, 5), device, amp=amp, T=T,
                             cuda_graph=cuda_graph)
+
+
+def time_ours(device, images, labels, warmup, steps, **switches):
+    """Our loop (multiexit.training.train_epoch) with the given switches (``paper_step``'s);
+    returns (images/s, seconds of the warm-up epoch: compilation and capture included)."""
+    step = paper_step(device, **switches)
+    spec = DATASETS['Cifar100']
+    channels_last, cuda_graph = switches.get('channels_last'), switches.get('cuda_graph')
     loader = lambda n: DeviceLoader(images[:n * BATCH], labels[:n * BATCH], BATCH, spec.mean,
                                     spec.std, device, augment=True, shuffle=True, drop_last=True,
                                     channels_last=channels_last)
