@@ -16,6 +16,8 @@ profiler counts the kernels themselves, at batch 64, of eager steps and of graph
 Variants (the switches of ``train_throughput.paper_step``; default = train_cifar.py's CUDA path):
   default        bf16 autocast, channels_last, fused SGD
   fp32           default without bf16 autocast (on CUDA: TF32 convolutions)
+  torch_batchnorm  default with torch's BatchNorm2d, which adds 1 to num_batches_tracked in
+                 every training pass (one op per BatchNorm per step: before issue 26)
   for_loop_sgd   default with SGD's for-loop implementation
 Writes benchmarks/results/<date>-op_count-<device>.json (or ``--json``) with the exact command.
 """
@@ -29,15 +31,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import BATCH, ROOT, default_switches, paper_step  # noqa: E402
 
 from multiexit.kernel_count import count_ops, cuda_kernels  # noqa: E402
+from multiexit.models.batchnorm import BatchNorm2d  # noqa: E402
 
-VARIANTS = {  # name: changes to the default switches
+VARIANTS = {  # name: changes to the default switches (torch_batchnorm: not a switch of ours)
     'default': {},
     'fp32': dict(amp=False),
+    'torch_batchnorm': dict(torch_batchnorm=True),
     'for_loop_sgd': dict(fused=False),
 }
 TOP = 30  # ops listed by name per variant
@@ -45,6 +50,18 @@ TOP = 30  # ops listed by name per variant
 
 def switches_of(name):
     return dict(default_switches(cuda=True), cuda_graph=False, **VARIANTS[name])
+
+
+def variant_step(name, device, **changes):
+    """The training step of the variant ``name`` (with ``changes`` to its switches)."""
+    sw = dict(switches_of(name), **changes)
+    torchs = sw.pop('torch_batchnorm', False)
+    step = paper_step(device, **sw)
+    if torchs:
+        for m in step.model.modules():
+            if isinstance(m, BatchNorm2d):
+                m.__class__ = nn.BatchNorm2d
+    return step
 
 
 def batch(device, n, channels_last):
@@ -56,9 +73,8 @@ def batch(device, n, channels_last):
 
 def counted(name, device, n):
     """(ops per step, Counter by op name) of the variant ``name``, after one warm-up step."""
-    sw = switches_of(name)
-    step = paper_step(device, **sw)
-    x, y = batch(device, n, sw['channels_last'])
+    step = variant_step(name, device)
+    x, y = batch(device, n, switches_of(name)['channels_last'])
     step.start_epoch()
     step(x, y)  # lazy state: momentum buffers, the fused optimizer's first step
     return count_ops(lambda: step(x, y))
@@ -69,7 +85,7 @@ def cuda_counts(name, device, warmup=3, calls=3):
     default, {graph: n} of the replayed step."""
     out = {}
     for graph in ((False, True) if name == 'default' else (False,)):
-        step = paper_step(device, **dict(switches_of(name), cuda_graph=graph))
+        step = variant_step(name, device, cuda_graph=graph)
         x, y = batch(device, BATCH, switches_of(name)['channels_last'])
         step.start_epoch()
         for _ in range(warmup + graph):  # cuDNN's first calls; then the capture

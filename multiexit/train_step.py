@@ -11,6 +11,7 @@ import torch
 
 from . import distributed
 from .metrics import MultiExitAccuracy
+from .models.batchnorm import count_batches
 
 
 class TrainStep:
@@ -59,6 +60,7 @@ class TrainStep:
     def finish_epoch(self, world_size=1):
         """(mean loss, metrics dict, index of the first non-finite step or None). With a sharded
         loader (``world_size`` > 1, model in DDP) these are the global batches', on every rank."""
+        count_batches(self.model, self.n_steps)  # BatchNorm's step counters, once per epoch
         first_bad, loss_sum = self.first_bad, self.loss_sum
         if world_size > 1:
             self.metrics.sum_over_ranks()

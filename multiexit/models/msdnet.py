@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from .base import MultiExitNet
+from .batchnorm import BatchNorm2d
 
 
 def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
     # The conv keeps its bias, as in the original (8,018 redundant parameters in the paper model).
     return nn.Sequential(
         nn.Conv2d(int(n_in), int(n_out), kernel_size, stride, padding),
-        nn.BatchNorm2d(int(n_out)),
+        BatchNorm2d(int(n_out)),
         nn.ReLU(),
     )
 
