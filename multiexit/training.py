@@ -119,7 +119,8 @@ class Run:
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
                  parent_snapshot=None, snapshot_dir='snapshots', log=print, log_scalar=None,
                  amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
-                 deterministic=False, cudnn_benchmark=False, script='train_cifar.py'):
+                 cuda_streams=True, deterministic=False, cudnn_benchmark=False,
+                 script='train_cifar.py'):
         for name, value, zero_ok in [('n_epochs', n_epochs, True), ('batch_size', batch_size, False),
                                      ('val_batch_size', val_batch_size, False),
                                      ('save_interval', save_interval, True)]:
@@ -209,13 +210,15 @@ class Run:
         if cuda_graph and cuda and not graphed:
             self.log('cuda_graph: not used ' + ('under torchrun (DDP)' if self.world_size > 1 else
                                                "with compile='reduce-overhead' (its own graphs)"))
-        model = torch.compile(step, mode=self.compile) if self.compile else step
-        loss = torch.compile(self.loss_fn, mode=self.compile) if self.compile else self.loss_fn
-        self.step = train_step.build(model, loss, self.optimizer, self.n_exits, self.acc_tops,
-                                     self.device, amp=self.amp,
+        # parallel streams in one process (DDP's gradient hooks are left on one stream)
+        cuda_streams = cuda_streams and cuda and self.world_size == 1
+        self.step = train_step.build(step, self.loss_fn, self.optimizer, self.n_exits,
+                                     self.acc_tops, self.device, amp=self.amp,
                                      T=getattr(self.loss_fn, 'temperature', None),
-                                     cuda_graph=graphed)
-        self.val_forward = GraphedForward(self.model, amp=self.amp) if graphed else None
+                                     cuda_graph=graphed, compile=self.compile,
+                                     cuda_streams=cuda_streams)
+        self.val_forward = (GraphedForward(self.model, amp=self.amp, cuda_streams=cuda_streams)
+                            if graphed else None)
 
     @classmethod
     def from_config(cls, config, seed, run_dir, snapshot_dir, log_scalar, script):
@@ -223,8 +226,8 @@ class Run:
         training_experiment.py gives every training script)."""
         keys = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
                 'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu')
-        switches = ('amp', 'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',
-                    'cudnn_benchmark')
+        switches = ('amp', 'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'cuda_streams',
+                    'deterministic', 'cudnn_benchmark')
         return cls(*(config[k] for k in keys), seed, run_dir, config['parent_snapshot'],
                    snapshot_dir, log_scalar=log_scalar, script=script,
                    **{k: config[k] for k in switches})
