@@ -86,12 +86,13 @@ class GraphedTrainStep(TrainStep):
     happens at a kernel's first launch; 'max-autotune' tunes while compiling): the capture
     runs compiled code only. With ``cuda_streams``, the warm-up steps use the very side streams
     that the capture forks to, and so set up their cuDNN and cuBLAS state. The next batch is
-    captured into static input tensors and replayed; later batches are copied into them. Every buffer the step writes (weights, gradients, momentum,
-    BatchNorm statistics, the loss temperature, the accumulators) keeps its address, so a replay
-    is the eager step. The learning rate is a constant of the captured update, so a new one (the
-    scheduler's milestones, a resumed run) is captured afresh. Batches must keep one shape
-    (training drops the last incomplete batch). If the capture fails, one warning line is
-    printed and training goes on eagerly.
+    captured into static input tensors and replayed; later batches are copied into them. Every
+    buffer the step writes (weights, gradients, momentum, BatchNorm statistics, the loss
+    temperature, the accumulators) keeps its address, so a replay is the eager step. The
+    learning rate is a constant of the captured update, so a new one (the scheduler's
+    milestones, a resumed run) is captured afresh. Batches must keep one shape (training drops
+    the last incomplete batch). If the capture fails, one warning line is printed and training
+    goes on eagerly.
     """
 
     def __init__(self, *args, warmup=3, **kwargs):
