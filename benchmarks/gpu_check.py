@@ -42,8 +42,8 @@ WHEELS = ('.whl', '../shared/device-wheels')  # relative to the repository
 LIMITS = {False: dict(cuda_tests=(170, 200), throughput=(100, 110), compile=(120, 70),
                       profile=(30, 45), early_exit=(20, 25), kernels=(25, 0),
                       max_autotune=(300, 0), concurrency=(90, 0)),
-          True: dict(cuda_tests=(150, 100), throughput=(60, 60), compile=(100, 30),
-                     profile=(30, 20), early_exit=(20, 0), kernels=(20, 0),
+          True: dict(cuda_tests=(120, 100), throughput=(50, 60), compile=(80, 30),
+                     profile=(20, 20), early_exit=(15, 0), kernels=(15, 0),
                      max_autotune=(120, 0), concurrency=(40, 0))}
 OPT_IN = ('concurrency',)  # run only when named by --with
 # the eager modes, measured before, on few steps; the graphed ones on more
@@ -205,7 +205,7 @@ def main():
     parser.add_argument('out', help='folder for the results (created)')
     parser.add_argument('--quick', action='store_true', help='shorter timings (a first look)')
     parser.add_argument('--budget-s', type=float, default=None,
-                        help='time for all stages (default 470, --quick 280)')
+                        help='time for all stages (default 470, --quick 300)')
     parser.add_argument('--wheels', default=None, help='folder of wheels for sacred (default: '
                         f'the first of {", ".join(WHEELS)} that holds some)')
     parser.add_argument('--skip', default='', help='stages to skip, comma-separated')
@@ -214,7 +214,7 @@ def main():
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_s or (280 if args.quick else 470)
+    budget = args.budget_s or (300 if args.quick else 470)
     limits = LIMITS[args.quick]
     checker = Checker(out, budget)
     skip = set(filter(None, args.skip.split(',')))

@@ -16,7 +16,7 @@ profiler counts the kernels themselves, at batch 64, of eager steps and of graph
 Variants (the switches of ``train_throughput.paper_step``; default = train_cifar.py's CUDA path):
   default        bf16 autocast, channels_last, fused SGD
   fp32           default without bf16 autocast (on CUDA: TF32 convolutions)
-  torch_batchnorm  default with torch's BatchNorm2d, which adds 1 to num_batches_tracked in
+  torch_batchnorm  fp32 with torch's BatchNorm2d, which adds 1 to num_batches_tracked in
                  every training pass (one op per BatchNorm per step: before issue 26)
   for_loop_sgd   default with SGD's for-loop implementation
 Writes benchmarks/results/<date>-op_count-<device>.json (or ``--json``) with the exact command.
@@ -42,7 +42,7 @@ from multiexit.models.batchnorm import BatchNorm2d  # noqa: E402
 VARIANTS = {  # name: changes to the default switches (torch_batchnorm: not a switch of ours)
     'default': {},
     'fp32': dict(amp=False),
-    'torch_batchnorm': dict(torch_batchnorm=True),
+    'torch_batchnorm': dict(amp=False, torch_batchnorm=True),
     'for_loop_sgd': dict(fused=False),
 }
 TOP = 30  # ops listed by name per variant
