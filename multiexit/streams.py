@@ -22,7 +22,9 @@ _per_device = {}  # CUDA ordinal -> CudaStreams
 
 
 class CudaStreams:
-    """The current stream and the kept side streams of one CUDA device."""
+    """The current stream and the kept side streams of one CUDA device. torch.cuda.Stream
+    draws from a pool of streams per device: should a side stream be the current one, its
+    fork and join do nothing and its branch runs in order, which is still correct."""
 
     def __init__(self, device):
         self.device = device
