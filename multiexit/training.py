@@ -28,7 +28,7 @@ FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
 # The settings of a training config that Run takes (what a resume compares with its parent's).
 SETTINGS = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
             'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu', 'seed', 'amp',
-            'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',
+            'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'cuda_streams', 'deterministic',
             'cudnn_benchmark')
 
 
@@ -123,7 +123,8 @@ class Run:
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
                  parent_snapshot=None, snapshot_dir='snapshots', log=print, log_scalar=None,
                  amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
-                 deterministic=False, cudnn_benchmark=False, script='train_cifar.py'):
+                 cuda_streams=True, deterministic=False, cudnn_benchmark=False,
+                 script='train_cifar.py'):
         self.settings = plain({k: v for k, v in locals().items() if k in SETTINGS})
         settings.check(self.settings)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -208,13 +209,15 @@ class Run:
         if cuda_graph and cuda and not graphed:
             self.log('cuda_graph: not used ' + ('under torchrun (DDP)' if self.world_size > 1 else
                                                "with compile='reduce-overhead' (its own graphs)"))
-        model = torch.compile(step, mode=self.compile) if self.compile else step
-        loss = torch.compile(self.loss_fn, mode=self.compile) if self.compile else self.loss_fn
-        self.step = train_step.build(model, loss, self.optimizer, self.n_exits, self.acc_tops,
-                                     self.device, amp=self.amp,
+        # parallel streams in one process (DDP's gradient hooks are left on one stream)
+        cuda_streams = cuda_streams and cuda and self.world_size == 1
+        self.step = train_step.build(step, self.loss_fn, self.optimizer, self.n_exits,
+                                     self.acc_tops, self.device, amp=self.amp,
                                      T=getattr(self.loss_fn, 'temperature', None),
-                                     cuda_graph=graphed)
-        self.val_forward = GraphedForward(self.model, amp=self.amp) if graphed else None
+                                     cuda_graph=graphed, compile=self.compile,
+                                     cuda_streams=cuda_streams)
+        self.val_forward = (GraphedForward(self.model, amp=self.amp, cuda_streams=cuda_streams)
+                            if graphed else None)
 
     @classmethod
     def from_config(cls, config, run_dir, snapshot_dir, log_scalar, script):

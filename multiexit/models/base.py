@@ -1,6 +1,8 @@
 """What every multi-exit model shares: the forward pass over blocks and their exit heads."""
 from torch import nn
 
+from .. import streams
+
 
 class MultiExitNet(nn.Module):
     """Subclasses fill ``blocks`` and ``exits`` (see the contract in ``multiexit.models``)."""
@@ -14,5 +16,6 @@ class MultiExitNet(nn.Module):
         logits = []
         for block, head in zip(self.blocks, self.exits):
             x = block(x)
-            logits.append(head(self.exit_features(x)))
-        return logits
+            # nothing in the backbone waits for an exit head: a side stream (multiexit.streams)
+            logits.append(streams.aside(head, self.exit_features(x)))
+        return streams.join(logits)
