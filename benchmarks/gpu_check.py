@@ -23,7 +23,7 @@ The throughput-like stages' modes are merged into one JSON (OUT_DIR/throughput.j
 benchmarks/results/<date>-<device>.json), with kernels per step per mode. Writes
 OUT_DIR/summary.json and OUT_DIR/stages.log (every stage's output) and prints a summary table
 last. Exit code: 0 when every stage passed, 1 otherwise. All stages together take longer than
-one device call may: each issue's check names its stages with --only (docs/speed.md).
+one device call may: --check runs one check's stages (CHECKS), within its budget.
 """
 import argparse
 import json
@@ -49,6 +49,9 @@ LIMITS = {False: dict(cuda_tests=(170, 200), throughput=(100, 110), compile=(120
                      profile=(20, 20), early_exit=(60, 0), kernels=(15, 0),
                      max_autotune=(120, 0), concurrency=(40, 0))}
 OPT_IN = ('concurrency',)  # run only when named by --with
+# the stages of each issue's check (--check), each within its budget and one device call
+CHECKS = {'speed': ('cuda_tests', 'throughput', 'compile', 'profile', 'kernels', 'max_autotune'),
+          'early_exit': ('cuda_tests', 'early_exit')}
 # the eager modes, measured before, on few steps; the graphed ones on more
 THROUGHPUT = ['--steps', '120', '--eager-steps', '10', '--warmup', '6', '--modes',
               'reference,device_data,device_temperature,channels_last,amp,fused_sgd,cuda_graph,'
@@ -212,8 +215,9 @@ def main():
     parser.add_argument('--wheels', default=None, help='folder of wheels for sacred (default: '
                         f'the first of {", ".join(WHEELS)} that holds some)')
     parser.add_argument('--skip', default='', help='stages to skip, comma-separated')
-    parser.add_argument('--only', default='', help='the stages to run, comma-separated (of an '
-                        "issue's check, e.g. cuda_tests,early_exit); the others are skipped")
+    parser.add_argument('--check', choices=sorted(CHECKS),
+                        help='only the stages of one check: ' + '; '.join(
+                            f'{name}: {", ".join(stages)}' for name, stages in CHECKS.items()))
     parser.add_argument('--with', dest='with_', default='',
                         help=f'opt-in stages to run too ({", ".join(OPT_IN)}), comma-separated')
     args = parser.parse_args()
@@ -223,13 +227,12 @@ def main():
     limits = LIMITS[args.quick]
     checker = Checker(out, budget)
     skip = set(filter(None, args.skip.split(',')))
-    only = set(filter(None, args.only.split(',')))
-    chosen = set(filter(None, args.with_.split(','))) | (only & set(OPT_IN))
-    unknown = (skip | only | chosen) - set(limits)
+    chosen = set(filter(None, args.with_.split(',')))
+    unknown = (skip | chosen) - set(limits)
     if unknown:
         parser.error(f'unknown stages {sorted(unknown)}; known: {", ".join(limits)}')
-    if only:
-        skip |= set(limits) - only
+    if args.check:
+        skip |= set(limits) - set(CHECKS[args.check])
     run = lambda name: name not in skip and (name not in OPT_IN or name in chosen)
     py = sys.executable
 

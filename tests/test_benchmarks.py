@@ -22,14 +22,16 @@ def test_gpu_check_times_known_modes():
     assert {'cuda_graph_compile', 'cuda_graph_max_autotune'} <= set(TRAIN_MODES)
 
 
-def test_every_default_stage_gets_its_whole_time_box_within_the_budget():
-    """Stages before the last (max_autotune, which takes what is left) and not opt-in: each
-    gets its full limit even when every one before it uses its own, within 8 minutes."""
+def test_every_stage_of_a_check_gets_its_whole_time_box_within_the_budget():
+    """In each check (--check), the stages before max_autotune (which takes what is left):
+    each gets its full limit even when every one before it uses its own, within 8 minutes."""
     for quick, budget in ((False, 470), (True, 300)):
         limits = gpu_check.LIMITS[quick]
-        boxed = [s for s in limits if s not in gpu_check.OPT_IN and s != 'max_autotune']
-        assert sum(limits[s][0] for s in boxed) <= budget <= 480
-        assert list(limits)[:len(boxed)] == boxed  # max_autotune runs after them
+        for stages in gpu_check.CHECKS.values():
+            assert set(stages) <= set(limits)
+            boxed = [s for s in limits if s in stages and s != 'max_autotune']
+            assert sum(limits[s][0] for s in boxed) <= budget <= 480, stages
+            assert [s for s in limits if s in stages][:len(boxed)] == boxed  # autotune last
 
 
 def test_op_count_counts_the_batchnorm_counters(tmp_path):
