@@ -72,10 +72,12 @@ def test_left_behind_keys_are_silent_and_set_ones_one_warning(trained, workdir):
     are dropped without a word; a key set on the command line that the loss ignores is one
     line. A named config that switches the network prints no sacred warnings either."""
     snaps, _ = trained
+    # gpu=3 (none here) stops the run just after the warnings, before any training
     proc = run_script('train_cifar.py', 'with', 'smoke', 'cf_loss.call=ClassificationOnlyLoss',
-                      'cf_loss.C=0.3', cwd=workdir, snapshots=snaps)
+                      'cf_loss.C=0.3', 'gpu=3', cwd=workdir, snapshots=snaps, check=False)
     warnings = [line for line in proc.stderr.splitlines() if 'warn' in line.lower()]
     assert warnings == ['warning: cf_loss.C=0.3 is ignored: ClassificationOnlyLoss takes no C']
+    assert proc.returncode == 2 and 'error: gpu=3 but this machine has' in proc.stderr
     config = run_script('train_cifar.py', 'print_config', 'with', 'resnet56', cwd=workdir,
                         snapshots=snaps)
     assert 'WARNING' not in config.stderr and "call = 'ResNet'" in config.stdout
@@ -296,11 +298,8 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
         assert str(ckpt) in proc.stdout
 
 
-@pytest.mark.parametrize('script, args, message', [
-    ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
-    ('eval.py', ['snapshot_name=1', 'cf_loss.acc_tops=[1,101]'],
-     'cf_loss acc_tops=[1, 101]: top-101 needs as many classes, '),
-    ('eval.py', ['snapshot_name=1', 'time_repeats=-1'], 'time_repeats must be an int >= 0'),
+# refused before a run starts (sacred's config hook, or sacred itself): checked in this process
+CONFIG_REFUSALS = [
     ('eval.py', ['snapshot=1'], 'unknown setting snapshot (did you mean snapshot_name?)'),
     ('train_cifar.py', ['smoke', 'n_epochs=-3'], 'n_epochs=-3: expected an integer >= 1'),
     ('train_cifar.py', ['smoke', 'n_epochs=0'], 'n_epochs=0: expected an integer >= 1'),
@@ -311,6 +310,14 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     ('train_cifar.py', ['smoke', 'cf_scheduler.milestones=5'],
      'cf_scheduler.milestones=5: expected a list of integers >= 0'),
     ('train_cifar.py', ['smoke', 'cf_net.call=ResNet9000'], "cf_net.call='ResNet9000': unknown"),
+    ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
+]
+# refused once the run has started (by the data, a snapshot, the model): a script each
+RUN_REFUSALS = [
+    ('eval.py', ['snapshot_name=nowhere'], "no snapshot 'nowhere'"),
+    ('eval.py', ['snapshot_name=1', 'cf_loss.acc_tops=[1,101]'],
+     'cf_loss acc_tops=[1, 101]: top-101 needs as many classes, '),
+    ('eval.py', ['snapshot_name=1', 'time_repeats=-1'], 'time_repeats must be an int >= 0'),
     ('train_cifar.py', ['smoke', 'cf_trn.n_per_class=40'],
      'cf_trn asks for n_per_class=40 images per class, but class 0 of data/smoke/cifar-100-python '
      'has 30; lower n_per_class'),
@@ -319,18 +326,37 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     ('train_cifar.py', [str(Path('snapshots') / '1' / 'config.json'), 'parent_snapshot=1'],
      'has trained 2 epochs already and n_epochs=2: there is nothing to train; to train longer: '),
     ('train_cifar.py', ['smoke', 'cf_loss.n_exits=5'], 'cf_loss n_exits=5 but the model has 3'),
-    ('train_cifar.py', ['smoke', 'parent_snapshot=404'], "no snapshot '404'"),
     ('train_cifar.py', ['smoke', 'gpu=3'], 'gpu=3 but this machine has'),
     ('train_cifar.py', ['smoke', 'gpu=[0, 1]'], 'under torchrun: torchrun --nproc_per_node=2 '),
-])
+]
+
+
+def assert_one_error_line(code, stderr, message):
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert 'Traceback' not in stderr
+
+
+@pytest.mark.parametrize('script, args, message', CONFIG_REFUSALS)
+def test_bad_settings_are_one_line_before_a_run_starts(trained, workdir, monkeypatch, capsys,
+                                                        script, args, message):
+    snaps, _ = trained
+    monkeypatch.chdir(workdir)  # snapshots/ there is the scripts' default, and the trained runs
+    before = sorted(p.name for p in snaps.iterdir())
+    ex = importlib.import_module(Path(script).stem).ex
+    with pytest.raises(SystemExit) as e:
+        ex.run_commandline([script, 'with', *args])
+    assert_one_error_line(e.value.code, capsys.readouterr().err, message)
+    assert before == sorted(p.name for p in snaps.iterdir())  # no run folder
+
+
+@pytest.mark.parametrize('script, args, message', RUN_REFUSALS)
 def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, script, args, message):
     snaps, _ = trained
     before = sorted(p.name for p in snaps.iterdir())
     proc = run_script(script, 'with', *args, cwd=workdir, snapshots=snaps, check=False)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert 'Traceback' not in proc.stderr
+    assert_one_error_line(proc.returncode, proc.stderr, message)
     # nothing written earlier is lost, and the refused run leaves no folder
     assert before == sorted(p.name for p in snaps.iterdir())
 
