@@ -4,6 +4,8 @@ A step is forward, the loss (which may raise its temperature in place), backward
 update, and the accumulation of the loss, the first non-finite step and the metrics, all on the
 device. ``GraphedTrainStep`` captures that whole step once and replays it for every batch:
 MsdNet at batch 64 is thousands of small kernels, whose launch cost dominates an eager step.
+With ``members=K`` a step trains the K members of a pack (``multiexit.pack``) at once: the loss
+returns each member's, and the accumulators are per member.
 """
 import sys
 
@@ -16,13 +18,15 @@ from .metrics import MultiExitAccuracy
 class TrainStep:
     """Eager training step; ``finish_epoch()`` returns what the epoch accumulated."""
 
-    def __init__(self, model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None):
+    def __init__(self, model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
+                 members=None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device = torch.device(device)
-        self.amp, self.T = amp, T
-        self.metrics = MultiExitAccuracy(n_exits, acc_tops, self.device)
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.amp, self.T, self.members = amp, T, members
+        self.metrics = MultiExitAccuracy(n_exits, acc_tops, self.device, members)
+        per = () if members is None else (members,)
+        self.loss_sum = torch.zeros(per, device=self.device)
+        self.first_bad = torch.full(per, -1, dtype=torch.int64, device=self.device)
         self.step_index = torch.zeros((), dtype=torch.int64, device=self.device)
         self.n_steps = 0
 
@@ -43,7 +47,7 @@ class TrainStep:
             logits = self.model(x)
             self.metrics.update(logits, y, self.T)  # before the loss, which may raise T in place
             loss = self.loss_fn(logits, y)
-        loss.backward()
+        (loss.sum() if self.members else loss).backward()
         self.optimizer.step()
         loss = loss.detach()
         self.loss_sum += loss
@@ -57,8 +61,9 @@ class TrainStep:
         self.n_steps += 1
 
     def finish_epoch(self, world_size=1):
-        """(mean loss, metrics dict, index of the first non-finite step or None). With a sharded
-        loader (``world_size`` > 1, model in DDP) these are the global batches', on every rank."""
+        """(mean loss, metrics dict, index of the first non-finite step or None), or with
+        ``members`` a list of each. With a sharded loader (``world_size`` > 1, model in DDP)
+        these are the global batches', on every rank."""
         first_bad, loss_sum = self.first_bad, self.loss_sum
         if world_size > 1:
             self.metrics.sum_over_ranks()
@@ -67,8 +72,12 @@ class TrainStep:
             first_bad = distributed.min_over_ranks_(first_bad)
             first_bad = torch.where(first_bad == self.n_steps, -1, first_bad)
         out = self.metrics.compute()  # host sync, once per epoch
-        bad_step, loss_sum = int(first_bad), float(loss_sum)  # host sync, once per epoch
-        return loss_sum / max(self.n_steps, 1), out, (bad_step if bad_step >= 0 else None)
+        bad_steps, loss_sums = first_bad.tolist(), loss_sum.tolist()  # host sync, once per epoch
+        mean = lambda total: total / max(self.n_steps, 1)
+        step = lambda bad: bad if bad >= 0 else None
+        if self.members is None:
+            return mean(loss_sums), out, step(bad_steps)
+        return [mean(t) for t in loss_sums], out, [step(b) for b in bad_steps]
 
 
 class GraphedTrainStep(TrainStep):
@@ -151,7 +160,8 @@ class GraphedTrainStep(TrainStep):
 
 
 def build(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
-          cuda_graph=False):
+          cuda_graph=False, members=None):
     """A GraphedTrainStep when ``cuda_graph`` (on CUDA), else the eager TrainStep."""
     cls = GraphedTrainStep if cuda_graph and torch.device(device).type == 'cuda' else TrainStep
-    return cls(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=amp, T=T)
+    return cls(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=amp, T=T,
+               members=members)

@@ -7,10 +7,9 @@ order so that ``torch.manual_seed(s)`` before construction gives the same initia
 import math
 
 import numpy as np
-import torch
 from torch import nn
 
-from .base import MultiExitNet
+from .base import MultiExitNet, cat_channels
 
 
 def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
@@ -24,6 +23,7 @@ def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
 
 class MsdJoinConv(nn.Module):
     """New features of one scale: from the same scale, and (strided) from the finer scale."""
+    members = 1  # models folded into the channels (multiexit.pack): the concatenation is each's
 
     def __init__(self, n_in, n_in_down, n_out, btneck, btneck_down):
         super().__init__()
@@ -46,7 +46,7 @@ class MsdJoinConv(nn.Module):
         out = [x, self.conv(x)]
         if x_finer is not None:
             out.append(self.conv_down(x_finer))
-        return torch.cat(out, dim=1)
+        return cat_channels(out, self.members)
 
 
 class MsdLayer0(nn.Module):
