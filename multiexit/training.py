@@ -244,7 +244,7 @@ class Run:
         self.error, self._pack = None, None
         # A member of a pack draws no random numbers but its loaders' (no dropout), so the RNG
         # states after its build are what it would save alone; the live ones are another's.
-        self.in_pack, self.rng_at_build = False, None
+        self.in_pack, self.rng_at_build = False, rng_state()
 
     @classmethod
     def from_config(cls, config, run_dir, snapshot_dir, log_scalar, script, log=print):
@@ -650,7 +650,6 @@ def train_pack(configs, run_dirs, snapshot_dir, logs, log_scalars, script):
     for config, run_dir, log, log_scalar in zip(configs, run_dirs, logs, log_scalars):
         os.makedirs(run_dir, exist_ok=True)
         runs.append(_build_run(config, run_dir, snapshot_dir, log_scalar, script, log=log))
-        runs[-1].rng_at_build = rng_state()  # before the next one's build changes them
     first, val = [run.epoch + 1 for run in runs], {}
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -1,6 +1,8 @@
 """Runs trained as one fused network (multiexit.pack, training.Pack): each member trains as its
 solo run does, is a run of its own on disk, and stops, fails and resumes as one; in this process,
 on generated data, fp32 on the CPU."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -27,12 +29,22 @@ MEMBERS = [
 ]
 
 
-def make_run(data_dir, run_dir, seed, cf_loss, net=MSDNET, n_epochs=2, parent=None, **kw):
+def make_run(data_dir, run_dir, seed, cf_loss, net=MSDNET, n_epochs=2, parent=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     trn = dict(DATA, seed=seed)
     return Run(net, dict(cf_loss, acc_tops=[1]), trn, dict(trn, augment=False), OPT, SCHEDULE,
                8, 40, n_epochs, 0, data_dir, -1, seed, run_dir, parent_snapshot=parent,
-               log=lambda *a: None, **kw)
+               log=lambda *a: None)
+
+
+@contextlib.contextmanager
+def no_onednn():
+    """Convolutions without oneDNN (see ``trained``)."""
+    saved, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
 
 
 def recorded(loss_fn):
@@ -52,8 +64,15 @@ def relative(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+@pytest.fixture(scope='module')
+def trained(fake_data, tmp_path_factory):
+    """50 steps of each member alone, and of the three as a pack: MsdNet (``solo_and_packed``)."""
+    with no_onednn():
+        return _trained(MSDNET, fake_data, tmp_path_factory.mktemp('pack-MsdNet'))
+
+
 @pytest.fixture(scope='module', params=['MsdNet', 'ResNet'])
-def trained(request, fake_data, tmp_path_factory):
+def solo_and_packed(request, trained, fake_data, tmp_path_factory):
     """50 steps of each member alone, and of the three as a pack.
 
     With oneDNN off: these small networks at batch 8 are chaotic (a solo run whose weights are
@@ -63,10 +82,10 @@ def trained(request, fake_data, tmp_path_factory):
     holds it to 1e-5). Without oneDNN, a grouped convolution computes each group as the plain
     one does, and so does the rest of the fused step: a member's gradients are its solo run's to
     the bit, which is what the 50 steps check."""
-    net = MSDNET if request.param == 'MsdNet' else RESNET
-    tmp = tmp_path_factory.mktemp(f'pack-{request.param}')
-    with torch.backends.mkldnn.flags(enabled=False):
-        return _trained(net, fake_data, tmp)
+    if request.param == 'MsdNet':
+        return trained
+    with no_onednn():
+        return _trained(RESNET, fake_data, tmp_path_factory.mktemp('pack-ResNet'))
 
 
 def _trained(net, fake_data, tmp):
@@ -83,10 +102,10 @@ def _trained(net, fake_data, tmp):
     return net, solo, runs, calls
 
 
-def test_each_member_trains_as_its_solo_run(trained):
+def test_each_member_trains_as_its_solo_run(solo_and_packed):
     """Per-step loss within 1e-4 relative over 50 steps, the same temperatures, the weights and
     BatchNorm statistics after 50 steps within 1e-3 relative."""
-    _, solo, runs, calls = trained
+    _, solo, runs, calls = solo_and_packed
     for k, ((run, solo_calls), member) in enumerate(zip(solo, runs)):
         assert len(solo_calls) == 50
         alone = np.array([c[0][0] for c in solo_calls])
@@ -167,3 +186,104 @@ def test_kernels_per_step_stay_those_of_one_model():
             loss_fn(fused(x), y).sum().backward()
         return ops.total
     assert count(2) == count(5)
+
+
+def same_state(a, b):
+    """The names of the tensors that differ between two state dicts (none: equal to the bit)."""
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.fixture(scope='module')
+def one_epoch(trained, fake_data, tmp_path_factory):
+    """The members of ``trained`` as a pack of 1 epoch, with oneDNN off as there."""
+    net = trained[0]
+    tmp = tmp_path_factory.mktemp('one-epoch')
+    runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net, n_epochs=1)
+            for seed, loss in MEMBERS]
+    with no_onednn():
+        Pack(runs).fit()
+    return runs
+
+
+def test_a_pack_resumes_all_its_members_exactly(trained, one_epoch, fake_data, tmp_path):
+    net, _, uninterrupted, _ = trained
+    runs = [make_run(fake_data, tmp_path / f'r{seed}', seed, loss, net, parent=str(m.run_dir))
+            for (seed, loss), m in zip(MEMBERS, one_epoch)]
+    assert [r.epoch for r in runs] == [1, 1, 1]
+    with no_onednn():
+        Pack(runs).fit()
+    for run, ref in zip(runs, uninterrupted):
+        mine, theirs = (checkpoints.load(r.run_dir / 'last.pt') for r in (run, ref))
+        assert mine['epoch'] == 2 and same_state(mine['model'], theirs['model']) == []
+        assert same_state(mine['loss'], theirs['loss']) == []
+
+
+def test_one_member_resumes_alone_as_its_solo_run_would(trained, one_epoch, fake_data,
+                                                        tmp_path):
+    """The DBT member's epoch 1, resumed alone (a solo run from its last.pt) to epoch 2, ends
+    where the solo run of 2 epochs ends, to the bit."""
+    net, solo, _, _ = trained
+    (seed, loss), member, (alone, _) = MEMBERS[1], one_epoch[1], solo[1]
+    run = make_run(fake_data, tmp_path, seed, loss, net, parent=str(member.run_dir))
+    assert run.epoch == 1 and run.loss_fn.T > 1
+    with no_onednn():
+        run.fit()
+    mine, theirs = (checkpoints.load(r.run_dir / 'last.pt') for r in (run, alone))
+    assert same_state(mine['model'], theirs['model']) == []
+    assert torch.equal(mine['loss']['temperature'], theirs['loss']['temperature'])
+
+
+def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fake_data,
+                                                          tmp_path):
+    """A global_scale that overflows float32 makes one member's loss infinite from the first
+    step: it stops as its solo run would, with nothing saved; the other trains on, to the bit
+    as it trains in a healthy pack."""
+    net = trained[0]
+    (seed, loss), healthy = MEMBERS[0], one_epoch[0]
+    runs = [make_run(fake_data, tmp_path / 'ok', seed, loss, net, n_epochs=1),
+            make_run(fake_data, tmp_path / 'bad', 1, dict(MEMBERS[2][1], global_scale=1e38),
+                     net, n_epochs=1)]
+    with no_onednn():
+        Pack(runs).fit()
+    ok, bad = runs
+    assert ok.error is None and isinstance(bad.error, NonFiniteLossError)
+    assert str(bad.error) == ('non-finite training loss at epoch 1, step 1; nothing of this '
+                              'epoch was saved and no epoch had finished, so there is nothing to '
+                              'resume: start the run again: lower the learning rate or check '
+                              'the data')
+    assert list(bad.run_dir.iterdir()) == []
+    assert same_state(checkpoints.load(ok.run_dir / 'last.pt')['model'],
+                      checkpoints.load(healthy.run_dir / 'last.pt')['model']) == []
+
+
+def test_a_signal_stops_every_member_as_it_stops_a_solo_run(fake_data, tmp_path, monkeypatch):
+    real, calls = training.train_epoch, []
+
+    def second_epoch_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt('SIGTERM')
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, 'train_epoch', second_epoch_interrupted)
+    runs = [make_run(fake_data, tmp_path / str(seed), seed, loss) for seed, loss in MEMBERS[:2]]
+    Pack(runs).fit()
+    for run in runs:
+        assert isinstance(run.error, TrainingInterrupted) and run.epoch == 1
+        assert str(run.error) == (f'SIGTERM during epoch 2; {run.run_dir}/last.pt holds epoch 1; '
+                                  f'resume with: python3 train_cifar.py with '
+                                  f'parent_snapshot={run.run_dir}')
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(net=dict(call='WideResNet', depth=10, widen_factor=1, dropout=0.3, out_dim=None)),
+     r'a pack cannot train a network with dropout \(p=0.3\)'),
+    (dict(n_epochs=3), r'the runs of a pack share n_epochs, but run 2 differs from run 1 in '
+                       r'n_epochs 2 -> 3; train them in separate packs'),
+])
+def test_runs_that_cannot_share_a_pack_are_refused(fake_data, tmp_path, change, message):
+    net = change.pop('net', MSDNET)
+    runs = [make_run(fake_data, tmp_path / '0', 0, MEMBERS[0][1], net),
+            make_run(fake_data, tmp_path / '1', 1, MEMBERS[1][1], net, **change)]
+    with pytest.raises(ConfigError, match=message):
+        Pack(runs)
