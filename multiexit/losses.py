@@ -120,16 +120,14 @@ class PackLoss(nn.Module):
 
     The three losses are ``distillation_loss`` with per-member C, global_scale and T:
     ClassificationOnlyLoss is C = 0 and global_scale = 1, DistillationLossConstTemp keeps its T,
-    and DBT members (``annealed``) raise theirs by their Tmult after a training call while their
-    teacher's mean max-probability exceeds their maxprob. ``temperature`` (K,) float64 is each
-    member's T.
+    and DBT members raise theirs by their Tmult after a training call while their teacher's mean
+    max-probability exceeds their maxprob. ``temperature`` (K,) float64 is each member's T.
     """
 
     def __init__(self, member_losses):
         super().__init__()
         first = member_losses[0]
         self.n_exits, self.acc_tops = first.n_exits, first.acc_tops
-        dbt = [isinstance(m, DistillationBasedLoss) for m in member_losses]
         per_member = lambda get, dtype=torch.float64: torch.tensor(
             [get(m) for m in member_losses], dtype=dtype)
         distils = lambda m: isinstance(m, DistillationLossConstTemp)
@@ -138,8 +136,8 @@ class PackLoss(nn.Module):
             lambda m: m.global_scale if distils(m) else 1.0))
         self.register_buffer('temperature', per_member(
             lambda m: m.T if distils(m) else 1.0))
-        self.register_buffer('annealed', torch.tensor(dbt))
-        # float32, as a solo DBT compares its float32 confidence with the float maxprob
+        # float32, as a solo DBT compares its float32 confidence with the float maxprob; 1 for
+        # the members that keep their T, which no confidence exceeds
         self.register_buffer('maxprob', per_member(
             lambda m: m.maxprob if isinstance(m, DistillationBasedLoss) else 1.0, torch.float32))
         self.register_buffer('Tmult', per_member(
@@ -150,7 +148,7 @@ class PackLoss(nn.Module):
         loss = distillation_loss(logits_list, y, T, self.C, self.global_scale)
         if self.training:
             confidence = teacher_confidence(logits_list[-1], _over_classes(T.float()))
-            hot = (confidence > self.maxprob) & self.annealed
+            hot = confidence > self.maxprob
             self.temperature.copy_(torch.where(hot, T * self.Tmult, T))
         return loss
 
