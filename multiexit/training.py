@@ -350,6 +350,11 @@ class Run:
                 'rng': self.rng_at_build if self.in_pack else rng_state(),
                 **({'rng_ranks': rng_ranks} if rng_ranks else {})}
 
+    def continuation(self):
+        """What follows ``with`` in the command that continues this run from its newest complete
+        training state; None where no epoch finished."""
+        return self.resume_updates(self._saved[0].parent) if self._saved else None
+
     def _last_good(self):
         """Where the last complete state is, and how to continue from it."""
         if self._saved is None:
@@ -640,9 +645,9 @@ def summary(run, first, val):
 def train_pack(configs, run_dirs, snapshot_dir, logs, log_scalars, script):
     """What the pack script does with the sacred ``configs`` of its runs (``run_dirs``: their
     run folders; ``logs``, ``log_scalars``: where each one's output and metrics go): build them
-    all, then train those at the same epoch as one ``Pack``, one pack after another. Returns,
-    per run, its sacred result or the error that stopped it (``Run.error``). A UserError while
-    building (bad input, before anything trained) is raised: the pack does not start.
+    all, then train those at the same epoch as one ``Pack``, one pack after another. Returns
+    the Runs, each with its sacred ``result``, or the ``error`` that stopped it. A UserError
+    while building (bad input, before anything trained) is raised: the pack does not start.
 
     SIGINT and SIGTERM stop every run, as they stop a solo run (TrainingInterrupted, with how
     to resume it); a run that had not started is stopped before its next epoch."""
@@ -665,7 +670,9 @@ def train_pack(configs, run_dirs, snapshot_dir, logs, log_scalars, script):
                                                 f'{run.epoch + 1}; {run._last_good()}')
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return [run.error or summary(run, start, val[id(run)]) for run, start in zip(runs, first)]
+    for run, start in zip(runs, first):
+        run.result = None if run.error else summary(run, start, val[id(run)])
+    return runs
 
 
 def _raise_interrupt(signum, frame):

@@ -2,6 +2,7 @@
 solo run does, is a run of its own on disk, and stops, fails and resumes as one; in this process,
 on generated data, fp32 on the CPU."""
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -287,3 +288,131 @@ def test_runs_that_cannot_share_a_pack_are_refused(fake_data, tmp_path, change, 
             make_run(fake_data, tmp_path / '1', 1, MEMBERS[1][1], net, **change)]
     with pytest.raises(ConfigError, match=message):
         Pack(runs)
+
+
+# --- train_pack.py: every member a sacred run of its own (in this process) ---
+
+SMOKE = ['smoke', 'cf_trn.n_per_class=3', 'cf_trn.nval_per_class=1', 'n_epochs=2']  # 3 steps
+
+
+@pytest.fixture(scope='module')
+def smoke_data(tmp_path_factory):
+    from multiexit.data import write_fake_cifar
+    data = tmp_path_factory.mktemp('smoke-data')
+    write_fake_cifar(data, 'Cifar100', n_train_per_class=30, n_test_per_class=2)
+    return data
+
+
+@pytest.fixture()
+def snapshots(tmp_path, monkeypatch):
+    import training_experiment
+    monkeypatch.setattr(training_experiment, 'SNAPSHOT_DIR', str(tmp_path / 'snaps'))
+    return tmp_path / 'snaps'
+
+
+def train_pack_main(*args):
+    import train_pack
+    return train_pack.main(list(args))
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope='module')
+def packed_runs(smoke_data, tmp_path_factory):
+    """train_pack.py with a standard and a DBT member, 2 epochs."""
+    import training_experiment
+    snaps = tmp_path_factory.mktemp('packed') / 'snaps'
+    saved, training_experiment.SNAPSHOT_DIR = training_experiment.SNAPSHOT_DIR, str(snaps)
+    try:
+        code = train_pack_main('--member', 'seed=0', 'cf_loss.call=ClassificationOnlyLoss',
+                               'snapshot_name=a', '--member', 'seed=1', 'snapshot_name=b', '--',
+                               *SMOKE, f'data_dir={smoke_data}')
+    finally:
+        training_experiment.SNAPSHOT_DIR = saved
+    return code, snaps
+
+
+def test_every_member_is_a_sacred_run_of_its_own(packed_runs):
+    from multiexit.runs import load_runs
+    code, snaps = packed_runs
+    assert code == 0
+    table = load_runs(snaps).set_index('run')
+    assert list(table.index) == ['1', '2']
+    for run, (name, method, seed) in zip('12', [('a', 'standard', 0), ('b', 'DBT', 1)]):
+        row = table.loc[run]
+        assert (row['experiment'], row['status'], row['snapshot_name'], row['method'],
+                row['seed'], row['named_configs'], row['final_epoch']) == (
+            'train_cifar', 'COMPLETED', name, method, seed, 'smoke', 2)
+        folder = snaps / run
+        assert {'config.json', 'run.json', 'cout.txt', 'metrics.json', 'last.pt'} <= {
+            p.name for p in folder.iterdir()} and len(list(folder.glob('ep*.pt'))) == 1
+        cout = (folder / 'cout.txt').read_text()
+        assert 'val top-1 of exit' in cout and f'{folder}: trained epochs 1 to 2;' in cout
+        assert '[run ' not in cout  # the terminal's prefix is not in the run's own output
+        result = read(folder / 'run.json')['result']
+        assert result['epoch'] == 2 and result['val.acc1_avg'] == row['final.val.acc1_avg']
+    assert 'temperature' in read(snaps / '2' / 'metrics.json')
+    assert 'temperature' not in read(snaps / '1' / 'metrics.json')
+
+
+def test_a_signal_stops_every_member_and_the_pack_resumes_exactly(
+        packed_runs, smoke_data, snapshots, monkeypatch, capsys):
+    real, calls = training.train_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt('SIGINT')
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, 'train_epoch', interrupted_in_epoch_2)
+    code = train_pack_main('--member', 'seed=0', 'cf_loss.call=ClassificationOnlyLoss',
+                           'snapshot_name=a', '--member', 'seed=1', 'snapshot_name=b', '--',
+                           *SMOKE, f'data_dir={smoke_data}')
+    err = capsys.readouterr().err
+    assert code == 130
+    lines = [line for line in err.splitlines() if 'interrupted: ' in line]
+    for run, name in (('1', 'a'), ('2', 'b')):
+        assert read(snapshots / run / 'run.json')['status'] == 'INTERRUPTED'
+        folder = snapshots / run
+        assert f'[run {run}: {name}] interrupted: SIGINT during epoch 2; {folder}/last.pt holds ' \
+               f'epoch 1; resume with: python3 train_cifar.py with {folder}/config.json ' \
+               f'parent_snapshot={folder}' in lines
+    assert lines[-1] == (f'interrupted: to resume the pack: python3 train_pack.py --member '
+                         f'{snapshots}/1/config.json parent_snapshot={snapshots}/1 --member '
+                         f'{snapshots}/2/config.json parent_snapshot={snapshots}/2')
+    monkeypatch.setattr(training, 'train_epoch', real)
+    assert train_pack_main(*lines[-1].split('python3 train_pack.py ')[1].split()) == 0
+    _, uninterrupted = packed_runs
+    for resumed, ref in (('3', '1'), ('4', '2')):
+        mine, theirs = (checkpoints.load(snaps / r / 'last.pt')
+                        for snaps, r in ((snapshots, resumed), (uninterrupted, ref)))
+        assert same_state(mine['model'], theirs['model']) == []
+        assert read(snapshots / resumed / 'config.json')['parent_snapshot'] == \
+            f'{snapshots}/{int(resumed) - 2}'
+
+
+def test_a_failing_member_is_failed_and_the_other_completes(smoke_data, snapshots, capsys):
+    code = train_pack_main('--member', 'snapshot_name=ok', '--member', 'snapshot_name=bad',
+                           'cf_loss.global_scale=1e38', '--', *SMOKE, 'n_epochs=1',
+                           f'data_dir={smoke_data}')
+    err = capsys.readouterr().err
+    assert code == 2
+    assert read(snapshots / '1' / 'run.json')['status'] == 'COMPLETED'
+    failed = read(snapshots / '2' / 'run.json')
+    assert failed['status'] == 'FAILED' and 'NonFiniteLossError' in failed['fail_trace'][-1]
+    assert '[run 2: bad] error: non-finite training loss at epoch 1, step 1;' in err
+    assert 'error: non-finite' in (snapshots / '2' / 'cout.txt').read_text()
+
+
+def test_bad_input_of_one_member_is_one_line_and_leaves_no_run_folder(smoke_data, snapshots,
+                                                                      capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train_pack_main('--member', 'seed=0', '--member', 'seed=1', 'batch_size=500', '--',
+                        *SMOKE, f'data_dir={smoke_data}')
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2
+    assert err[-1] == ('error: batch_size=500 exceeds the 200 training examples: no full batch '
+                       'per epoch')
+    assert [p.name for p in snapshots.iterdir() if p.name != '_sources'] == []
