@@ -26,7 +26,8 @@ from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_
                                   per_exit_table)
 from multiexit.metrics import check_tops, default_tops
 from multiexit.progress import bar
-from multiexit.training import plain, resolve_device
+from multiexit.settings import plain
+from multiexit.training import resolve_device
 from sacred_setup import SNAPSHOT_DIR, Experiment, refusing
 
 ex = Experiment('eval')  # runs in snapshots/

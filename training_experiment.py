@@ -43,8 +43,9 @@ def settings():
     save_interval = 0  # 0: keep the snapshot with the best validation acc1_avg; N: every N epochs
     amp = True  # CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU
     channels_last = True  # CUDA: NHWC memory format for model and batches; ignored on CPU
-    compile = False  # CUDA: torch.compile mode for model and loss ('default', 'reduce-overhead')
+    compile = False  # CUDA: torch.compile mode ('default', 'max-autotune', 'reduce-overhead')
     cuda_graph = True  # CUDA: replay the whole training step as one captured CUDA graph
+    cuda_streams = True  # CUDA, one process: MsdNet's scales and exit heads on parallel streams
     deterministic = False  # CUDA: deterministic algorithms, for bit-exact reruns (slower)
     cudnn_benchmark = False  # CUDA: time cuDNN's algorithms per conv shape (MsdNet has ~100 shapes)
     sync_bn = False  # torchrun: BatchNorm statistics of the global batch, not each process's part

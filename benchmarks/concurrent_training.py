@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (BATCH, PAPER_LOSS, ROOT, RUN_DEFAULTS, build,  # noqa: E402
-                              default_switches, fake_cifar)
+from train_throughput import (BATCH, ROOT, RUN_DEFAULTS, default_switches,  # noqa: E402
+                              fake_cifar, paper_step)
 
-from multiexit import losses, train_step  # noqa: E402
 from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
 from multiexit.training import train_epoch  # noqa: E402
 
@@ -32,12 +31,7 @@ def worker(barrier, seconds, results, index):
     device = torch.device('cuda')
     torch.backends.cudnn.benchmark = RUN_DEFAULTS['cudnn_benchmark']
     sw = default_switches(cuda=True)
-    model, opt = build(device, sw['channels_last'], sw['fused'])
-    if sw['compile_mode']:
-        model = torch.compile(model, mode=sw['compile_mode'])
-    loss_fn = losses.build(PAPER_LOSS).to(device)
-    step = train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=sw['amp'],
-                            T=loss_fn.temperature, cuda_graph=sw['cuda_graph'])
+    step = paper_step(device, **sw)
     spec = DATASETS['Cifar100']
     images, labels = fake_cifar(20 * BATCH, seed=index)
     loader = DeviceLoader(images, labels, BATCH, spec.mean, spec.std, device, augment=True,

@@ -3,19 +3,27 @@
     python3 benchmarks/gpu_check.py OUT_DIR            # everything
     python3 benchmarks/gpu_check.py OUT_DIR --quick    # shorter timings, a first look
 
-Stages, each in its own process with its own time limit, so that a failing or hanging stage is
-reported and the next one still runs:
+Stages, each in its own process with its own time limit (LIMITS), so that a failing or hanging
+stage is reported and the next one still runs:
   versions     the GPU, driver, CUDA, cuDNN, Python and torch
   sacred       installed from wheels (--wheels) into a temporary folder if it cannot be imported
   cuda_tests   pytest tests/test_cuda.py
-  throughput   benchmarks/train_throughput.py, every mode, with the test counts: its JSON goes to
-               benchmarks/results/<date>-<device>.json (and OUT_DIR/throughput.json)
+  throughput   benchmarks/train_throughput.py, the modes without torch.compile (those measured
+               before on fewer steps: they are launch bound), with the test counts
+  compile      the same for cuda_graph_compile: torch.compile 'default' inside our whole-step
+               graph; the first step's seconds are its compile time
   profile      benchmarks/profile_step.py: kernels per step, their GPU time, the top kernels
   early_exit   benchmarks/early_exit.py --device cuda: streaming, latency and shrinking early exit
                at batch sizes 1, 16, 256 and 1024 against the graphed full forward (gpu_speedup)
-  concurrency  benchmarks/concurrent_training.py: 1, 2 and 4 training processes on the GPU
-Writes OUT_DIR/summary.json and OUT_DIR/stages.log (every stage's output) and prints a summary
-table last. Exit code: 0 when every stage passed, 1 otherwise.
+  kernels      benchmarks/op_count.py --device cuda: CUDA kernels per step of each variant
+  max_autotune cuda_graph_max_autotune (torch.compile 'max-autotune'), with the time left
+  concurrency  (only with --with concurrency) benchmarks/concurrent_training.py: 1, 2 and 4
+               training processes on the GPU
+The throughput-like stages' modes are merged into one JSON (OUT_DIR/throughput.json, copied to
+benchmarks/results/<date>-<device>.json), with kernels per step per mode. Writes
+OUT_DIR/summary.json and OUT_DIR/stages.log (every stage's output) and prints a summary table
+last. Exit code: 0 when every stage passed, 1 otherwise. All stages together take longer than
+one device call may: --check runs one check's stages (CHECKS), within its budget.
 """
 import argparse
 import json
@@ -30,14 +38,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ('.whl', '../shared/device-wheels')  # relative to the repository
-# seconds per stage (limit, kept for the stages after it), for the full check and --quick
-# (2026-11-26, H100: tests 121 s, early exit 16 s, eager modes ~400 images/s: launch bound;
-# the early-exit sweep of batch sizes is to take at most 90 s)
-LIMITS = {False: dict(cuda_tests=(200, 250), throughput=(220, 150), profile=(50, 110),
-                      early_exit=(90, 90), concurrency=(90, 0)),
-          True: dict(cuda_tests=(150, 100), throughput=(80, 60), profile=(30, 40),
-                     early_exit=(60, 30), concurrency=(40, 0))}
-QUICK_MODES = 'reference,fused_sgd,cuda_graph,default,compile_default'
+# seconds per stage (limit, kept for the stages after it), for the full check and --quick, in
+# the order the stages run (2026-11-26, H100: tests 121 s, early exit 16 s, eager modes ~400
+# images/s: launch bound; a torch.compile of the paper's MsdNet took 704 s on 2 CPU cores; the
+# early-exit sweep of batch sizes is to take at most 90 s)
+LIMITS = {False: dict(cuda_tests=(170, 200), throughput=(100, 110), compile=(120, 70),
+                      profile=(30, 45), early_exit=(90, 25), kernels=(25, 0),
+                      max_autotune=(300, 0), concurrency=(90, 0)),
+          True: dict(cuda_tests=(120, 100), throughput=(50, 60), compile=(80, 30),
+                     profile=(20, 20), early_exit=(60, 0), kernels=(15, 0),
+                     max_autotune=(120, 0), concurrency=(40, 0))}
+OPT_IN = ('concurrency',)  # run only when named by --with
+# the stages of each issue's check (--check), each within its budget and one device call
+CHECKS = {'speed': ('cuda_tests', 'throughput', 'compile', 'profile', 'kernels', 'max_autotune'),
+          'early_exit': ('cuda_tests', 'early_exit')}
+# the eager modes, measured before, on few steps; the graphed ones on more
+THROUGHPUT = ['--steps', '120', '--eager-steps', '10', '--warmup', '6', '--modes',
+              'reference,device_data,device_temperature,channels_last,amp,fused_sgd,cuda_graph,'
+              'cuda_graph_fp32,cuda_graph_streams,cuda_graph_fp32_streams,default']
+QUICK_THROUGHPUT = ['--steps', '60', '--eager-steps', '5', '--warmup', '5', '--modes',
+                    'reference,cuda_graph,cuda_graph_streams,default']
+COMPILED = ['--steps', '100', '--warmup', '6', '--no-eval', '--modes']  # + the mode
 
 
 def versions():
@@ -130,6 +151,61 @@ def test_counts(xml_path):
     return total - failed - skipped, failed, skipped
 
 
+def failed_modes(checker, path):
+    """The last stage FAILED if the throughput JSON at ``path`` records errors."""
+    if path.is_file():
+        errors = json.loads(path.read_text()).get('errors')
+        if errors:
+            checker.rows[-1]['status'] = 'FAILED'
+            checker.rows[-1]['note'] = 'errors: ' + ', '.join(errors)
+
+
+MERGED = ('train_images_per_s', 'warmup_epoch_s', 'first_step_s', 'kernels_per_step', 'errors')
+
+
+def merge_modes(into, part):
+    """The modes measured in the throughput JSON ``part`` added to the one at ``into``
+    (``part`` itself if there is none), with the command that measured them."""
+    r = json.loads(part.read_text())
+    if into.is_file():
+        merged = json.loads(into.read_text())
+        for key in MERGED:
+            merged.setdefault(key, {}).update(r.get(key, {}))
+        merged['skipped_modes'] = merged.get('skipped_modes', []) + r.get('skipped_modes', [])
+        merged.setdefault('merged_commands', []).append(r['command'])
+    else:
+        merged = r
+    into.write_text(json.dumps(merged, indent=2) + '\n')
+
+
+def projected_runs(t):
+    """{mode: seconds} of the paper's configuration (``t['paper_run']``: 300 epochs of 10,000
+    training and 5,000 validation images) at each training mode's speed, with the default
+    evaluation, plus the mode's first step (its compilation) once: what decides the default."""
+    run, evals = t.get('paper_run'), t.get('eval_images_per_s', {})
+    if not run or 'default' not in evals:
+        return {}
+    val_s = run['epochs'] * run['val_images'] / evals['default']
+    return {mode: round(run['epochs'] * run['train_images'] / ips + val_s
+                        + t.get('first_step_s', {}).get(mode, 0), 1)
+            for mode, ips in t['train_images_per_s'].items()}
+
+
+def compiled_stage(checker, name, mode, out, throughput, limit, reserve):
+    """One compiled throughput mode in a stage of its own (its own time box: a compilation
+    cannot starve the other modes); its results are merged into ``throughput``."""
+    part = out / f'{name}.json'
+    checker.stage(name, [sys.executable, 'benchmarks/train_throughput.py', *COMPILED, mode,
+                         '--json', part], limit, reserve)
+    failed_modes(checker, part)
+    if part.is_file():
+        r = json.loads(part.read_text())
+        if mode in r.get('first_step_s', {}):
+            checker.rows[-1]['note'] += (f" first step (compilation) {r['first_step_s'][mode]:.0f}"
+                                         f" s")
+        merge_modes(throughput, part)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('out', help='folder for the results (created)')
@@ -139,13 +215,25 @@ def main():
     parser.add_argument('--wheels', default=None, help='folder of wheels for sacred (default: '
                         f'the first of {", ".join(WHEELS)} that holds some)')
     parser.add_argument('--skip', default='', help='stages to skip, comma-separated')
+    parser.add_argument('--check', choices=sorted(CHECKS),
+                        help='only the stages of one check: ' + '; '.join(
+                            f'{name}: {", ".join(stages)}' for name, stages in CHECKS.items()))
+    parser.add_argument('--with', dest='with_', default='',
+                        help=f'opt-in stages to run too ({", ".join(OPT_IN)}), comma-separated')
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_s or (280 if args.quick else 470)
+    budget = args.budget_s or (300 if args.quick else 470)
     limits = LIMITS[args.quick]
     checker = Checker(out, budget)
     skip = set(filter(None, args.skip.split(',')))
+    chosen = set(filter(None, args.with_.split(',')))
+    unknown = (skip | chosen) - set(limits)
+    if unknown:
+        parser.error(f'unknown stages {sorted(unknown)}; known: {", ".join(limits)}')
+    if args.check:
+        skip |= set(limits) - set(CHECKS[args.check])
+    run = lambda name: name not in skip and (name not in OPT_IN or name in chosen)
     py = sys.executable
 
     print('[versions]', flush=True)
@@ -154,7 +242,7 @@ def main():
     install_sacred(checker, args.wheels)
 
     counts = None
-    if 'cuda_tests' not in skip:
+    if run('cuda_tests'):
         junit = out / 'cuda_tests.xml'
         _, output = checker.stage('cuda_tests', [py, '-m', 'pytest', '-v', '-rs', '-p',
                                                  'no:cacheprovider', f'--junitxml={junit}',
@@ -164,30 +252,23 @@ def main():
             checker.rows[-1]['note'] = 'passed {}, failed {}, skipped {}'.format(*counts)
 
     throughput = out / 'throughput.json'
-    if 'throughput' not in skip:
-        quick = (['--steps', '100', '--eager-steps', '20', '--warmup', '5', '--modes',
-                  QUICK_MODES] if args.quick
-                 else ['--steps', '200', '--eager-steps', '40', '--warmup', '8'])
+    if run('throughput'):
         limit, reserve = limits['throughput']
         limit = min(limit, checker.left() - reserve)
-        cmd = [py, 'benchmarks/train_throughput.py', *quick, '--json', throughput,
-               '--deadline-s', str(max(limit - 90, 0))]  # a compilation takes a minute or more
+        cmd = [py, 'benchmarks/train_throughput.py',
+               *(QUICK_THROUGHPUT if args.quick else THROUGHPUT), '--json', throughput]
         if counts:
             cmd += ['--cuda-tests', ','.join(map(str, counts))]
         checker.stage('throughput', cmd, limit, reserve)
-        if throughput.is_file():
-            r = json.loads(throughput.read_text())
-            if r.get('errors'):
-                checker.rows[-1]['status'] = 'FAILED'
-                checker.rows[-1]['note'] = 'errors: ' + ', '.join(r['errors'])
-            dest = ROOT / 'benchmarks' / 'results' / (
-                f"{r['date']}-{r['device'].replace(' ', '-').lower()}.json")
-            shutil.copy(throughput, dest)
+        failed_modes(checker, throughput)
+    if run('compile'):
+        compiled_stage(checker, 'compile', 'cuda_graph_compile', out, throughput,
+                       *limits['compile'])
 
-    if 'profile' not in skip:
+    if run('profile'):
         checker.stage('profile', [py, 'benchmarks/profile_step.py', '--json',
                                   out / 'profile.json'], *limits['profile'])
-    if 'early_exit' not in skip:
+    if run('early_exit'):
         early_exit = out / 'early_exit.json'
         quick = ['--batch-sizes', '1', '256', '--repeats', '2'] if args.quick else []
         checker.stage('early_exit', [py, 'benchmarks/early_exit.py', '--device', 'cuda',
@@ -200,19 +281,30 @@ def main():
                 checker.rows[-1]['note'] = 'early exit decided otherwise than the simulated one'
             elif not e['complete']:
                 checker.rows[-1]['note'] += f" (batch sizes done: {', '.join(e['full_forward'])})"
-
-    if 'concurrency' not in skip:
+    if run('kernels'):
+        checker.stage('kernels', [py, 'benchmarks/op_count.py', '--device', 'cuda', '--json',
+                                  out / 'kernels.json'], *limits['kernels'])
+    if run('max_autotune'):
+        compiled_stage(checker, 'max_autotune', 'cuda_graph_max_autotune', out, throughput,
+                       *limits['max_autotune'])
+    if run('concurrency'):
         seconds = '4' if args.quick else '6'
         procs = ['1', '2'] if args.quick else ['1', '2', '4']
         checker.stage('concurrency', [py, 'benchmarks/concurrent_training.py', '--procs', *procs,
                                       '--seconds', seconds, '--json', out / 'concurrency.json'],
                       *limits['concurrency'])
+    if throughput.is_file():
+        r = json.loads(throughput.read_text())
+        shutil.copy(throughput, ROOT / 'benchmarks' / 'results' / (
+            f"{r['date']}-{r['device'].replace(' ', '-').lower()}.json"))
 
-    summary = dict(command=' '.join(['python3'] + sys.argv), rows=checker.rows, total_s=round(time.time() - checker.start, 1),
-                   cuda_tests=counts)
-    for name in ('throughput', 'profile', 'early_exit', 'concurrency'):
+    summary = dict(command=' '.join(['python3'] + sys.argv), rows=checker.rows,
+                   total_s=round(time.time() - checker.start, 1), cuda_tests=counts)
+    for name in ('throughput', 'profile', 'early_exit', 'kernels', 'concurrency'):
         f = out / f'{name}.json'
         summary[name] = json.loads(f.read_text()) if f.is_file() else None
+    if summary['throughput']:
+        summary['projected_paper_run_s_by_mode'] = projected_runs(summary['throughput'])
     (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     print(table(summary))
     sys.exit(0 if all(r['status'] == 'PASSED' for r in checker.rows) else 1)
@@ -225,15 +317,22 @@ def table(s):
     t = s.get('throughput')
     if t:
         ref = t['train_images_per_s'].get('reference')
+        kernels, first = t.get('kernels_per_step', {}), t.get('first_step_s', {})
         lines.append('')
-        lines += [f'train {m:<24} {v:9.0f} img/s  x{v / ref:.2f}' if ref else
-                  f'train {m:<24} {v:9.0f} img/s' for m, v in t['train_images_per_s'].items()]
+        lines += [f'train {m:<24} {v:9.0f} img/s' + (f'  x{v / ref:5.2f}' if ref else '')
+                  + (f'  {kernels[m]:6.0f} kernels/step' if m in kernels else '')
+                  + (f'  first step {first[m]:.0f} s' if first.get(m, 0) > 5 else '')
+                  for m, v in t['train_images_per_s'].items()]
         eref = t['eval_images_per_s'].get('reference')
         lines += [f'eval  {m:<24} {v:9.0f} img/s  x{v / eref:.2f}' if eref else
                   f'eval  {m:<24} {v:9.0f} img/s' for m, v in t['eval_images_per_s'].items()]
         for key in ('projected_paper_run_s', 'projected_full_run_s'):
             if t.get(key):
                 lines.append(f'{key}: {t[key]:.0f} s ({t[key] / 60:.1f} min)')
+        by_mode = sorted(s.get('projected_paper_run_s_by_mode', {}).items(), key=lambda kv: kv[1])
+        if by_mode:
+            lines.append('paper configuration by mode (compilation included): ' + ', '.join(
+                f'{m} {v / 60:.1f} min' for m, v in by_mode[:5]))
         if t.get('peak_memory_bytes'):
             lines.append(f"peak GPU memory: {t['peak_memory_bytes'] / 2**20:.0f} MiB")
     c = s.get('concurrency')
@@ -247,6 +346,12 @@ def table(s):
                      f"{p['eager_step_ms']:.1f} ms, graph replay {p['graph_replay_ms']:.1f} ms")
         lines += [f"  {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x {k['name'][:80]}"
                   for k in p['top_kernels'][:8]]
+    k = s.get('kernels')
+    if k:
+        lines.append('CUDA kernels per step (eager/graph) and CPU ops per step: ' + ', '.join(
+            f"{v} {c['eager']['kernels']:.0f}"
+            + (f"/{c['graph']['kernels']:.0f}" if 'graph' in c else '')
+            + f" ({k['ops_per_step'][v]})" for v, c in k['cuda_kernels_per_step'].items()))
     e = s.get('early_exit')
     if e:
         lines.append('early exit against the graphed full forward, q=0.5 (speedup, MACs ratio):')

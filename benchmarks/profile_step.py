@@ -11,7 +11,6 @@ over the GPU time), and the kernels that take the most time, by name. Writes a J
 (``--json``) with the exact command and prints a table.
 """
 import argparse
-import collections
 import datetime
 import json
 import shlex
@@ -23,39 +22,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (BATCH, PAPER_LOSS, ROOT, build, default_switches,  # noqa: E402
-                              fake_cifar)
+from train_throughput import BATCH, ROOT, default_switches, fake_cifar, paper_step  # noqa: E402
 
-from multiexit import losses, train_step  # noqa: E402
 from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
+from multiexit.kernel_count import kernel_table  # noqa: E402
 
 
 def make_step(device, amp, graph):
-    sw = default_switches(cuda=True)
-    model, opt = build(device, sw['channels_last'], sw['fused'])
-    loss_fn = losses.build(PAPER_LOSS).to(device)
-    step = train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=amp,
-                            T=loss_fn.temperature, cuda_graph=graph)
+    sw = dict(default_switches(cuda=True), amp=amp, cuda_graph=graph)
+    step = paper_step(device, **sw)
     spec = DATASETS['Cifar100']
     x, y = fake_cifar(BATCH)
     loader = DeviceLoader(x, y, BATCH, spec.mean, spec.std, device,
                           channels_last=sw['channels_last'])
     return step, next(iter(loader))
-
-
-def kernel_table(prof, steps):
-    """(kernels per step, GPU ms per step, [(name, calls per step, ms per step)])."""
-    per_name = collections.defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            row = per_name[e.name]
-            row[0] += 1
-            row[1] += e.device_time_total / 1000
-    n = sum(r[0] for r in per_name.values()) / steps
-    ms = sum(r[1] for r in per_name.values()) / steps
-    top = sorted(((name, c / steps, t / steps) for name, (c, t) in per_name.items()),
-                 key=lambda r: -r[2])
-    return n, ms, top
 
 
 def main():

@@ -15,7 +15,12 @@ Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one chan
   fused_sgd          + fused SGD (CUDA)
   cuda_graph         + the whole step replayed as one CUDA graph (CUDA)
   cuda_graph_fp32    cuda_graph without bf16 autocast (TF32 convolutions) (CUDA)
+  cuda_graph_streams cuda_graph with MsdNet's branches on parallel streams (CUDA)
+  cuda_graph_fp32_streams  both (CUDA)
   cuda_graph_compile cuda_graph around a torch.compile'd ('default') model and loss (CUDA)
+  cuda_graph_compile_fp32  the same without bf16 autocast (CUDA)
+  cuda_graph_max_autotune  cuda_graph around torch.compile mode 'max-autotune' (without
+                     graphs of its own: 'max-autotune-no-cudagraphs') (CUDA)
   compile_default    fused_sgd + torch.compile mode 'default' (CUDA)
   compile_reduce_overhead  fused_sgd + torch.compile mode 'reduce-overhead' (CUDA graphs of
                      torch.compile's own)
@@ -23,12 +28,16 @@ Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one chan
                      multiexit.training.Run)
   cudnn_benchmark    default + torch.backends.cudnn.benchmark (autotuning per conv shape) (CUDA)
 Evaluation (batch 250): reference (the original's validate()), eager (bf16, channels_last on
-CUDA), cuda_graph (the forward pass as a CUDA graph, CUDA) and default (what Run does).
+CUDA), cuda_graph (the forward pass as a CUDA graph, CUDA), cuda_graph_streams (with parallel
+streams, CUDA) and default (what Run does).
 Compilation, capture and cuDNN autotuning happen in the warm-up epoch, whose seconds are
-reported per mode (warmup_epoch_s). Timing synchronises the device before reading the clock; warm-up steps (and compilation) are
-excluded and compilation is reported separately. Data are random images of CIFAR's shape. A mode
-that fails is recorded with its error and the others still run; the JSON is rewritten after
-every mode, so a run stopped at its time limit keeps what it measured. The compile modes
+reported per mode (warmup_epoch_s), and its first step's apart (first_step_s: the compilation
+of forward and backward, with autotuning). Timing synchronises the device before reading the
+clock; the warm-up steps are not timed. On CUDA, the kernels of a timed step (replayed, for
+the graphed modes) are counted with torch.profiler afterwards (kernels_per_step). Data are
+random images of CIFAR's shape. A mode that fails is recorded with its error and the others
+still run; the JSON is rewritten after every mode, so a run stopped at its time limit keeps
+what it measured. The compile modes
 and cudnn_benchmark run last and are skipped once ``--deadline-s`` has passed.
 Writes benchmarks/results/<date>-<device>.json (or --json).
 """
@@ -53,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 from multiexit import losses, models, reference_style, train_step  # noqa: E402
 from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
 from multiexit.evaluation import GraphedForward, evaluate  # noqa: E402
+from multiexit.kernel_count import cuda_kernels  # noqa: E402
 from multiexit.training import Run, train_epoch  # noqa: E402
 
 PAPER_NET = dict(call='MsdNet')  # its defaults are the paper's configuration
@@ -64,7 +74,8 @@ PAPER_RUN = dict(epochs=300, train_images=10_000, val_images=5_000)
 FULL_RUN = dict(epochs=300, train_images=45_000, val_images=5_000)
 BATCH, EVAL_BATCH = 64, 250
 RUN_DEFAULTS = {k: v.default for k, v in inspect.signature(Run.__init__).parameters.items()
-                if k in ('amp', 'channels_last', 'compile', 'cuda_graph', 'cudnn_benchmark')}
+                if k in ('amp', 'channels_last', 'compile', 'cuda_graph', 'cuda_streams',
+                         'cudnn_benchmark')}
 FAST = dict(channels_last=True, amp=True, fused=True)
 TRAIN_MODES = {  # name: (switches of time_ours, CUDA only); None: the reference loop
     'reference': (None, False),
@@ -75,15 +86,21 @@ TRAIN_MODES = {  # name: (switches of time_ours, CUDA only); None: the reference
     'fused_sgd': (FAST, True),
     'cuda_graph': (dict(FAST, cuda_graph=True), True),
     'cuda_graph_fp32': (dict(FAST, amp=False, cuda_graph=True), True),
+    'cuda_graph_streams': (dict(FAST, cuda_graph=True, cuda_streams=True), True),
+    'cuda_graph_fp32_streams': (dict(FAST, amp=False, cuda_graph=True, cuda_streams=True), True),
     'default': ('default', False),
     # the slow ones last, the likeliest to be fastest first: a deadline may cut the rest
     'cuda_graph_compile': (dict(FAST, cuda_graph=True, compile_mode='default'), True),
+    'cuda_graph_compile_fp32': (dict(FAST, amp=False, cuda_graph=True, compile_mode='default'),
+                                True),
+    'cuda_graph_max_autotune': (dict(FAST, cuda_graph=True, compile_mode='max-autotune'), True),
     'compile_default': (dict(FAST, compile_mode='default'), True),
     'compile_reduce_overhead': (dict(FAST, compile_mode='reduce-overhead'), True),
     'cudnn_benchmark': ('default', True),
 }
-SLOW = ('compile_default', 'compile_reduce_overhead', 'cuda_graph_compile', 'cudnn_benchmark')
-EVAL_MODES = ('reference', 'eager', 'cuda_graph', 'default')
+SLOW = tuple(name for name in TRAIN_MODES if 'compile' in name or 'autotune' in name) + (
+    'cudnn_benchmark',)
+EVAL_MODES = ('reference', 'eager', 'cuda_graph', 'cuda_graph_streams', 'default')
 
 
 def default_switches(cuda):
@@ -93,7 +110,7 @@ def default_switches(cuda):
     d = RUN_DEFAULTS
     return dict(channels_last=d['channels_last'], amp=d['amp'], fused=True,
                 cuda_graph=d['cuda_graph'] and d['compile'] != 'reduce-overhead',
-                compile_mode=d['compile'] or None)
+                compile_mode=d['compile'] or None, cuda_streams=d['cuda_streams'])
 
 
 def sync(device):
@@ -135,37 +152,54 @@ def time_reference(device, images, labels, warmup, steps):
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def time_ours(device, images, labels, warmup, steps, reference_loss=False, channels_last=False,
-              amp=False, fused=False, compile_mode=None, cuda_graph=False):
-    """Our loop (multiexit.training.train_epoch) with the given switches; returns (images/s,
-    seconds of the warm-up epoch: compilation and capture included)."""
+def paper_step(device, reference_loss=False, channels_last=False, amp=False, fused=False,
+               compile_mode=None, cuda_graph=False, cuda_streams=False):
+    """The training step (``multiexit.train_step``) of the paper's MsdNet + DBT with these
+    switches (those of TRAIN_MODES and ``default_switches``)."""
     model, opt = build(device, channels_last, fused)
     loss_fn = losses.build(PAPER_LOSS).to(device)
-    spec = DATASETS['Cifar100']
-    step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
-    step_loss = torch.compile(loss_fn, mode=compile_mode) if compile_mode else loss_fn
+    T = loss_fn.temperature
     if reference_loss:  # device data, but the original's host-synced temperature
-        ref = reference_style.DistillationBasedLoss(**PAPER_LOSS)
-        step_loss = torch.nn.Module()
-        step_loss.forward = ref
-    T = None if reference_loss else loss_fn.temperature
-    step = train_step.build(step_model, step_loss, opt, 11, (1, 5), device, amp=amp, T=T,
-                            cuda_graph=cuda_graph)
-    loader = lambda n: DeviceLoader(images[:n * BATCH], labels[:n * BATCH], BATCH, spec.mean,
-                                    spec.std, device, augment=True, shuffle=True, drop_last=True,
-                                    channels_last=channels_last)
+        loss_fn, T = torch.nn.Module(), None
+        loss_fn.forward = reference_style.DistillationBasedLoss(**PAPER_LOSS)
+    return train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=amp, T=T,
+                            cuda_graph=cuda_graph, compile=compile_mode,
+                            cuda_streams=cuda_streams)
+
+
+def time_ours(device, images, labels, warmup, steps, **switches):
+    """Our loop (multiexit.training.train_epoch) with the given switches (``paper_step``'s);
+    returns dict(images_per_s, warmup_epoch_s: compilation and capture included, first_step_s,
+    kernels_per_step: on CUDA)."""
+    step = paper_step(device, **switches)
+    spec = DATASETS['Cifar100']
+    channels_last, cuda_graph = switches.get('channels_last'), switches.get('cuda_graph')
+    loader = lambda n, start=0: DeviceLoader(
+        images[start * BATCH:(start + n) * BATCH], labels[start * BATCH:(start + n) * BATCH],
+        BATCH, spec.mean, spec.std, device, augment=True, shuffle=True, drop_last=True,
+        channels_last=channels_last)
+    out = {}
     start = time.perf_counter()
-    train_epoch(step, loader(warmup))
-    sync(device)
-    warmup_s = time.perf_counter() - start
+    for first, n in ((0, 1), (1, warmup - 1)):  # the first step compiles, if anything does
+        train_epoch(step, loader(n, first))
+        sync(device)
+        if 'first_step_s' not in out:
+            out['first_step_s'] = time.perf_counter() - start
+            if switches.get('compile_mode'):  # in the log even if a time limit stops the rest
+                print(f"first step (compilation): {out['first_step_s']:.1f} s", flush=True)
+    out['warmup_epoch_s'] = time.perf_counter() - start
     timed = loader(steps)
     sync(device)
     start = time.perf_counter()
     train_epoch(step, timed)  # syncs once
     sync(device)
+    out['images_per_s'] = steps * BATCH / (time.perf_counter() - start)
     if cuda_graph and step.eager_only:
         raise RuntimeError('the CUDA graph capture failed: the step ran eagerly')
-    return steps * BATCH / (time.perf_counter() - start), warmup_s
+    if device.type == 'cuda':
+        x, y = next(iter(timed))
+        out['kernels_per_step'] = cuda_kernels(lambda: step(x, y), 2)[0]
+    return out
 
 
 def time_eval_reference(device, images, labels, batches):
@@ -185,13 +219,14 @@ def time_eval_reference(device, images, labels, batches):
     return batches * EVAL_BATCH / (time.perf_counter() - start)
 
 
-def time_eval_ours(device, images, labels, batches, channels_last, amp, cuda_graph):
+def time_eval_ours(device, images, labels, batches, channels_last, amp, cuda_graph,
+                   cuda_streams=False):
     model, _ = build(device, channels_last)
     spec = DATASETS['Cifar100']
     n = batches * EVAL_BATCH
     loader = DeviceLoader(images[:n], labels[:n], EVAL_BATCH, spec.mean, spec.std, device,
                           channels_last=channels_last)
-    forward = GraphedForward(model, amp=amp) if cuda_graph else None
+    forward = GraphedForward(model, amp=amp, cuda_streams=cuda_streams) if cuda_graph else None
     for _ in range(2):  # warm-up: cuDNN autotuning, then the capture
         evaluate(model, loader, 11, amp=amp, forward=forward)
     sync(device)
@@ -253,6 +288,7 @@ def main():
     path = Path(args.json) if args.json else (
         ROOT / 'benchmarks' / 'results' / f"{date}-{device_name.replace(' ', '-').lower()}.json")
     train, warmup_s, evals, errors, skipped = {}, {}, {}, {}, []
+    first_step_s, kernels = {}, {}
     result = {
         'device': device_name,
         'cpu': platform.processor() or platform.machine(),
@@ -265,7 +301,8 @@ def main():
         'batch_size': BATCH, 'eval_batch_size': EVAL_BATCH, 'timed_steps': steps,
         'timed_steps_eager': eager_steps, 'warmup_steps': warmup, 'eval_batches': eval_batches,
         'run_defaults': RUN_DEFAULTS,
-        'train_images_per_s': train, 'warmup_epoch_s': warmup_s, 'eval_images_per_s': evals,
+        'train_images_per_s': train, 'warmup_epoch_s': warmup_s, 'first_step_s': first_step_s,
+        'kernels_per_step': kernels, 'eval_images_per_s': evals,
         'errors': errors, 'skipped_modes': skipped,
     }
     if args.cuda_tests:
@@ -303,11 +340,13 @@ def main():
                 saved = torch.backends.cudnn.benchmark
                 torch.backends.cudnn.benchmark = saved or name == 'cudnn_benchmark'
                 try:
-                    ips, warmup_s[name] = time_ours(device, images, labels, warmup, n_steps,
-                                                    **switches)
+                    out = time_ours(device, images, labels, warmup, n_steps, **switches)
                 finally:
                     torch.backends.cudnn.benchmark = saved
-                return ips
+                warmup_s[name], first_step_s[name] = out['warmup_epoch_s'], out['first_step_s']
+                if 'kernels_per_step' in out:
+                    kernels[name] = out['kernels_per_step']
+                return out['images_per_s']
             measure(name, run, train, errors)
             if name == 'default' and cuda:
                 result['peak_memory_bytes'] = torch.cuda.max_memory_allocated(device)
@@ -315,13 +354,16 @@ def main():
         if name == 'default' and not args.no_eval:
             measure('eval reference', lambda: time_eval_reference(
                 device, images, labels, eval_batches), evals, errors)
-            for mode, graph in (('eager', False), ('cuda_graph', True)):
+            for mode, graph, on in (('eager', False, False), ('cuda_graph', True, False),
+                                    ('cuda_graph_streams', True, True)):
                 if graph and not cuda:
                     continue
-                measure(f'eval {mode}', lambda graph=graph: time_eval_ours(
+                measure(f'eval {mode}', lambda graph=graph, on=on: time_eval_ours(
                     device, images, labels, eval_batches, channels_last=cuda, amp=cuda,
-                    cuda_graph=graph), evals, errors)
-            default_eval = 'eval cuda_graph' if cuda and RUN_DEFAULTS['cuda_graph'] else 'eval eager'
+                    cuda_graph=graph, cuda_streams=on), evals, errors)
+            d = RUN_DEFAULTS
+            default_eval = ('eval eager' if not (cuda and d['cuda_graph']) else
+                            'eval cuda_graph_streams' if d['cuda_streams'] else 'eval cuda_graph')
             if default_eval in evals:
                 evals['eval default'] = evals[default_eval]
             for key in list(evals):  # 'eval x' -> 'x'
@@ -354,10 +396,14 @@ def finish(r, cuda):
 def table(r):
     train = r['train_images_per_s']
     ref = train.get('reference')
+    kernels, first = r.get('kernels_per_step', {}), r.get('first_step_s', {})
     lines = [f"{r['device']} (torch {r['torch']}), batch {r['batch_size']}",
-             f"{'mode':>24} {'train img/s':>12} {'x reference':>12}"]
+             f"{'mode':>24} {'train img/s':>12} {'x reference':>12} {'kernels/step':>13} "
+             f"{'first step s':>13}"]
     for mode, ips in train.items():
-        lines.append(f"{mode:>24} {ips:12.1f} {ips / ref if ref else float('nan'):12.2f}")
+        lines.append(f"{mode:>24} {ips:12.1f} {ips / ref if ref else float('nan'):12.2f} "
+                     f"{kernels.get(mode, float('nan')):13.0f} "
+                     f"{first.get(mode, float('nan')):13.1f}")
     for mode in r['errors']:
         lines.append(f"{mode:>24} {'FAILED':>12}")
     e = r['eval_images_per_s']

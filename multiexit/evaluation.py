@@ -5,7 +5,7 @@ import sys
 import pandas as pd
 import torch
 
-from . import checkpoints, models
+from . import checkpoints, models, streams
 from .errors import SnapshotError
 from .exit_timing import TIME_COLUMNS
 from .losses import IGNORE
@@ -22,16 +22,18 @@ class GraphedForward:
     last, smaller batch) run eagerly. The returned logits are the graph's static outputs: use
     them before the next call. The graph reads the weights and BatchNorm statistics in place, so
     it stays valid while training updates them. A failed capture prints one warning line and
-    leaves the forward pass eager.
+    leaves the forward pass eager. ``cuda_streams``: the model's independent branches on
+    parallel streams (``multiexit.streams``), in the warm-up as in the graph.
     """
 
-    def __init__(self, model, amp=False):
-        self.model, self.amp = model, amp
+    def __init__(self, model, amp=False, cuda_streams=False):
+        self.model, self.amp, self.cuda_streams = model, amp, cuda_streams
         self.graph = self.shape = self.static_x = self.static_out = None
         self.warm = self.failed = False
 
     def _eager(self, x):
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=False):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp,
+                            cache_enabled=False), streams.parallel(x.device, self.cuda_streams):
             return self.model(x)
 
     def __call__(self, x):

@@ -2,8 +2,10 @@
 ``PackLoss``: those of a pack's members (``multiexit.pack``) as one.
 
 Unlabelled examples carry the label -100: they add no cross-entropy, only distillation terms.
-Logits are (B, classes), or (K, B, classes) with y (K, B) for the K members of a pack: every
-reduction is over the last dimensions, per member.
+The exits' logits are stacked into one (exits, batch, classes) tensor, so that every op of a
+loss runs once for all exits: a few kernels per training step instead of a few per exit. For
+the K members of a pack, every exit's logits are (K, batch, classes) and y (K, batch): the
+stack is (exits, K, batch, classes), and every sum over examples is per member.
 """
 import torch
 import torch.nn.functional as F
@@ -15,18 +17,25 @@ IGNORE = -100
 
 
 def cross_entropy(logits, y):
-    """Mean cross-entropy over the labelled examples; 0 (not NaN) when there are none."""
-    if logits.dim() == 2:
-        total = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction='sum')
+    """Sum over exits of the mean cross-entropy over the labelled examples, for ``logits`` of
+    shape (exits, batch, classes); 0 (not NaN) when there are none. Of each member for
+    (exits, K, batch, classes) and y (K, batch)."""
+    n_exits = logits.shape[0]
+    if y.dim() == 1:
+        total = F.cross_entropy(logits.flatten(0, 1), y.repeat(n_exits), ignore_index=IGNORE,
+                                reduction='sum')
     else:  # per member
-        total = F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE,
-                                reduction='none').view(y.shape).sum(dim=-1)
+        total = F.cross_entropy(logits.flatten(0, 2), y.flatten().repeat(n_exits),
+                                ignore_index=IGNORE, reduction='none').view(logits.shape[:3])
+        total = total.sum(dim=(0, 2))
     return total / (y != IGNORE).sum(dim=-1).clamp(min=1)
 
 
 def soft_cross_entropy(teacher_prob, student_logits, T):
-    """H(p, q) = -mean_batch sum_k p_k log q_k, with q = softmax(student / T)."""
-    return -(teacher_prob * F.log_softmax(student_logits / T, dim=-1)).sum(dim=-1).mean(dim=-1)
+    """Sum over the students of H(p, q) = -mean_batch sum_k p_k log q_k, with
+    q = softmax(student / T), for ``student_logits`` of shape (students, [K,] batch, classes)."""
+    log_q = F.log_softmax(student_logits / T, dim=-1)
+    return -(teacher_prob * log_q).sum(dim=-1).mean(dim=-1).sum(dim=0)
 
 
 def teacher_confidence(logits, T):
@@ -35,7 +44,7 @@ def teacher_confidence(logits, T):
 
 
 def _over_classes(t):
-    """A per-member (K,) tensor shaped to divide (K, B, classes) logits; a scalar as it is."""
+    """A per-member (K,) tensor shaped to divide (K, batch, classes) logits; a scalar as it is."""
     return t if t.dim() == 0 else t[:, None, None]
 
 
@@ -44,16 +53,14 @@ def distillation_loss(logits_list, y, T, C, global_scale):
     at the float64 temperature ``T``: T^2 * C is computed in float64 and rounded once, as the
     original's Python floats were. ``C`` and ``global_scale`` are floats, or for a pack float64
     tensors (K,) like ``T``, which give every member its own loss (K,)."""
-    teacher = logits_list[-1]
+    z = torch.stack(logits_list)  # (exits, [K,] batch, classes); the teacher last
     T32, weight = _over_classes(T.float()), (T ** 2 * C).float()
-    labels = 1.0 - C if isinstance(C, float) else (1.0 - C).float()
-    total = labels * cross_entropy(teacher, y)
-    prob_t = F.softmax(teacher.detach() / T32, dim=-1)
-    for z in logits_list[:-1]:
-        if not isinstance(C, float) or C != 1.0:  # with C == 1 the early exits see no labels
-            total = total + labels * cross_entropy(z, y)
-        total = total + weight * soft_cross_entropy(prob_t, z, T32)
-    return total * (global_scale if isinstance(global_scale, float) else global_scale.float())
+    solo = isinstance(C, float)
+    labelled = z if not solo or C != 1.0 else z[-1:]  # with C == 1 the early exits see no labels
+    total = (1.0 - C if solo else (1.0 - C).float()) * cross_entropy(labelled, y)
+    prob_t = F.softmax(z[-1].detach() / T32, dim=-1)
+    total = total + weight * soft_cross_entropy(prob_t, z[:-1], T32)
+    return total * (global_scale if solo else global_scale.float())
 
 
 class ClassificationOnlyLoss(nn.Module):
@@ -65,7 +72,7 @@ class ClassificationOnlyLoss(nn.Module):
         self.acc_tops = tuple(acc_tops)
 
     def forward(self, logits_list, y):
-        return sum(cross_entropy(z, y) for z in logits_list)
+        return cross_entropy(torch.stack(logits_list), y)
 
 
 class DistillationLossConstTemp(nn.Module):
@@ -116,7 +123,8 @@ class DistillationBasedLoss(DistillationLossConstTemp):
 class PackLoss(nn.Module):
     """The losses of a pack's K members as one: ``loss(logits_list, y)`` with every exit's logits
     (K, B, classes) and y (K, B) returns each member's loss (K,), as its own loss module would
-    (``member_losses``, in order) up to the order of floating-point sums.
+    (``member_losses``, in order) up to the order of floating-point sums, with the same
+    gradients.
 
     The three losses are ``distillation_loss`` with per-member C, global_scale and T:
     ClassificationOnlyLoss is C = 0 and global_scale = 1, DistillationLossConstTemp keeps its T,
@@ -131,25 +139,23 @@ class PackLoss(nn.Module):
         per_member = lambda get, dtype=torch.float64: torch.tensor(
             [get(m) for m in member_losses], dtype=dtype)
         distils = lambda m: isinstance(m, DistillationLossConstTemp)
+        anneals = lambda m: isinstance(m, DistillationBasedLoss)
         self.register_buffer('C', per_member(lambda m: m.C if distils(m) else 0.0))
         self.register_buffer('global_scale', per_member(
             lambda m: m.global_scale if distils(m) else 1.0))
-        self.register_buffer('temperature', per_member(
-            lambda m: m.T if distils(m) else 1.0))
+        self.register_buffer('temperature', per_member(lambda m: m.T if distils(m) else 1.0))
         # float32, as a solo DBT compares its float32 confidence with the float maxprob; 1 for
         # the members that keep their T, which no confidence exceeds
-        self.register_buffer('maxprob', per_member(
-            lambda m: m.maxprob if isinstance(m, DistillationBasedLoss) else 1.0, torch.float32))
-        self.register_buffer('Tmult', per_member(
-            lambda m: m.Tmult if isinstance(m, DistillationBasedLoss) else 1.0))
+        self.register_buffer('maxprob', per_member(lambda m: m.maxprob if anneals(m) else 1.0,
+                                                   torch.float32))
+        self.register_buffer('Tmult', per_member(lambda m: m.Tmult if anneals(m) else 1.0))
 
     def forward(self, logits_list, y):
         T = self.temperature
         loss = distillation_loss(logits_list, y, T, self.C, self.global_scale)
         if self.training:
             confidence = teacher_confidence(logits_list[-1], _over_classes(T.float()))
-            hot = confidence > self.maxprob
-            self.temperature.copy_(torch.where(hot, T * self.Tmult, T))
+            self.temperature.copy_(torch.where(confidence > self.maxprob, T * self.Tmult, T))
         return loss
 
 

@@ -82,10 +82,10 @@ def _fused_module(module, members):
         return nn.Conv2d(K * m.in_channels, K * m.out_channels, m.kernel_size, m.stride,
                          m.padding, m.dilation, K * m.groups, m.bias is not None, m.padding_mode,
                          **meta)
-    if type(module) is nn.BatchNorm2d:
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, nn.SyncBatchNorm):
         m = module
-        return nn.BatchNorm2d(K * m.num_features, m.eps, m.momentum, m.affine,
-                              m.track_running_stats, **meta)
+        return type(m)(K * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                       **meta)
     if isinstance(module, nn.Linear):
         return PackedLinear(K, module.in_features, module.out_features, module.bias is not None,
                             **meta)

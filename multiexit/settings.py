@@ -27,12 +27,13 @@ SECTIONS = (*REGISTRIES, *MODULES)
 COMPILE_MODES = (False, None, 'default', 'reduce-overhead', 'max-autotune')
 
 
-def _plain(value):
-    """sacred's read-only containers as lists and dicts, so that messages show plain values."""
+def plain(value):
+    """sacred's read-only containers as plain dicts and lists (for messages, checkpoints and
+    comparisons)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -98,8 +99,8 @@ RULES = {
     'n_epochs': integer(1), 'batch_size': integer(1), 'val_batch_size': integer(1),
     'save_interval': integer(0), 'ddp_timeout_s': number(0, low_open=True),
     'data_dir': PATH, 'generate_fake_data': SWITCH, 'compile': one_of(*COMPILE_MODES),
-    **{switch: SWITCH for switch in ('amp', 'channels_last', 'cuda_graph', 'deterministic',
-                                     'cudnn_benchmark', 'sync_bn')},
+    **{switch: SWITCH for switch in ('amp', 'channels_last', 'cuda_graph', 'cuda_streams',
+                                     'deterministic', 'cudnn_benchmark', 'sync_bn')},
     'cf_loss': {'C': number(0, 1), 'maxprob': number(0, 1),
                 'global_scale': number(0, low_open=True), 'T': number(0, low_open=True),
                 'Tmult': number(1), 'n_exits': integer(1, optional=True),
@@ -118,7 +119,7 @@ RULES = {
 def _check_value(key, value, rule):
     what, ok = rule
     if not ok(value):
-        raise ConfigError(f'{key}={_plain(value)!r}: expected {what}')
+        raise ConfigError(f'{key}={plain(value)!r}: expected {what}')
 
 
 def _closest(word, options):
@@ -142,7 +143,7 @@ def classes(section):
 
 def _check_calls_and_keys(section, cf):
     if not isinstance(cf, dict):
-        raise ConfigError(f'{section}={_plain(cf)!r}: expected a dict with a call')
+        raise ConfigError(f'{section}={plain(cf)!r}: expected a dict with a call')
     family = classes(section)
     call = cf.get('call')
     if call not in family:

@@ -11,18 +11,21 @@ import sys
 
 import torch
 
-from . import distributed
+from . import distributed, streams
 from .metrics import MultiExitAccuracy
+from .models.batchnorm import count_batches
 
 
 class TrainStep:
-    """Eager training step; ``finish_epoch()`` returns what the epoch accumulated."""
+    """Eager training step; ``finish_epoch()`` returns what the epoch accumulated.
+    ``cuda_streams``: the model's independent branches on parallel CUDA streams
+    (``multiexit.streams``; nothing changes on the CPU)."""
 
     def __init__(self, model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
-                 members=None):
+                 cuda_streams=False, members=None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device = torch.device(device)
-        self.amp, self.T, self.members = amp, T, members
+        self.amp, self.T, self.cuda_streams, self.members = amp, T, cuda_streams, members
         self.metrics = MultiExitAccuracy(n_exits, acc_tops, self.device, members)
         per = () if members is None else (members,)
         self.loss_sum = torch.zeros(per, device=self.device)
@@ -43,7 +46,7 @@ class TrainStep:
     def _forward_backward_update(self, x, y):
         # autocast's weight cache would hold casts made during a capture: off, for every path
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp,
-                            cache_enabled=False):
+                            cache_enabled=False), streams.parallel(self.device, self.cuda_streams):
             logits = self.model(x)
             self.metrics.update(logits, y, self.T)  # before the loss, which may raise T in place
             loss = self.loss_fn(logits, y)
@@ -64,6 +67,7 @@ class TrainStep:
         """(mean loss, metrics dict, index of the first non-finite step or None), or with
         ``members`` a list of each. With a sharded loader (``world_size`` > 1, model in DDP)
         these are the global batches', on every rank."""
+        count_batches(self.model, self.n_steps)  # BatchNorm's step counters, once per epoch
         first_bad, loss_sum = self.first_bad, self.loss_sum
         if world_size > 1:
             self.metrics.sum_over_ranks()
@@ -85,13 +89,18 @@ class GraphedTrainStep(TrainStep):
 
     The first ``warmup`` steps run eagerly on a side stream (cuDNN autotuning, lazy
     initialisation, torch.compile), as PyTorch's whole-network capture requires; they are real
-    training steps. The next batch is captured into static input tensors and replayed; later
-    batches are copied into them. Every buffer the step writes (weights, gradients, momentum,
-    BatchNorm statistics, the loss temperature, the accumulators) keeps its address, so a replay
-    is the eager step. The learning rate is a constant of the captured update, so a new one (the
-    scheduler's milestones, a resumed run) is captured afresh. Batches must keep one shape
-    (training drops the last incomplete batch). If the capture fails, one warning line is
-    printed and training goes on eagerly.
+    training steps. With torch.compile, the first of them compiles the forward pass, then at its
+    backward the backward pass, and launches every generated kernel once (Triton's autotuning
+    happens at a kernel's first launch; 'max-autotune' tunes while compiling): the capture
+    runs compiled code only. With ``cuda_streams``, the warm-up steps use the very side streams
+    that the capture forks to, and so set up their cuDNN and cuBLAS state. The next batch is
+    captured into static input tensors and replayed; later batches are copied into them. Every
+    buffer the step writes (weights, gradients, momentum, BatchNorm statistics, the loss
+    temperature, the accumulators) keeps its address, so a replay is the eager step. The
+    learning rate is a constant of the captured update, so a new one (the scheduler's
+    milestones, a resumed run) is captured afresh. Batches must keep one shape (training drops
+    the last incomplete batch). If the capture fails, one warning line is printed and training
+    goes on eagerly.
     """
 
     def __init__(self, *args, warmup=3, **kwargs):
@@ -160,8 +169,24 @@ class GraphedTrainStep(TrainStep):
 
 
 def build(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
-          cuda_graph=False, members=None):
-    """A GraphedTrainStep when ``cuda_graph`` (on CUDA), else the eager TrainStep."""
-    cls = GraphedTrainStep if cuda_graph and torch.device(device).type == 'cuda' else TrainStep
+          cuda_graph=False, compile=None, cuda_streams=False, members=None):
+    """The training step: a GraphedTrainStep when ``cuda_graph`` (on CUDA), else the eager
+    TrainStep.
+
+    ``compile``: a torch.compile mode for the model and the loss. Inside our graph,
+    'max-autotune' compiles without torch.compile's own CUDA graphs
+    ('max-autotune-no-cudagraphs'), as ours holds the whole step; 'reduce-overhead' is nothing
+    but those graphs and so is refused there. ``cuda_streams``: the model's independent
+    branches on parallel streams; not with ``compile``, whose generated code orders the kernels.
+    ``members``: the K runs of a pack at once (``TrainStep``).
+    """
+    graphed = cuda_graph and torch.device(device).type == 'cuda'
+    if compile:
+        if graphed and compile == 'reduce-overhead':
+            raise ValueError("compile='reduce-overhead' captures CUDA graphs of its own: "
+                             'not inside the whole-step graph (cuda_graph)')
+        mode = 'max-autotune-no-cudagraphs' if graphed and compile == 'max-autotune' else compile
+        model, loss_fn = torch.compile(model, mode=mode), torch.compile(loss_fn, mode=mode)
+    cls = GraphedTrainStep if graphed else TrainStep
     return cls(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=amp, T=T,
-               members=members)
+               cuda_streams=cuda_streams and not compile, members=members)

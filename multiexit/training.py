@@ -27,18 +27,19 @@ from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, Peer
 from .evaluation import GraphedForward, evaluate
 from .metrics import check_tops, default_tops
 from .progress import bar
+from .settings import plain
 
 
 FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
 # The settings of a training config that Run takes (what a resume compares with its parent's).
 SETTINGS = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', 'batch_size',
             'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu', 'seed', 'amp',
-            'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'deterministic',
+            'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'cuda_streams', 'deterministic',
             'cudnn_benchmark')
 # The settings that the runs of a pack share: one network, optimizer and schedule, one loop.
 PACK_SHARED = ('cf_net', 'cf_opt', 'cf_scheduler', 'batch_size', 'val_batch_size', 'n_epochs',
-               'gpu', 'amp', 'compile', 'channels_last', 'cuda_graph', 'deterministic',
-               'cudnn_benchmark')
+               'gpu', 'amp', 'compile', 'channels_last', 'cuda_graph', 'cuda_streams',
+               'deterministic', 'cudnn_benchmark')
 
 
 def resolve_device(gpu):
@@ -81,15 +82,6 @@ def set_rng_state(state):
 
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def plain(obj):
-    """Sacred's read-only containers as plain dicts/lists (for checkpoints and comparisons)."""
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
 
 
 def _flat(tree, prefix=''):
@@ -168,7 +160,8 @@ class Run:
                  val_batch_size, n_epochs, save_interval, data_dir, gpu, seed, run_dir,
                  parent_snapshot=None, snapshot_dir='snapshots', log=print, log_scalar=None,
                  amp=True, compile=False, channels_last=True, sync_bn=False, cuda_graph=True,
-                 deterministic=False, cudnn_benchmark=False, script='train_cifar.py'):
+                 cuda_streams=True, deterministic=False, cudnn_benchmark=False,
+                 script='train_cifar.py'):
         self.settings = plain({k: v for k, v in locals().items() if k in SETTINGS})
         settings.check(self.settings)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -190,7 +183,9 @@ class Run:
         # CUDA only: on the CPU, fp32 eager is both the faithful and the fastest path.
         self.amp, self.channels_last, self.compile = (amp and cuda, channels_last and cuda,
                                                       compile if cuda else False)
+        # parallel streams in one process (DDP's gradient hooks are left on one stream)
         self.cuda_graph, self.sync_bn = cuda_graph and cuda, sync_bn
+        self.cuda_streams = cuda_streams and cuda and self.world_size == 1
         self.seed = seed
         # Configuration first, data last: a bad value is reported before any work is done.
         trn_data, val_data = datasets.build(cf_trn, 'trn'), datasets.build(cf_val, 'val')
@@ -474,13 +469,13 @@ class Pack:
         if lead.cuda_graph and not graphed:
             lead.log('cuda_graph: not used ' + ('under torchrun (DDP)' if lead.world_size > 1 else
                                                "with compile='reduce-overhead' (its own graphs)"))
-        model = torch.compile(step, mode=lead.compile) if lead.compile else step
-        loss = torch.compile(self.loss_fn, mode=lead.compile) if lead.compile else self.loss_fn
         self.T = getattr(self.loss_fn, 'temperature', None)
-        self.step = train_step.build(model, loss, self.optimizer, lead.n_exits, lead.acc_tops,
-                                     lead.device, amp=lead.amp, T=self.T, cuda_graph=graphed,
-                                     members=self.members)
-        self.val_forward = GraphedForward(self.model, amp=lead.amp) if graphed else None
+        self.step = train_step.build(step, self.loss_fn, self.optimizer, lead.n_exits,
+                                     lead.acc_tops, lead.device, amp=lead.amp, T=self.T,
+                                     cuda_graph=graphed, compile=lead.compile,
+                                     cuda_streams=lead.cuda_streams, members=self.members)
+        self.val_forward = (GraphedForward(self.model, amp=lead.amp,
+                                           cuda_streams=lead.cuda_streams) if graphed else None)
 
     def _listed(self, result):
         """What the step or the evaluation returns, as one entry per run."""

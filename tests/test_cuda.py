@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import PAPER_NET, ROOT, pythonpath, run_script
-from multiexit import budgeted, datasets, losses, models, train_step
+from test_models import TINY
+from multiexit import budgeted, datasets, losses, models, streams, train_step
 from multiexit.data import DATASETS, DeviceLoader
 from multiexit.image_folders import write_fake_image_folders
 from multiexit.inference import early_exit_predict
@@ -70,15 +71,16 @@ def test_device_loader_keeps_uint8_on_the_gpu_and_the_cpu_order():
 
 
 def paper_step(device, fused=False, amp=False, channels_last=False, cuda_graph=False,
-               loss=PAPER_LOSS):
+               loss=PAPER_LOSS, cuda_streams=False, net=PAPER_NET, compile=None):
     torch.manual_seed(0)
-    model = models.build(PAPER_NET).to(device)
+    model = models.build(net).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = losses.build(loss).to(device)
     opt = torch.optim.SGD(model.parameters(), **OPT, **(dict(fused=True) if fused else {}))
-    step = train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=amp,
-                            T=loss_fn.temperature, cuda_graph=cuda_graph)
+    step = train_step.build(model, loss_fn, opt, loss_fn.n_exits, (1, 5), device, amp=amp,
+                            T=loss_fn.temperature, cuda_graph=cuda_graph,
+                            cuda_streams=cuda_streams, compile=compile)
     return model, loss_fn, step
 
 
@@ -134,7 +136,7 @@ def test_default_cuda_path_trains_like_fp32_eager():
     d = RUN_DEFAULTS
     assert d['amp'] and d['channels_last'] and d['cuda_graph']
     model, loss_fn, step = paper_step(CUDA, fused=True, amp=True, channels_last=True,
-                                      cuda_graph=True)
+                                      cuda_graph=True, cuda_streams=d['cuda_streams'])
     fast, T_fast = trajectory(step, loss_fn, fixed_batch(CUDA, channels_last=True), 30)
     assert step.captures == 1 and not step.eager_only  # the graph was replayed
     _, ref_loss_fn, ref_step = paper_step(CUDA)
@@ -175,6 +177,48 @@ def test_graph_replay_equals_the_eager_step(deterministic_cudnn):
     assert temps[2][-1] > 1.05  # T moved
     np.testing.assert_array_equal(temps[2], temps[0])
     np.testing.assert_allclose(loss_values[2], loss_values[0], rtol=max(1e-6, 10 * noise))
+
+
+def test_multi_stream_graph_step_equals_the_single_stream_eager_step(deterministic_cudnn):
+    """fp32, deterministic cuDNN, 6 steps of the paper's MsdNet + DBT (T moving): the captured
+    step whose branches run on parallel streams (forward and backward) computes what the eager
+    step on one stream does, within 1e-5."""
+    batch = fixed_batch(CUDA)
+    out = {}
+    for on in (False, True):
+        model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=on, cuda_streams=on,
+                                          loss=MOVING_T)
+        values, T = trajectory(step, loss_fn, batch, 6)
+        out[on] = values, T, torch.cat([p.detach().flatten() for p in model.parameters()])
+        if on:
+            assert step.captures == 1 and not step.eager_only
+            side = streams._per_device[torch.cuda.current_device()]._side
+            assert ('branch', 3) in side and 'exits' in side  # it did fork
+    (loss_1, T_1, w_1), (loss_n, T_n, w_n) = out[False], out[True]
+    assert T_n[-1] > 1.05
+    np.testing.assert_array_equal(T_n, T_1)
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
+    assert rel(w_n, w_1) < 1e-5
+
+
+def test_compile_inside_the_whole_step_graph_trains_like_eager():
+    """compile='default' within our graph, on a tiny MsdNet (a compilation in seconds): the
+    warm-up compiles forward and backward, the capture then holds compiled code, and 6 steps
+    follow the eager, uncompiled ones (stated tolerance 1e-3, as fp32 CUDA against the CPU:
+    inductor fuses and reorders the sums). maxprob below 1/100: T rises at every step."""
+    net, loss = TINY['MsdNet'], dict(PAPER_LOSS, n_exits=3, maxprob=0.005)
+    batch = fixed_batch(CUDA, n=16)
+    runs = []
+    for compile in (None, 'default'):
+        _, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=compile is not None,
+                                      net=dict(net, out_dim=100), loss=loss, compile=compile)
+        runs.append(trajectory(step, loss_fn, batch, 6))
+        if compile:
+            assert step.captures == 1 and not step.eager_only
+    (eager, T_eager), (compiled, T_compiled) = runs
+    assert T_eager[-1] > 1.05  # T moved
+    np.testing.assert_array_equal(T_compiled, T_eager)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-3)
 
 
 def test_a_new_learning_rate_is_captured_afresh():

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from multiexit import losses
 from multiexit.errors import ConfigError
+from multiexit.kernel_count import count_ops
 
 GS = 10 / 11  # global_scale = 2 * 5 / 11
 
@@ -131,3 +132,18 @@ def test_build_drops_keys_of_other_losses_left_by_a_merged_config():
     loss = losses.build(dict(call='ClassificationOnlyLoss', n_exits=11, C=0.5, maxprob=0.5,
                              global_scale=GS))
     assert isinstance(loss, losses.ClassificationOnlyLoss)
+
+
+@pytest.mark.parametrize('make', [lambda n: losses.ClassificationOnlyLoss(n_exits=n),
+                                  lambda n: losses.DistillationLossConstTemp(0.5, 4.0, n),
+                                  lambda n: dbt(n_exits=n)],
+                         ids=['ClassificationOnlyLoss', 'DistillationLossConstTemp',
+                              'DistillationBasedLoss'])
+def test_a_loss_runs_its_ops_once_for_all_exits(make):
+    """The exits are stacked: forward and backward launch as many kernels for 11 exits as
+    for 3 (a loop over the exits cost ~25 ops per exit and step)."""
+    def ops(n):
+        logits = [z.requires_grad_() for z in torch.randn(n, 8, 100).unbind()]
+        y = torch.randint(0, 100, (8,))
+        return count_ops(lambda: make(n)(logits, y).backward())[0]
+    assert ops(11) == ops(3)

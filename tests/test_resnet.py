@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from multiexit import flops, models
 from multiexit.errors import ConfigError
 from multiexit.metrics import metric_names
+from multiexit.models.batchnorm import BatchNorm2d
 from multiexit.models.resnet import BasicBlock, WideBlock, sdn_exit_after
 from conftest import PAPER_NET, run_script
 
@@ -94,7 +95,7 @@ def test_conv_heads_at_every_stage():
 def test_wide_resnet_pool_heads_normalise_first():
     model = build(dict(call='WideResNet', depth=10, widen_factor=1, exit_after=[0]))
     for head in model.exits:
-        assert [type(m) for m in head] == [nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d,
+        assert [type(m) for m in head] == [BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d,
                                            nn.Flatten, nn.Linear]
 
 

@@ -83,8 +83,8 @@ def test_the_original_layout_trains_exactly_as_the_standard_one(trained):
 def test_eval_reports_every_exit_with_macs_at_224_pixels(trained):
     snaps, procs = trained
     result = read(snaps / '5' / 'run.json')['result']
-    per_exit = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params')
-                for k in range(3)}
+    per_exit = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params',
+                                         'ms_streaming', 'ms_latency') for k in range(3)}
     assert set(result) == set(metric_names(3, (1, 5))) | per_exit
     model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
     costs = flops.exit_costs(model, (3, 224, 224))
@@ -106,7 +106,7 @@ def test_runs_lists_the_imagenet_runs(trained):
 @pytest.mark.parametrize('args, message', [
     (['data_dir=nowhere'], 'no nowhere/train/'),
     (['smoke', 'cf_trn.image_size=160'], 'cf_net in_shape=224 but cf_trn gives images of 160x160'),
-    (['smoke', 'cf_trn.n_workers=-1'], 'n_workers must be an integer >= 0'),
+    (['smoke', 'cf_trn.n_workers=-1'], 'cf_trn.n_workers=-1: expected an integer >= 0 or None'),
     (['smoke', 'cf_net.out_dim=1000'], 'cf_net out_dim=1000 but ImageFolder has 5 classes'),
     (['smoke', 'cf_loss.acc_tops=[1,10]'],
      'cf_loss acc_tops=[1, 10]: top-10 needs as many classes, ImageFolder has 5'),

@@ -5,7 +5,9 @@ Contract of a registered model (used by per-exit costs and early-exit inference)
 - ``blocks`` and ``exits`` are ``nn.ModuleList``s of equal length; ``h = blocks[k](h)`` runs
   the backbone segment k on the previous segment's output (``x`` for k = 0);
 - ``exits[k](model.exit_features(h))`` are exit k's logits;
-- every constructor argument is an explicit keyword argument (``registry.build`` relies on it).
+- every constructor argument is an explicit keyword argument (``registry.build`` relies on it);
+- its BatchNorms are ``batchnorm.BatchNorm2d``, whose step counters the training step advances
+  once per epoch (``batchnorm.count_batches``).
 """
 from .. import registry
 from .imagenet_resnet import ImageNetResNet

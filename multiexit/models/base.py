@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import streams
+
 
 class MultiExitNet(nn.Module):
     """Subclasses fill ``blocks`` and ``exits`` (see the contract in ``multiexit.models``)."""
@@ -17,8 +19,9 @@ class MultiExitNet(nn.Module):
         logits = []
         for block, head in zip(self.blocks, self.exits):
             x = block(x)
-            logits.append(head(self.exit_features(x)))
-        return logits
+            # nothing in the backbone waits for an exit head: a side stream (multiexit.streams)
+            logits.append(streams.aside(head, self.exit_features(x)))
+        return streams.join(logits)
 
 
 def _by_member(x, members):

@@ -3,6 +3,7 @@ from torch import nn
 from torchvision.models import resnet
 
 from .base import MultiExitNet
+from .batchnorm import BatchNorm2d
 from .resnet import conv_head, pool_head
 
 ARCHS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101,
@@ -35,7 +36,7 @@ class ImageNetResNet(MultiExitNet):
                              f'classifier), got {exit_after}')
         if head not in ('pool', 'conv'):
             raise ValueError(f"ImageNetResNet: head must be 'pool' or 'conv', got {head!r}")
-        net = ARCHS[depth](num_classes=out_dim)
+        net = ARCHS[depth](num_classes=out_dim, norm_layer=BatchNorm2d)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4]
         expansion = type(net.layer1[0]).expansion

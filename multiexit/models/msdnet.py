@@ -9,14 +9,16 @@ import math
 import numpy as np
 from torch import nn
 
+from .. import streams
 from .base import MultiExitNet, cat_channels
+from .batchnorm import BatchNorm2d
 
 
 def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
     # The conv keeps its bias, as in the original (8,018 redundant parameters in the paper model).
     return nn.Sequential(
         nn.Conv2d(int(n_in), int(n_out), kernel_size, stride, padding),
-        nn.BatchNorm2d(int(n_out)),
+        BatchNorm2d(int(n_out)),
         nn.ReLU(),
     )
 
@@ -42,11 +44,12 @@ class MsdJoinConv(nn.Module):
         return nn.Sequential(conv_bn_relu(n_in, n_mid, 1),
                              conv_bn_relu(n_mid, n_out, 3, stride=stride, padding=1))
 
+    def paths(self, x, x_finer):
+        """(module, input) of each new-feature path: independent of each other."""
+        return [(self.conv, x)] + ([(self.conv_down, x_finer)] if x_finer is not None else [])
+
     def forward(self, x, x_finer):
-        out = [x, self.conv(x)]
-        if x_finer is not None:
-            out.append(self.conv_down(x_finer))
-        return cat_channels(out, self.members)
+        return cat_channels([x] + [conv(v) for conv, v in self.paths(x, x_finer)], self.members)
 
 
 class MsdLayer0(nn.Module):
@@ -75,6 +78,7 @@ class MsdLayer0(nn.Module):
 
 class MsdLayer(nn.Module):
     """One dense layer at every scale; a scale whose output width is 0 is pruned (None)."""
+    members = 1  # models folded into the channels (multiexit.pack): the concatenation is each's
 
     def __init__(self, nplanes_tab, btneck_widths):
         super().__init__()
@@ -90,8 +94,15 @@ class MsdLayer(nn.Module):
                                          btneck_widths[i], btneck_finer))
 
     def forward(self, xs):
-        return [mod(xs[i], xs[i - 1] if i else None) if mod is not None else None
-                for i, mod in enumerate(self.mods)]
+        # The paths of all scales are independent: parallel branches (multiexit.streams), joined
+        # before each scale concatenates its input and its new features.
+        live = [(i, mod.paths(xs[i], xs[i - 1] if i else None))
+                for i, mod in enumerate(self.mods) if mod is not None]
+        new = iter(streams.branches([path for _, paths in live for path in paths]))
+        out = [None] * len(self.mods)
+        for i, paths in live:
+            out[i] = cat_channels([xs[i]] + [next(new) for _ in paths], self.members)
+        return out
 
 
 class MsdTransition(nn.Module):
@@ -103,7 +114,11 @@ class MsdTransition(nn.Module):
                                    for n_in, n_out in nplanes_tab])
 
     def forward(self, xs):
-        return [mod(x) if mod is not None else None for mod, x in zip(self.conv, xs)]
+        live = [i for i, mod in enumerate(self.conv) if mod is not None]
+        out = [None] * len(xs)
+        for i, y in zip(live, streams.branches([(self.conv[i], xs[i]) for i in live])):
+            out[i] = y
+        return out
 
 
 def exit_head(n_in, n_classes, width):

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import MultiExitNet, pad_channels
+from .batchnorm import BatchNorm2d
 
 SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
 IN_SIZE = 32  # CIFAR; the closed-form MACs that place the default exits are counted at it
@@ -40,9 +41,9 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.n_in, self.n_out, self.stride = n_in, n_out, stride
         self.conv1 = conv3x3(n_in, n_out, stride)
-        self.bn1 = nn.BatchNorm2d(n_out)
+        self.bn1 = BatchNorm2d(n_out)
         self.conv2 = conv3x3(n_out, n_out)
-        self.bn2 = nn.BatchNorm2d(n_out)
+        self.bn2 = BatchNorm2d(n_out)
 
     def macs(self, size):
         """(MACs, output size) for a size x size input."""
@@ -69,9 +70,9 @@ class WideBlock(nn.Module):
     def __init__(self, n_in, n_out, stride, dropout):
         super().__init__()
         self.n_in, self.n_out, self.stride = n_in, n_out, stride
-        self.bn1 = nn.BatchNorm2d(n_in)
+        self.bn1 = BatchNorm2d(n_in)
         self.conv1 = conv3x3(n_in, n_out, stride)
-        self.bn2 = nn.BatchNorm2d(n_out)
+        self.bn2 = BatchNorm2d(n_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(n_out, n_out)
         self.projects = n_in != n_out or stride != 1
@@ -93,7 +94,7 @@ class WideBlock(nn.Module):
 def pool_head(n_in, n_classes, preact):
     """Global average pooling and a linear layer: the architecture's own classifier. A
     pre-activation network's blocks output unnormalised sums, so its heads start with BN-ReLU."""
-    norm = [nn.BatchNorm2d(n_in), nn.ReLU()] if preact else []
+    norm = [BatchNorm2d(n_in), nn.ReLU()] if preact else []
     return nn.Sequential(*norm, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n_in, n_classes))
 
 
@@ -101,8 +102,8 @@ def conv_head(n_in, n_classes, width):
     """MSDNet's exit head: two stride-2 3x3 conv-BN-ReLU, then global average pooling of what is
     left (2x2 at 8x8 as in MSDNet, 8x8 after a 32x32 block) and a linear layer."""
     return nn.Sequential(
-        conv3x3(n_in, width, stride=2), nn.BatchNorm2d(width), nn.ReLU(),
-        conv3x3(width, width, stride=2), nn.BatchNorm2d(width), nn.ReLU(),
+        conv3x3(n_in, width, stride=2), BatchNorm2d(width), nn.ReLU(),
+        conv3x3(width, width, stride=2), BatchNorm2d(width), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n_classes),
     )
 
@@ -190,7 +191,7 @@ class ResNet(_ExitResNet):
     def __init__(self, depth=56, out_dim=100, exit_after=None, head='pool', head_width=128):
         super().__init__()
         n = blocks_per_stage('ResNet', depth, extra_layers=2)
-        stem = nn.Sequential(conv3x3(3, STEM_WIDTH), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU())
+        stem = nn.Sequential(conv3x3(3, STEM_WIDTH), BatchNorm2d(STEM_WIDTH), nn.ReLU())
         res_blocks = residual_stages(BasicBlock, n_per_stage=n, widths=(16, 32, 64))
         self._assemble(stem, res_blocks, out_dim=out_dim, exit_after=exit_after, head=head,
                        head_width=head_width, preact=False)
