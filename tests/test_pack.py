@@ -414,3 +414,13 @@ def test_bad_input_of_one_member_is_one_line_and_leaves_no_run_folder(smoke_data
     assert err[-1] == ('error: batch_size=500 exceeds the 200 training examples: no full batch '
                        'per epoch')
     assert [p.name for p in snapshots.iterdir() if p.name != '_sources'] == []
+
+
+def test_runs_with_other_numbers_of_steps_cannot_share_a_pack(fake_data, tmp_path):
+    runs = [make_run(fake_data, tmp_path / '0', 0, MEMBERS[0][1]),
+            make_run(fake_data, tmp_path / '1', 1, MEMBERS[1][1])]
+    runs[1].train_loader.order.batch_size = 16
+    with pytest.raises(ConfigError, match='the members of a pack need the same number of '
+                                          'training examples and batches; they have 200 examples '
+                                          'in 25 batches, 200 examples in 12 batches'):
+        Pack(runs)
