@@ -119,13 +119,13 @@ def member_part(fused, k, shape):
     return fused.view(-1, *shape)[k]
 
 
-def fuse(models):
+def fuse(models, always=False):
     """One network that computes ``models`` (of one architecture, on one device) at once: its
     input is their inputs concatenated along dim 1, and its every exit returns their logits
     stacked, (K, B, classes). It has their parameter and buffer names, in their order, each
     tensor the stack of theirs (``stack_members``), in contiguous memory. One model is returned
-    as it is."""
-    if len(models) == 1:
+    as it is, unless ``always``."""
+    if len(models) == 1 and not always:
         return models[0]
     K = len(models)
     fused = copy.deepcopy(models[0])
@@ -152,8 +152,6 @@ def fuse(models):
 @torch.no_grad()
 def load_members(fused, models):
     """Copy every member's part of the fused weights and buffers into its own model."""
-    if fused is models[0]:
-        return
     for k, model in enumerate(models):
         own = model.state_dict()
         for name, tensor in fused.state_dict().items():
@@ -183,8 +181,6 @@ def optimizer_states_from_members(optimizer, fused, member_optimizers, models):
 
 def optimizer_states_to_members(optimizer, fused, member_optimizers, models):
     """Copy every member's part of ``optimizer``'s state into its own optimizer."""
-    if fused is models[0]:
-        return
     for k, (opt, model) in enumerate(zip(member_optimizers, models)):
         for p, own in zip(fused.parameters(), model.parameters()):
             if p in optimizer.state:

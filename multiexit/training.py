@@ -428,17 +428,19 @@ class Pack:
     scheduler and loss hold its part of the pack's after every epoch, so its files are those of
     a solo run. The runs start at the same epoch (``train_pack`` groups them so). Several runs
     train in one process without DDP, and without dropout (``pack.fuse`` refuses it).
+    ``fused``: the fused network even for one run (what benchmarks/pack_throughput.py times as a
+    pack of 1); by default one run trains as it does alone.
     """
 
-    def __init__(self, runs):
+    def __init__(self, runs, fused=False):
         self.runs = list(runs)
         lead = self.runs[0]
-        self.members = len(self.runs) if len(self.runs) > 1 else None
+        self.members = len(self.runs) if len(self.runs) > 1 or fused else None
         if self.members:
             check_packable(self.runs)
             for run in self.runs:
                 run.in_pack = True
-            self.model = pack.fuse([run.model for run in self.runs])
+            self.model = pack.fuse([run.model for run in self.runs], always=True)
             if lead.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.loss_fn = losses.PackLoss([run.loss_fn for run in self.runs]).to(lead.device)
