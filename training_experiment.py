@@ -10,6 +10,7 @@ training several runs of one of them as a pack (``run_pack``, for train_pack.py)
     if __name__ == '__main__':
         training_experiment.run_commandline(ex)
 """
+import contextlib
 import datetime
 import logging
 import os
@@ -190,10 +191,17 @@ def run_pack(ex, members, script):
                                   SNAPSHOT_DIR, [r.log for r in records],
                                   [r.log_scalar for r in records], script)
             except UserError:
+                stop.set()
+                beating.join()
                 for record in records:  # nothing trained: it leaves no folder
                     record.observer.refused = True
                     record.observer.failed_event(datetime.datetime.utcnow(), [])
                 raise
+    except KeyboardInterrupt:  # while the runs were built: nothing trained
+        for record in records:
+            record.finish(TrainingInterrupted('SIGINT before the pack started; nothing was '
+                                              'trained: start it again'))
+        raise
     except Exception as e:  # a crash: every run records it
         for record in records:
             record.finish(e)
@@ -223,4 +231,5 @@ def pack_command(script, members):
 def _beat(records, stop):
     while not stop.wait(BEAT_S):
         for record in records:
-            record.heartbeat()
+            with contextlib.suppress(OSError):  # a full disk: the next beat, or the last, tells
+                record.heartbeat()

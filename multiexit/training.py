@@ -653,10 +653,11 @@ def train_pack(configs, run_dirs, snapshot_dir, logs, log_scalars, script):
         os.makedirs(run_dir, exist_ok=True)
         runs.append(_build_run(config, run_dir, snapshot_dir, log_scalar, script, log=log))
     first, val = [run.epoch + 1 for run in runs], {}
+    packs = [Pack([run for run in runs if run.epoch == epoch])  # all checked before any trains
+             for epoch in sorted({run.epoch for run in runs})]
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for epoch in sorted({run.epoch for run in runs}):
-            group = Pack([run for run in runs if run.epoch == epoch])
+        for group in packs:
             val.update(zip(map(id, group.runs), group.fit()))
             if group.stopped_by:
                 raise KeyboardInterrupt(group.stopped_by)
