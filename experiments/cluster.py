@@ -114,7 +114,8 @@ def options(args):
                               f'{">= 0" if name == "gpus_per_task" else "> 0"}')
     return dict(cluster=args.cluster, partition=args.partition, time=args.time,
                 gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-                mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, sbatch=extra)
+                mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, sbatch=extra,
+                pack=args.pack)
 
 
 def read_record(out):

@@ -223,11 +223,11 @@ def pack_arg(text):
                                          'auto') from None
 
 
-def pack_size(args, extra, gpus):
-    """Cells per pack: --pack, where auto is all that can share one when the runs train on a
-    GPU (``gpus``) and 1 on the CPU."""
-    if args.pack != 'auto':
-        return args.pack
+def pack_size(pack, extra, gpus):
+    """Cells per pack: ``pack`` (--pack), where auto is all that can share one when the runs
+    train on a GPU (``gpus``) and 1 on the CPU (None: all)."""
+    if pack != 'auto':
+        return pack
     return None if gpus and not any(u in ('gpu=-1', 'gpu=None') for u in extra) else 1
 
 
@@ -446,7 +446,7 @@ def on_this_machine(args, cells, results, command, table, warn, extra=()):
     devices = None  # one cell after another, without --gpus: as a single run would run
     if args.jobs > 1 or args.gpus is not None:
         devices = local.Devices(gpus, args.jobs)
-    units = packed(todo, pack_size(args, extra, gpus)) if args.pack != 1 else todo
+    units = packed(todo, pack_size(args.pack, extra, gpus)) if args.pack != 1 else todo
     logs = {cell.name: log_path(args.out, unit) for unit in units for cell in unit.cells}
     for unit in units:
         if len(unit.cells) > 1:
@@ -541,7 +541,7 @@ def on_cluster(args, cells, record, results, name, collect, table):
     missing = [c for c in todo if c not in active]
     submitted = {}
     if submit and missing and not args.dry_run:
-        units = packed(missing, pack_size(args, (), opts['gpus_per_task'] > 0))
+        units = packed(missing, pack_size(opts.get('pack', 1), (), opts['gpus_per_task'] > 0))
         logs = [log_path(args.out, unit) for unit in units]
         ids = cluster.submit(units, opts, args.snapshots, logs, args.out, name, record)
         submitted = {c.name: i for unit, i in zip(units, ids) for c in unit.cells}

@@ -559,9 +559,8 @@ def test_cells_that_differ_in_method_and_seed_share_packs():
     assert all(isinstance(u, grid.Cell) for u in cells.packed(every, 1))
     other = grid.plan(full, ['dbt'], [25], [0], 300, ['cf_opt.lr=0.05'])
     assert len(cells.packed(every[:1] + other, None)) == 2  # other settings: another pack
-    args = grid.parse_args(['--pack', 'auto'])[0]
-    assert grid.pack_size(args, (), ['0']) is None and grid.pack_size(args, (), []) == 1
-    assert grid.pack_size(args, ('gpu=-1',), ['0']) == 1
+    assert grid.pack_size('auto', (), ['0']) is None and grid.pack_size('auto', (), []) == 1
+    assert grid.pack_size('auto', ('gpu=-1',), ['0']) == 1 and grid.pack_size(3, (), []) == 3
 
 
 def test_jobs_spread_packs_over_the_gpus(tmp_path, monkeypatch):
@@ -707,8 +706,8 @@ FAKE_SLURM = {  # just enough of SLURM's commands for submitit to submit and ask
 }
 
 
-def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(tmp_path,
-                                                                              monkeypatch):
+def fake_slurm(tmp_path, monkeypatch):
+    """FAKE_SLURM's commands first on the PATH; returns their folder."""
     fake = tmp_path / 'bin'
     fake.mkdir()
     for name, script in FAKE_SLURM.items():
@@ -716,6 +715,36 @@ def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(t
         (fake / name).chmod(0o755)
     monkeypatch.setenv('PATH', f'{fake}{os.pathsep}{os.environ["PATH"]}')
     monkeypatch.setenv('FAKE_SLURM', str(fake))
+    return fake
+
+
+def test_a_pack_is_one_task_of_the_job_array(tmp_path, monkeypatch):
+    fake = fake_slurm(tmp_path, monkeypatch)
+    submitted = run_grid('--quick', '--pack', '2', '--cluster', 'slurm', cwd=tmp_path)
+    assert '#SBATCH --array=0-1%2\n' in (fake / 'sbatch-4242.sh').read_text()  # 2 tasks
+    record = json.loads((tmp_path / 'results' / 'cluster.json').read_text())
+    assert record['options']['pack'] == 2
+    for size, task in ((10, '4242_0'), (20, '4242_1')):
+        pack = f'grid-quick/pack/n{size}/standard-s0+dbt-s0'
+        for method in QUICK.methods:
+            name = f'grid-quick/{method}/n{size}/s0'
+            assert f'{name}: submitted (task {task})' in submitted.stdout
+            assert record['tasks'][name] == task
+            assert record['logs'][name] == f'results/logs/{pack}.log'  # as --out gave it
+    log = tmp_path / 'results' / 'logs' / 'grid-quick' / 'pack' / 'n10' / 'standard-s0+dbt-s0.log'
+    log.parent.mkdir(parents=True)
+    log.write_text('[run 3: grid-quick/dbt/n10/s0] error: its own\nerror: the pack\'s last\n')
+    (fake / 'sacct.txt').write_text('JobID|State|NodeList\n4242_0|FAILED|n1\n4242_1|RUNNING|n2\n')
+    collected = run_grid('--quick', cwd=tmp_path, code=grid.EXIT_CELLS_FAILED)
+    assert 'grid-quick/dbt/n10/s0: failed (task 4242_0, FAILED: error: its own)' in collected.stdout
+    assert "grid-quick/standard/n10/s0: failed (task 4242_0, FAILED: error: the pack's last)" \
+        in collected.stdout
+    assert 'grid-quick/dbt/n20/s0: queued or running (task 4242_1)' in collected.stdout
+
+
+def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(tmp_path,
+                                                                              monkeypatch):
+    fake = fake_slurm(tmp_path, monkeypatch)
     names = [f'grid-quick/{m}/n{s}/s0' for m in QUICK.methods for s in QUICK.sizes]
     submitted = run_grid('--quick', '--cluster', 'slurm', '--partition', 'gpu', '--time', '90',
                          '--cpus-per-task', '4', '--mem-gb', '16', '--array-parallelism', '2',
