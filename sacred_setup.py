@@ -74,7 +74,9 @@ class Experiment(sacred.Experiment):
             self.observers.append(RunFolders(SNAPSHOT_DIR))
         self.captured_out_filter = strip_progress
 
-    def run(self, command_name=None, config_updates=None, named_configs=(), *args, **kwargs):
+    def _create_run(self, command_name=None, config_updates=None, named_configs=(), *args,
+                    **kwargs):
+        # where every run's config is made: of a command line (run) and of a pack's member
         unknown = [n for n in named_configs if n not in self.named_configs
                    and not os.path.isfile(n)]
         if unknown:
@@ -82,7 +84,8 @@ class Experiment(sacred.Experiment):
             _exit(f'no named config or config file {unknown[0]!r}'
                   f'{_did_you_mean(unknown[0], known)}; named configs: {", ".join(known)}')
         try:
-            return super().run(command_name, config_updates, named_configs, *args, **kwargs)
+            return super()._create_run(command_name, config_updates, named_configs, *args,
+                                       **kwargs)
         except ConfigAddedError as e:
             key = list(e.__conflicting_configs__)[0]
             known = [k for k in e.__config__ if k != key]

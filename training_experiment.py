@@ -1,6 +1,7 @@
 """Not a script: what train_cifar.py and train_imagenet.py share on sacred's side, which
 multiexit (the library) never imports: the settings that every training script has, their
-checks before a run starts, the run folders, logging under torchrun, and the main function.
+checks before a run starts, the run folders, logging under torchrun, the main function, and
+training several runs of one of them as a pack (``run_pack``, for train_pack.py).
 
     ex = training_experiment.experiment('train_cifar')
     @ex.config
@@ -9,15 +10,28 @@ checks before a run starts, the run folders, logging under torchrun, and the mai
     if __name__ == '__main__':
         training_experiment.run_commandline(ex)
 """
+import contextlib
+import datetime
 import logging
+import os
+import shlex
 import sys
+import threading
+import traceback
 
 import torch
 
 from multiexit import checkpoints, distributed, settings as checks
-from multiexit.errors import EXIT_CODE_INTERRUPTED, reported_as_one_line
-from multiexit.training import train
-from sacred_setup import SNAPSHOT_DIR, Experiment, explicit_keys, refuse
+from multiexit.errors import (EXIT_CODE, EXIT_CODE_INTERRUPTED, ConfigError, TrainingInterrupted,
+                              UserError, reported_as_one_line)
+from multiexit.progress import strip_progress
+from multiexit.training import train, train_pack
+from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, explicit_keys, refuse
+# after sacred_setup, which quiets the warning that importing sacred prints
+from sacred.arg_parser import get_config_updates  # noqa: E402
+from sacred.metrics_logger import MetricsLogger, linearize_metrics  # noqa: E402
+
+BEAT_S = 10  # between two writes of a pack member's run.json, cout.txt and metrics.json
 
 
 def settings():
@@ -88,3 +102,134 @@ def run_commandline(ex):
         ex.run_commandline()
     except KeyboardInterrupt:  # reported in main(); sacred marked the run INTERRUPTED
         raise SystemExit(EXIT_CODE_INTERRUPTED) from None
+
+
+class PackMember:
+    """One run of a pack, recorded as sacred records a run of ``ex``: its config is what
+    ``python3 <script> with <updates>`` would resolve (named configs, config files, key=value,
+    the config hooks), and a RunFolders observer of its own writes its folder (config.json,
+    run.json, cout.txt with its own output, metrics.json) through the observer's events, as
+    sacred's Run would. Its output goes to this terminal too, each line after ``prefix``."""
+
+    def __init__(self, ex, updates, snapshot_dir):
+        config_updates, named_configs = get_config_updates(updates)
+        self.updates = updates
+        self.run = ex._create_run(config_updates=config_updates, named_configs=named_configs)
+        self.config = self.run.config
+        warn_ignored(self.config, explicit_keys(self.run))
+        self.observer = RunFolders(snapshot_dir)
+        self.metrics, self.out, self.lock = MetricsLogger(), [], threading.Lock()
+
+    def start(self):
+        self.start_time = datetime.datetime.utcnow()
+        self.id = self.observer.started_event(
+            ex_info=dict(self.run.experiment_info), command=self.run.meta_info['command'],
+            host_info=self.run.host_info, start_time=self.start_time, config=self.config,
+            meta_info=self.run.meta_info, _id=None)
+        self.dir = self.observer.dir
+        self.prefix = f'[run {self.id}: {self.config["snapshot_name"]}] '
+        self.run.run_logger.info('Started run with ID "%s"', self.id)
+
+    def log(self, *args, file=sys.stdout):
+        text = ' '.join(map(str, args))
+        with self.lock:
+            self.out.append(text + '\n')
+        print('\n'.join(self.prefix + line for line in text.splitlines()), file=file, flush=True)
+
+    def log_scalar(self, name, value, step):
+        self.metrics.log_scalar_metric(name, value, step)
+
+    def heartbeat(self, result=None):
+        with self.lock:
+            out = strip_progress(''.join(self.out))
+        self.observer.log_metrics(linearize_metrics(self.metrics.get_last_metrics()), {})
+        self.observer.heartbeat_event({}, out, datetime.datetime.utcnow(), result)
+
+    def finish(self, outcome):
+        """Its last heartbeat and its end, ``outcome`` being its sacred result or the error that
+        stopped it, said as a solo run would say it; returns its exit code."""
+        if isinstance(outcome, BaseException):
+            interrupted = isinstance(outcome, TrainingInterrupted)
+            self.log(f'{"interrupted" if interrupted else "error"}: {outcome}', file=sys.stderr)
+        self.heartbeat(None if isinstance(outcome, BaseException) else outcome)
+        now = datetime.datetime.utcnow()
+        seconds = datetime.timedelta(seconds=round((now - self.start_time).total_seconds()))
+        if isinstance(outcome, TrainingInterrupted):
+            self.observer.interrupted_event(now, 'INTERRUPTED')
+            self.run.run_logger.warning('Run %s aborted after %s!', self.id, seconds)
+            return EXIT_CODE_INTERRUPTED
+        if isinstance(outcome, BaseException):
+            self.observer.failed_event(now, traceback.format_exception(outcome))
+            self.run.run_logger.error('Run %s failed after %s!', self.id, seconds)
+            return EXIT_CODE if isinstance(outcome, UserError) else 1
+        self.observer.completed_event(now, outcome)
+        self.run.run_logger.info('Run %s completed after %s', self.id, seconds)
+        return 0
+
+
+def run_pack(ex, members, script):
+    """``python3 train_pack.py``: train ``members`` (each the ``with`` arguments of one run of
+    ``ex``, the experiment of ``script``) as packs (``multiexit.training.train_pack``), each a
+    sacred run of its own in SNAPSHOT_DIR (``PackMember``). Returns the exit code: 0 when every
+    run completed, 130 when a signal stopped them (with one more line: the command that resumes
+    the pack), 2 when one failed with bad input or a loss that turned non-finite. Bad input
+    before any training (a member's setting, data or parent snapshot) is one error line: the
+    pack does not start and leaves no run folder."""
+    with reported_as_one_line():
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+            raise ConfigError('a pack trains its runs in one process: not under torchrun')
+    records = [PackMember(ex, updates, SNAPSHOT_DIR) for updates in members]  # bad input: exit 2
+    for record in records:
+        record.start()
+    stop = threading.Event()
+    beating = threading.Thread(target=_beat, args=(records, stop), daemon=True)
+    beating.start()
+    try:
+        with reported_as_one_line():
+            try:
+                runs = train_pack([r.config for r in records], [r.dir for r in records],
+                                  SNAPSHOT_DIR, [r.log for r in records],
+                                  [r.log_scalar for r in records], script)
+            except UserError:
+                stop.set()
+                beating.join()
+                for record in records:  # nothing trained: it leaves no folder
+                    record.observer.refused = True
+                    record.observer.failed_event(datetime.datetime.utcnow(), [])
+                raise
+    except KeyboardInterrupt:  # while the runs were built: nothing trained
+        for record in records:
+            record.finish(TrainingInterrupted('SIGINT before the pack started; nothing was '
+                                              'trained: start it again'))
+        raise
+    except Exception as e:  # a crash: every run records it
+        for record in records:
+            record.finish(e)
+        raise
+    finally:
+        stop.set()
+        beating.join()
+    codes = [record.finish(run.error or run.result) for record, run in zip(records, runs)]
+    if EXIT_CODE_INTERRUPTED in codes:
+        stopped = [shlex.split(run.continuation() or shlex.join(record.updates))
+                   for record, run, code in zip(records, runs, codes)
+                   if code == EXIT_CODE_INTERRUPTED]
+        print(f'interrupted: to resume the pack: {pack_command(script, stopped)}',
+              file=sys.stderr, flush=True)
+        return EXIT_CODE_INTERRUPTED
+    return max(codes)
+
+
+def pack_command(script, members):
+    """The command line of train_pack.py that trains ``members`` (lists of with updates)."""
+    words = ['python3', 'train_pack.py'] + ['--script', script] * (script != 'train_cifar.py')
+    for updates in members:
+        words += ['--member', *updates]
+    return shlex.join(words)
+
+
+def _beat(records, stop):
+    while not stop.wait(BEAT_S):
+        for record in records:
+            with contextlib.suppress(OSError):  # a full disk: the next beat, or the last, tells
+                record.heartbeat()

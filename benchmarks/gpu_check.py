@@ -16,6 +16,9 @@ stage is reported and the next one still runs:
   early_exit   benchmarks/early_exit.py --device cuda: streaming, latency and shrinking early exit
                at batch sizes 1, 16, 256 and 1024 against the graphed full forward (gpu_speedup)
   kernels      benchmarks/op_count.py --device cuda: CUDA kernels per step of each variant
+  pack         benchmarks/pack_throughput.py: packs of 1, 3, 9 and 15 paper MsdNets against one
+               run alone, and the fused convolutions alone; its JSON goes to
+               benchmarks/results/<date>-pack-<device>.json
   max_autotune cuda_graph_max_autotune (torch.compile 'max-autotune'), with the time left
   concurrency  (only with --with concurrency) benchmarks/concurrent_training.py: 1, 2 and 4
                training processes on the GPU
@@ -43,15 +46,15 @@ WHEELS = ('.whl', '../shared/device-wheels')  # relative to the repository
 # images/s: launch bound; a torch.compile of the paper's MsdNet took 704 s on 2 CPU cores; the
 # early-exit sweep of batch sizes is to take at most 90 s)
 LIMITS = {False: dict(cuda_tests=(170, 200), throughput=(100, 110), compile=(120, 70),
-                      profile=(30, 45), early_exit=(90, 25), kernels=(25, 0),
+                      profile=(30, 45), early_exit=(90, 25), kernels=(25, 0), pack=(150, 0),
                       max_autotune=(300, 0), concurrency=(90, 0)),
           True: dict(cuda_tests=(120, 100), throughput=(50, 60), compile=(80, 30),
-                     profile=(20, 20), early_exit=(60, 0), kernels=(15, 0),
+                     profile=(20, 20), early_exit=(60, 0), kernels=(15, 0), pack=(100, 0),
                      max_autotune=(120, 0), concurrency=(40, 0))}
 OPT_IN = ('concurrency',)  # run only when named by --with
 # the stages of each issue's check (--check), each within its budget and one device call
 CHECKS = {'speed': ('cuda_tests', 'throughput', 'compile', 'profile', 'kernels', 'max_autotune'),
-          'early_exit': ('cuda_tests', 'early_exit')}
+          'early_exit': ('cuda_tests', 'early_exit'), 'pack': ('cuda_tests', 'pack')}
 # the eager modes, measured before, on few steps; the graphed ones on more
 THROUGHPUT = ['--steps', '120', '--eager-steps', '10', '--warmup', '6', '--modes',
               'reference,device_data,device_temperature,channels_last,amp,fused_sgd,cuda_graph,'
@@ -284,6 +287,15 @@ def main():
     if run('kernels'):
         checker.stage('kernels', [py, 'benchmarks/op_count.py', '--device', 'cuda', '--json',
                                   out / 'kernels.json'], *limits['kernels'])
+    if run('pack'):
+        pack = out / 'pack.json'
+        limit = min(limits['pack'][0], checker.left() - limits['pack'][1])
+        checker.stage('pack', [py, 'benchmarks/pack_throughput.py', '--json', pack,
+                               '--deadline-s', str(max(limit - 40, 0))], *limits['pack'])
+        if pack.is_file():
+            r = json.loads(pack.read_text())
+            shutil.copy(pack, ROOT / 'benchmarks' / 'results' / (
+                f"{r['date']}-pack-{r['device'].replace(' ', '-').lower()}.json"))
     if run('max_autotune'):
         compiled_stage(checker, 'max_autotune', 'cuda_graph_max_autotune', out, throughput,
                        *limits['max_autotune'])
@@ -300,7 +312,7 @@ def main():
 
     summary = dict(command=' '.join(['python3'] + sys.argv), rows=checker.rows,
                    total_s=round(time.time() - checker.start, 1), cuda_tests=counts)
-    for name in ('throughput', 'profile', 'early_exit', 'kernels', 'concurrency'):
+    for name in ('throughput', 'profile', 'early_exit', 'kernels', 'pack', 'concurrency'):
         f = out / f'{name}.json'
         summary[name] = json.loads(f.read_text()) if f.is_file() else None
     if summary['throughput']:

@@ -1,9 +1,10 @@
-"""One cell of the grid: how far it is done, and running what is missing of it as a
-training run (train_cifar.py or train_imagenet.py) and an eval.py run, each its own process,
-that SIGINT and SIGTERM stop cleanly.
+"""One cell of the grid, or a pack of cells trained together: how far each is done, and
+running what is missing as a training run (train_cifar.py or train_imagenet.py; train_pack.py
+for the cells of a pack) and an eval.py run per cell, each its own process, that SIGINT and
+SIGTERM stop cleanly.
 
-Every way of running the grid (one cell after another, several at once, a task of a SLURM job
-array) goes through ``run_cell``, which looks at the snapshots folder first: a cell is done
+Every way of running the grid (one unit after another, several at once, a task of a SLURM job
+array) goes through ``run_unit``, which looks at the snapshots folder first: a cell is done
 once its training run COMPLETED and an evaluation of its best snapshot COMPLETED; an unfinished
 training run with a last.pt is resumed. So running a cell again, after an interruption, a
 failure or a preemption, continues where it stopped.
@@ -11,6 +12,7 @@ failure or a preemption, continues where it stopped.
 import contextlib
 import datetime
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -48,11 +50,57 @@ class Cell:
         return [*self.named_configs, *self.settings]
 
     @property
+    def cells(self):
+        """The cells of this unit of the grid's work: itself (a Pack has several)."""
+        return (self,)
+
+    @property
     def identity(self):
         """Filters that a training run of this cell matches (multiexit.runs.select)."""
         return ([('experiment', Path(self.script).stem),
                  ('named_configs', ','.join(self.named_configs))]
                 + [f for f in map(runs.parse_filter, self.settings) if f[0] not in DEVICE_KEYS])
+
+
+# The settings in which the members of a pack may differ (a prefix ending in '.': a section).
+PER_MEMBER = ('snapshot_name', 'seed', 'cf_trn.seed', 'cf_loss.')
+
+
+def _per_member(update):
+    key = update.partition('=')[0]
+    return any(key == p or p.endswith('.') and key.startswith(p) for p in PER_MEMBER)
+
+
+@dataclass(frozen=True)
+class Pack:
+    """Cells trained together as one pack (train_pack.py, one fused network): of one script,
+    with the same named configs and settings but those of ``PER_MEMBER`` (method, seed)."""
+    cells: tuple
+
+    @property
+    def name(self):
+        """E.g. grid/pack/n25/standard-s0+dbt-s0: the prefix and size of its cells, and theirs."""
+        prefix, _, size, _ = self.cells[0].name.rsplit('/', 3)
+        return f'{prefix}/pack/{size}/' + '+'.join(f'{c.method}-s{c.seed}' for c in self.cells)
+
+
+def packed(cells, size):
+    """``cells`` as the units to run: Packs of up to ``size`` cells that can share one (the
+    first of those of one script, named configs and other settings, in order), the rest alone.
+    ``size`` None: all that can share one."""
+    groups = {}
+    for cell in cells:
+        key = (cell.script, cell.named_configs,
+               tuple(u for u in cell.settings if not _per_member(u)))
+        groups.setdefault(key, []).append(cell)
+    units = []
+    for group in groups.values():
+        step = size or len(group)
+        for i in range(0, len(group), step):
+            part = tuple(group[i:i + step])
+            units.append(Pack(part) if len(part) > 1 else part[0])
+    order = {cell: i for i, cell in enumerate(cells)}
+    return sorted(units, key=lambda unit: order[unit.cells[0]])
 
 
 def load(snapshots, warn):
@@ -146,16 +194,15 @@ class Outcome:
     kept: bool = False  # of an interruption: a training run of the cell has a last.pt
 
 
-def call(script, updates, snapshots, stop, log=None, env=None, training=False, preexec=None):
-    """Run a script of the repository as a user would; returns (its exit code, its last
-    'error: ...' line or None).
+def call(args, snapshots, stop, log=None, env=None, training=False, preexec=None):
+    """Run a script of the repository as a user would (``args``: the script and what follows
+    it); returns (its exit code, the end of its output, where its error lines are).
 
     Its output goes to the file ``log``, else to this terminal (stderr through this process,
-    which watches it for the error line). It runs in a session of its own, so that a Ctrl-C on
-    the terminal reaches this process only, which passes it on to a training process through
-    ``stop``.
+    which keeps its end). It runs in a session of its own, so that a Ctrl-C on the terminal
+    reaches this process only, which passes it on to a training process through ``stop``.
     """
-    cmd = [sys.executable, str(ROOT / script), 'with', *updates]
+    cmd = [sys.executable, *map(str, args)]
     env = dict(os.environ if env is None else env, MULTIEXIT_SNAPSHOTS=str(snapshots))
     if log is not None:
         env.update(TO_FILE)
@@ -180,7 +227,7 @@ def call(script, updates, snapshots, stop, log=None, env=None, training=False, p
         stop.training.discard(proc)
         if tee is not None:  # its end: a process the script left behind may hold it open
             tee.join(TEE_WAIT_S)
-    return code, tee.error() if tee is not None else last_error(log.name, start)
+    return code, tee.text() if tee is not None else _read(log.name, start)
 
 
 class Tee(threading.Thread):
@@ -192,8 +239,8 @@ class Tee(threading.Thread):
         self.stream, self.tail = stream, b''
         self.start()
 
-    def error(self):
-        return _error_line(self.tail.decode(errors='replace'))
+    def text(self):
+        return self.tail.decode(errors='replace')
 
     def run(self):
         out = getattr(sys.stderr, 'buffer', None)
@@ -207,13 +254,14 @@ class Tee(threading.Thread):
         self.stream.close()
 
 
-def log_path(out, cell):
-    """Where the output of a cell's processes goes, when not to the terminal."""
-    return Path(out) / 'logs' / f'{cell.name}.log'
+def log_path(out, unit):
+    """Where the output of a unit's processes goes (a cell's, or a pack's), when not to the
+    terminal."""
+    return Path(out) / 'logs' / f'{unit.name}.log'
 
 
-def run_logged(cell, snapshots, stop, path, header, env=None, preexec=None):
-    """``run_cell`` with the output of its processes, and notes on its steps, appended to the
+def run_logged(unit, snapshots, stop, path, header, env=None, preexec=None):
+    """``run_unit`` with the output of its processes, and notes on its steps, appended to the
     log file ``path``, after a line with the time and ``header``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,54 +269,87 @@ def run_logged(cell, snapshots, stop, path, header, env=None, preexec=None):
         def note(message):
             print(f'# {message}', file=log, flush=True)
         note(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {header}')
-        return run_cell(cell, snapshots, stop, log=log, env=env, preexec=preexec,
+        return run_unit(unit, snapshots, stop, log=log, env=env, preexec=preexec,
                         warn=lambda message: note(f'warning: {message}'), say=note)
 
 
-def run_cell(cell, snapshots, stop, log=None, env=None, warn=print, say=print, preexec=None):
-    """Train or resume, then test, whatever a cell is missing; returns its Outcome.
+def run_unit(unit, snapshots, stop, log=None, env=None, warn=print, say=print, preexec=None):
+    """Train or resume, then test, whatever the cells of ``unit`` (a Cell, or a Pack of cells
+    trained together) are missing; returns [(cell, Outcome)], in the unit's order.
 
-    ``say`` reports each step; ``log``, ``env`` and ``preexec`` go to ``call``."""
-    def step(script, updates, training=False):
-        """(Outcome of a failure of the script, the runs after it)."""
-        code, error = call(script, updates, snapshots, stop, log, env, training, preexec)
-        reason = f'{script} exit code {code}' + (f' ({error})' if error else '')
-        return Outcome('failed', reason=reason, code=code, error=error), load(snapshots, warn)
-
-    train, parent, test = state(load(snapshots, warn), cell, snapshots)
-    if train is not None and test is not None:
-        return Outcome('done', train, test)
-    if train is None:
-        resume = [] if parent is None else [f'parent_snapshot={parent["run"]}']
-        say('training' if parent is None else f'resuming run {parent["run"]}')
-        failure, table = step(cell.script, cell.updates + resume, training=True)
-        train, parent, test = state(table, cell, snapshots)
-        if train is None:
-            if stop.signum is not None:
-                return Outcome('interrupted', kept=parent is not None)
-            return failure
+    The cells to train or resume are one process: the training script of one cell, or
+    train_pack.py with every cell of a pack as a member. ``say`` reports each step; ``log``,
+    ``env`` and ``preexec`` go to ``call``."""
+    cells = unit.cells
+    states = {cell: state(load(snapshots, warn), cell, snapshots) for cell in cells}
+    done = {cell for cell in cells if states[cell][2] is not None}
+    outcomes = {cell: Outcome('done', *states[cell][::2]) for cell in done}
+    to_train = [cell for cell in cells if states[cell][0] is None]
+    if to_train:
+        members = [cell.updates + ([f'parent_snapshot={states[cell][1]["run"]}']
+                                   if states[cell][1] is not None else []) for cell in to_train]
+        what = ['training' if states[c][1] is None else f'resuming run {states[c][1]["run"]}'
+                for c in to_train]
+        say(what[0] if len(to_train) == 1 else 'training as one pack: ' + ', '.join(
+            f'{c.name} ({w})' for c, w in zip(to_train, what)))
+        script = to_train[0].script
+        args = ([ROOT / script, 'with', *members[0]] if len(to_train) == 1 else
+                [ROOT / 'train_pack.py', '--script', script,
+                 *(word for updates in members for word in ['--member', *updates])])
+        code, output = call(args, snapshots, stop, log, env, training=True, preexec=preexec)
+        table = load(snapshots, warn)
+        for cell in to_train:
+            states[cell] = train, parent, _ = state(table, cell, snapshots)
+            if train is None and stop.signum is not None:
+                outcomes[cell] = Outcome('interrupted', kept=parent is not None)
+            elif train is None:
+                error = member_error(output, cell.name) or error_line(output)
+                outcomes[cell] = _failure(args[0].name, code, error)
+    for cell in cells:
+        train, _, test = states[cell]
+        if cell in outcomes:
+            continue
         if stop.signum is not None:  # trained just before the signal; tested next time
-            return Outcome('interrupted', train)
-    if test is None:
-        say(f'testing run {train["run"]}')
-        failure, table = step('eval.py', [f'snapshot_name={train["run"]}'])
-        test = evaluation(table, train['run'])
-        if test is None:
-            failure.train = train
-            return failure
-    return Outcome('ran', train, test)
+            outcomes[cell] = Outcome('interrupted', train)
+            continue
+        say(f'testing run {train["run"]}' + (f' ({cell.name})' if len(cells) > 1 else ''))
+        code, output = call([ROOT / 'eval.py', 'with', f'snapshot_name={train["run"]}'],
+                            snapshots, stop, log, env, preexec=preexec)
+        test = evaluation(load(snapshots, warn), train['run'])
+        outcomes[cell] = (Outcome('ran', train, test) if test is not None else
+                          _failure('eval.py', code, error_line(output), train))
+    return [(cell, outcomes[cell]) for cell in cells]
 
 
-def _error_line(text):
+def _failure(script, code, error, train=None):
+    reason = f'{script} exit code {code}' + (f' ({error})' if error else '')
+    return Outcome('failed', train, reason=reason, code=code, error=error)
+
+
+def error_line(text):
+    """The last line of ``text`` that starts with 'error: ' (what the scripts report), or None."""
     return next((line for line in reversed(text.splitlines()) if line.startswith('error: ')),
                 None)
 
 
-def last_error(path, start=0):
-    """The last 'error: ...' line (what the scripts report) of a log file from byte ``start``."""
+def member_error(text, name):
+    """The last 'error: ...' line of the pack member of snapshot_name ``name`` in the output
+    ``text`` of train_pack.py, where its lines start with '[run <id>: <name>] '."""
+    member = re.compile(rf'^\[run \d+: {re.escape(name)}\] (error: .*)$')
+    return next((m[1] for m in map(member.match, reversed(text.splitlines())) if m), None)
+
+
+def _read(path, start=0):
     try:
         with open(path, 'rb') as f:
             f.seek(start)
-            return _error_line(f.read().decode(errors='replace'))
+            return f.read().decode(errors='replace')
     except OSError:
-        return None
+        return ''
+
+
+def cell_error(path, name):
+    """The last 'error: ...' line of the cell of snapshot_name ``name`` in a log file (of the
+    cell, or of its pack: its member's own, else the pack's)."""
+    text = _read(path)
+    return member_error(text, name) or error_line(text)

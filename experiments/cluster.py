@@ -1,14 +1,16 @@
 """``--cluster slurm``: every cell of the grid that is not done becomes one task of a SLURM job
-array, submitted through submitit; ``--cluster local`` runs the same tasks as background
-processes of this machine (submitit's LocalExecutor), which tests this path without SLURM.
+array (with ``--pack``, every pack of such cells), submitted through submitit; ``--cluster
+local`` runs the same tasks as background processes of this machine (submitit's
+LocalExecutor), which tests this path without SLURM.
 
-A task is ``cells.run_cell``: the cell's training run, resumed from its last.pt if it has
-one, then its eval.py run, with their output in the cell's log. When a task's time limit nears,
+A task is ``cells.run_unit``: the training run of the cell (or the pack's), resumed from last.pt
+where there is one, then an eval.py run per cell, with their output in the unit's log. When a task's time limit nears,
 or SLURM preempts it (where the cluster signals preemptions), SLURM sends submitit's signal
 (USR2); the task stops its training process as Ctrl-C would (last.pt keeps the last finished
 epoch) and submitit requeues it, and the task that runs again resumes from that last.pt.
 
-The submission is recorded in ``<out>/cluster.json`` (cell -> task id, and the options). A plain
+The submission is recorded in ``<out>/cluster.json`` (cell -> task id and log, and the
+options). A plain
 grid command then collects: it reports every cell as done, queued or running, or failed, and
 writes the tables of the done cells; ``--resubmit`` submits again the cells whose task ended
 without finishing them.
@@ -45,27 +47,31 @@ def _ignore_preemption_signal():
 
 
 class CellTask(submitit.helpers.Checkpointable):
-    """One cell as a submitit task; what it holds is pickled into the job folder."""
+    """One unit (a cell, or a pack of cells) as a submitit task; what it holds is pickled into
+    the job folder."""
 
-    def __init__(self, cell, snapshots, log):
-        self.cell, self.snapshots, self.log = cell, str(snapshots), str(log)
+    def __init__(self, unit, snapshots, log):
+        self.unit, self.snapshots, self.log = unit, str(snapshots), str(log)
 
     def __call__(self):
         self._stop = Stop()
-        outcome = run_logged(self.cell, self.snapshots, self._stop, self.log,
-                             f'task {submitit.JobEnvironment().job_id} on {socket.gethostname()}, '
-                             f'pid {os.getpid()}, CUDA_VISIBLE_DEVICES='
-                             f'{os.environ.get("CUDA_VISIBLE_DEVICES", "")}',
-                             preexec=_ignore_preemption_signal)
-        if outcome.status in ('failed', 'interrupted'):
-            raise CellFailed(f'{self.cell.name}: {outcome.reason or "interrupted"}; log {self.log}')
-        return {'train_run': outcome.train['run'], 'test_run': outcome.test['run']}
+        outcomes = run_logged(self.unit, self.snapshots, self._stop, self.log,
+                              f'task {submitit.JobEnvironment().job_id} on {socket.gethostname()}, '
+                              f'pid {os.getpid()}, CUDA_VISIBLE_DEVICES='
+                              f'{os.environ.get("CUDA_VISIBLE_DEVICES", "")}',
+                              preexec=_ignore_preemption_signal)
+        ended = [f'{cell.name}: {outcome.reason or "interrupted"}' for cell, outcome in outcomes
+                 if outcome.status in ('failed', 'interrupted')]
+        if ended:
+            raise CellFailed(f'{"; ".join(ended)}; log {self.log}')
+        return {cell.name: {'train_run': outcome.train['run'], 'test_run': outcome.test['run']}
+                for cell, outcome in outcomes}
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption or time-out signal: stop training now, and requeue a task
         that looks at the snapshots folder afresh (and so resumes)."""
         self._stop.now(signal.SIGTERM, GRACE_S)
-        return submitit.helpers.DelayedSubmission(CellTask(self.cell, self.snapshots, self.log))
+        return submitit.helpers.DelayedSubmission(CellTask(self.unit, self.snapshots, self.log))
 
 
 def add_arguments(parser):
@@ -108,7 +114,8 @@ def options(args):
                               f'{">= 0" if name == "gpus_per_task" else "> 0"}')
     return dict(cluster=args.cluster, partition=args.partition, time=args.time,
                 gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-                mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, sbatch=extra)
+                mem_gb=args.mem_gb, array_parallelism=args.array_parallelism, sbatch=extra,
+                pack=args.pack)
 
 
 def read_record(out):
@@ -142,15 +149,17 @@ def executor(opts, folder, name):
     return ex
 
 
-def submit(cells, opts, snapshots, logs, out, name, record):
-    """Submits the cells as one job array and records it in ``out``; returns the task ids.
-    ``logs``: each cell's log file."""
+def submit(units, opts, snapshots, logs, out, name, record):
+    """Submits the units (cells, packs of cells) as one job array and records it in ``out``;
+    returns the task ids. ``logs``: each unit's log file."""
     folder = (out / 'submitit').resolve()
-    tasks = [CellTask(cell, snapshots.resolve(), log.resolve()) for cell, log in zip(cells, logs)]
+    tasks = [CellTask(unit, snapshots.resolve(), log.resolve()) for unit, log in zip(units, logs)]
     jobs = executor(opts, folder, name).submit_array(tasks)
     record = record or {'tasks': {}}
     record.update(folder=str(folder), options=opts)
-    record['tasks'].update({cell.name: job.job_id for cell, job in zip(cells, jobs)})
+    for unit, job, log in zip(units, jobs, logs):
+        record['tasks'].update({cell.name: job.job_id for cell in unit.cells})
+        record.setdefault('logs', {}).update({cell.name: str(log) for cell in unit.cells})
     out.mkdir(parents=True, exist_ok=True)
     (out / RECORD).write_text(json.dumps(record, indent=1))
     return [job.job_id for job in jobs]

@@ -9,6 +9,9 @@ snapshot eval.py tests, summarised as a table and a figure.
     python3 -m experiments.grid -- gpu=1         # config updates after -- go to every training run
     python3 -m experiments.grid --data imagenet  # standard and DBT on all of ImageNet (MSDNet's)
     python3 -m experiments.grid --jobs 8         # 8 cells at a time, one per GPU of this machine
+    python3 -m experiments.grid --pack auto      # on a GPU: the 9 cells of each size as one
+                                                 #   fused network (train_pack.py)
+    python3 -m experiments.grid --quick --pack 2  # packs of 2 cells, here on the CPU
     python3 -m experiments.grid --cluster slurm --partition gpu   # a SLURM job array; the plain
                                                  #   command collects later
 
@@ -22,11 +25,17 @@ The semi-supervised cells (``--semisup``: the ``semisup`` named config) leave th
 class's training images unlabelled.
 
 Each cell is a run named ``<prefix>/<method>/n<size>/s<seed>`` in the snapshots folder, done,
-resumed or tested as far as it is missing (``cells.run_cell``), so an interrupted grid continues
+resumed or tested as far as it is missing (``cells.run_unit``), so an interrupted grid continues
 where it stopped when started again. Cells run one after another with their output on the
 terminal; with ``--jobs N``, up to N at once, each with its log in ``<out>/logs/``
-(``local.py``); with ``--cluster``, as tasks of a job array (``cluster.py``). Grids that share a
-snapshots folder at the same time must have disjoint cells.
+(``local.py``); with ``--cluster``, as tasks of a job array (``cluster.py``). With ``--pack K``,
+up to K cells that differ only in method and seed (one size, network and settings) train
+together as one pack (``cells.Pack``: one train_pack.py process, one fused network whose every
+kernel does the K runs' work, each cell still a training run of its own); ``--pack auto``: all
+such cells in one pack where the training runs on a GPU, none on the CPU (which gains nothing:
+it is bound by the arithmetic, not by kernel launches). A pack is a unit of ``--jobs`` (one per
+GPU) and a task of ``--cluster``. Grids that share a snapshots folder at the same time must have
+disjoint cells.
 
 Writes to ``--out`` (results/), after every cell that ran and at the end, ``<name>.md`` (test
 top-1 per exit in %, mean ± std over seeds, and the difference of every method to standard
@@ -58,8 +67,8 @@ if not __package__:  # python3 experiments/grid.py: the repository is not on the
 import pandas as pd  # noqa: E402
 
 from experiments import cluster, local, tables  # noqa: E402
-from experiments.cells import (DEVICE_KEYS, Cell, Stop, last_error, load, log_path,  # noqa: E402
-                               run_cell, state)
+from experiments.cells import (DEVICE_KEYS, Cell, Stop, cell_error, load,  # noqa: E402
+                               log_path, packed, run_unit, state)
 from experiments.schedule import Schedule  # noqa: E402
 from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line  # noqa: E402
 
@@ -203,6 +212,25 @@ def seeds_done(table, preset, methods, sizes):
     return seeds
 
 
+def pack_arg(text):
+    """--pack: a number of cells per pack, or auto."""
+    if text == 'auto':
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: a number of cells per pack, or '
+                                         'auto') from None
+
+
+def pack_size(pack, extra, gpus):
+    """Cells per pack: ``pack`` (--pack), where auto is all that can share one when the runs
+    train on a GPU (``gpus``) and 1 on the CPU (None: all)."""
+    if pack != 'auto':
+        return pack
+    return None if gpus and not any(u in ('gpu=-1', 'gpu=None') for u in extra) else 1
+
+
 def parse_args(argv):
     """(options, config updates given after --)."""
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
@@ -240,6 +268,10 @@ def parse_args(argv):
     parser.add_argument('--jobs', type=int, default=1, metavar='N',
                         help='cells at the same time, one process each, with their output in '
                              '<out>/logs/ (default 1: one after another, output on the terminal)')
+    parser.add_argument('--pack', type=pack_arg, default=1, metavar='K',
+                        help='train up to K cells of one size (their methods and seeds) as one '
+                             'fused network (train_pack.py); auto: all of them on a GPU, 1 on the '
+                             'CPU (default 1: every cell alone)')
     parser.add_argument('--gpus', metavar='LIST',
                         help='GPUs to spread the cells over, as CUDA_VISIBLE_DEVICES names them, '
                              'e.g. 0,1,2,3, or none for CPU cells (default: every visible GPU)')
@@ -251,6 +283,8 @@ def check(args, extra):
     """One line for options that do not go together."""
     if args.jobs < 1:
         raise ConfigError(f'--jobs must be >= 1, got {args.jobs}')
+    if args.pack != 'auto' and args.pack < 1:
+        raise ConfigError(f'--pack must be >= 1 or auto, got {args.pack}')
     if args.cluster and (args.jobs > 1 or args.gpus is not None):
         raise ConfigError('--jobs and --gpus run cells on this machine; on a cluster, choose '
                           'the GPUs per task with --gpus-per-task')
@@ -359,7 +393,7 @@ def run(args, extra, command):
         on_cluster(args, cells, record, results, preset.prefix, grid_command(args, extra),
                    table)
     else:
-        on_this_machine(args, cells, results, command, table, warn)
+        on_this_machine(args, cells, results, command, table, warn, extra)
 
 
 def grid_command(args, extra):
@@ -389,8 +423,9 @@ def warn_once():
     return warn
 
 
-def on_this_machine(args, cells, results, command, table, warn):
-    """Trains, resumes and tests what is missing, one cell after another or --jobs at once."""
+def on_this_machine(args, cells, results, command, table, warn, extra=()):
+    """Trains, resumes and tests what is missing, one unit (a cell or a pack) after another or
+    --jobs at once."""
     todo, heads = [], {c.name: f'[{i}/{len(cells)}] {c.name}' for i, c in enumerate(cells, 1)}
     for cell in cells:
         head = heads[cell.name]
@@ -406,11 +441,18 @@ def on_this_machine(args, cells, results, command, table, warn):
             todo.append(cell)
     if args.dry_run:
         return
+    gpus = (local.visible_gpus() if args.gpus is None else
+            [] if args.gpus == 'none' else args.gpus.split(','))
     devices = None  # one cell after another, without --gpus: as a single run would run
     if args.jobs > 1 or args.gpus is not None:
-        devices = local.Devices(local.visible_gpus() if args.gpus is None else
-                                [] if args.gpus == 'none' else args.gpus.split(','), args.jobs)
-    stop, schedule = Stop(), Schedule(todo)
+        devices = local.Devices(gpus, args.jobs)
+    units = packed(todo, pack_size(args.pack, extra, gpus)) if args.pack != 1 else todo
+    logs = {cell.name: log_path(args.out, unit) for unit in units for cell in unit.cells}
+    for unit in units:
+        if len(unit.cells) > 1:
+            heads[unit.name] = (f'[{",".join(heads[c.name][1:].split("/")[0] for c in unit.cells)}'
+                                f'/{len(cells)}] {unit.name}')
+    stop, schedule = Stop(), Schedule(units)
     failed, stopped = [], []
     with stop.handling_signals():
         if args.jobs == 1:
@@ -422,11 +464,11 @@ def on_this_machine(args, cells, results, command, table, warn):
             for cell, outcome in finished:
                 if outcome is None:
                     continue
-                if outcome.status == 'ran':
+                if outcome.status in ('ran', 'done'):
                     results.add(cell, outcome.train, outcome.test)
                     results.write()
                 elif outcome.status == 'failed':
-                    log = f'; log {log_path(args.out, cell)}' if args.jobs > 1 else ''
+                    log = f'; log {logs[cell.name]}' if args.jobs > 1 else ''
                     failed.append(f'{cell.name} ({outcome.reason}{log})')
                 else:
                     stopped.append(outcome)
@@ -465,19 +507,21 @@ def stopped_cells(outcomes):
 
 
 def one_after_another(schedule, heads, snapshots, stop, devices, warn):
-    """Yields (cell, Outcome) of each cell in turn, its processes' output on the terminal."""
-    while stop.signum is None and (cell := schedule.take()) is not None:
-        head = heads[cell.name]
+    """Yields (cell, Outcome) of each cell of each unit in turn, its processes' output on the
+    terminal."""
+    while stop.signum is None and (unit := schedule.take()) is not None:
+        head = heads[unit.name]
         gpu = devices.take() if devices else None
         env = devices.env(gpu) if devices else None
-        outcome = run_cell(cell, snapshots, stop, env=env, warn=warn,
-                           say=lambda message: print(f'{head}: {message}', flush=True))
+        outcomes = run_unit(unit, snapshots, stop, env=env, warn=warn,
+                            say=lambda message: print(f'{head}: {message}', flush=True))
         if devices:
             devices.give(gpu)
-        if outcome.status == 'failed':
-            print(f'{head}: failed: {outcome.reason}', flush=True)
-        schedule.ended(cell, outcome)
-        yield cell, outcome
+        for cell, outcome in outcomes:
+            if outcome.status == 'failed':
+                print(f'{heads[cell.name]}: failed: {outcome.reason}', flush=True)
+            schedule.ended(cell, outcome)
+            yield cell, outcome
 
 
 def on_cluster(args, cells, record, results, name, collect, table):
@@ -497,13 +541,15 @@ def on_cluster(args, cells, record, results, name, collect, table):
     missing = [c for c in todo if c not in active]
     submitted = {}
     if submit and missing and not args.dry_run:
-        logs = [log_path(args.out, c) for c in missing]
-        ids = cluster.submit(missing, opts, args.snapshots, logs, args.out, name, record)
-        submitted = {c.name: i for c, i in zip(missing, ids)}
+        units = packed(missing, pack_size(opts.get('pack', 1), (), opts['gpus_per_task'] > 0))
+        logs = [log_path(args.out, unit) for unit in units]
+        ids = cluster.submit(units, opts, args.snapshots, logs, args.out, name, record)
+        submitted = {c.name: i for unit, i in zip(units, ids) for c in unit.cells}
+        record = cluster.read_record(args.out)
     for i, cell in enumerate(cells, 1):
         job_id, task = states.get(cell.name, (None, None))
-        log = log_path(args.out, cell)
-        error = last_error(log)
+        log = Path((record or {}).get('logs', {}).get(cell.name) or log_path(args.out, cell))
+        error = cell_error(log, cell.name)
         print(f'[{i}/{len(cells)}] {cell.name}: ' + (
             'done' if cell.name in results.rows else
             f'submitted (task {submitted[cell.name]})' if cell.name in submitted else

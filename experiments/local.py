@@ -1,7 +1,8 @@
-"""``--jobs N``: up to N cells of the grid at the same time on this machine, one process per cell
-(its training run, then its evaluation), each with its own log file and GPU.
+"""``--jobs N``: up to N units of the grid (cells, or packs of cells trained together) at the
+same time on this machine, one training process per unit, then an evaluation per cell, each unit
+with its own log file and GPU.
 
-A thread per running cell starts and watches its processes (``cells.run_cell``); the main
+A thread per running unit starts and watches its processes (``cells.run_unit``); the main
 thread only waits, updates the progress bar and reports: signal handlers run there, and the
 tables are written there, one cell at a time.
 """
@@ -61,38 +62,41 @@ class Devices:
 
 
 def run_parallel(schedule, snapshots, out, jobs, devices, stop):
-    """Runs the cells of ``schedule``, up to ``jobs`` at once; yields (cell, Outcome) as they
-    finish, and (None, None) for each that was not started: ``stop`` was requested, or the
-    schedule stopped at an error every cell repeats."""
+    """Runs the units of ``schedule``, up to ``jobs`` at once; yields (cell, Outcome) of each of
+    their cells as they finish, and (None, None) for each unit that was not started: ``stop``
+    was requested, or the schedule stopped at an error every cell repeats."""
     def work():
-        cell = schedule.take() if stop.signum is None else None
-        if cell is None:
-            return None, None
+        unit = schedule.take() if stop.signum is None else None
+        if unit is None:
+            return None, [(None, None)]
         gpu = devices.take()
         try:
-            outcome = run_logged(cell, snapshots, stop, log_path(out, cell),
-                                 f'{cell.name}, ' + (f'GPU {gpu}' if gpu is not None else 'CPU'),
-                                 env=devices.env(gpu))
+            outcomes = run_logged(unit, snapshots, stop, log_path(out, unit),
+                                  f'{unit.name}, ' + (f'GPU {gpu}' if gpu is not None else 'CPU'),
+                                  env=devices.env(gpu))
         finally:
             devices.give(gpu)
-        schedule.ended(cell, outcome)  # before this thread takes its next cell
-        return cell, outcome
+        for cell, outcome in outcomes:  # before this thread takes its next unit
+            schedule.ended(cell, outcome)
+        return unit, outcomes
 
-    total = len(schedule.cells)
-    bar = tqdm(total=total, desc='cells', unit='cell', disable=None, dynamic_ncols=True)
+    units = len(schedule.units)
+    bar = tqdm(total=sum(len(u.cells) for u in schedule.units), desc='cells', unit='cell',
+               disable=None, dynamic_ncols=True)
     failed = 0
     with bar, ThreadPoolExecutor(jobs, thread_name_prefix='cell') as pool:
-        pending = {pool.submit(work) for _ in range(total)}
+        pending = {pool.submit(work) for _ in range(units)}
         while pending:
             finished, _ = wait(pending, timeout=1, return_when=FIRST_COMPLETED)
             for future in finished:
                 pending.discard(future)
-                cell, outcome = future.result()
-                if outcome is not None and outcome.status != 'interrupted':
-                    failed += outcome.status == 'failed'
-                    bar.update()
-                    bar.write(report(cell, outcome, log_path(out, cell)))
-                yield cell, outcome
+                unit, outcomes = future.result()
+                for cell, outcome in outcomes:
+                    if outcome is not None and outcome.status != 'interrupted':
+                        failed += outcome.status == 'failed'
+                        bar.update()
+                        bar.write(report(cell, outcome, log_path(out, unit)))
+                    yield cell, outcome
             bar.set_postfix_str(f'running {sum(f.running() for f in pending)}, failed {failed}')
 
 

@@ -74,9 +74,11 @@ def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp
     """Metrics of ``model`` over ``loader``; ``T`` (a loss temperature) adds adj_maxprob;
     ``amp``: bf16 autocast; ``forward``: what computes the logits (default: ``model``; a
     ``GraphedForward`` of it on CUDA). A sharded ``loader`` gives every rank the metrics of the
-    whole split (each example counted once)."""
+    whole split (each example counted once). A fused ``model`` of K members with their
+    ``loader`` (``pack.MemberBatches``) gives a list, each member's metrics."""
     model.eval()
-    metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device)
+    metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device,
+                                getattr(loader, 'members', None))
     batches = progress(loader) if progress else loader
     for x, y in batches:
         if forward is None:

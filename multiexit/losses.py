@@ -1,8 +1,11 @@
-"""The three training losses of the original code, called as ``loss(logits_list, y)``.
+"""The three training losses of the original code, called as ``loss(logits_list, y)``, and
+``PackLoss``: those of a pack's members (``multiexit.pack``) as one.
 
 Unlabelled examples carry the label -100: they add no cross-entropy, only distillation terms.
 The exits' logits are stacked into one (exits, batch, classes) tensor, so that every op of a
-loss runs once for all exits: a few kernels per training step instead of a few per exit.
+loss runs once for all exits: a few kernels per training step instead of a few per exit. For
+the K members of a pack, every exit's logits are (K, batch, classes) and y (K, batch): the
+stack is (exits, K, batch, classes), and every sum over examples is per member.
 """
 import torch
 import torch.nn.functional as F
@@ -15,23 +18,49 @@ IGNORE = -100
 
 def cross_entropy(logits, y):
     """Sum over exits of the mean cross-entropy over the labelled examples, for ``logits`` of
-    shape (exits, batch, classes); 0 (not NaN) when there are none."""
+    shape (exits, batch, classes); 0 (not NaN) when there are none. Of each member for
+    (exits, K, batch, classes) and y (K, batch)."""
     n_exits = logits.shape[0]
-    total = F.cross_entropy(logits.flatten(0, 1), y.repeat(n_exits), ignore_index=IGNORE,
-                            reduction='sum')
-    return total / (y != IGNORE).sum().clamp(min=1)
+    if y.dim() == 1:
+        total = F.cross_entropy(logits.flatten(0, 1), y.repeat(n_exits), ignore_index=IGNORE,
+                                reduction='sum')
+    else:  # per member
+        total = F.cross_entropy(logits.flatten(0, 2), y.flatten().repeat(n_exits),
+                                ignore_index=IGNORE, reduction='none').view(logits.shape[:3])
+        total = total.sum(dim=(0, 2))
+    return total / (y != IGNORE).sum(dim=-1).clamp(min=1)
 
 
 def soft_cross_entropy(teacher_prob, student_logits, T):
     """Sum over the students of H(p, q) = -mean_batch sum_k p_k log q_k, with
-    q = softmax(student / T), for ``student_logits`` of shape (students, batch, classes)."""
+    q = softmax(student / T), for ``student_logits`` of shape (students, [K,] batch, classes)."""
     log_q = F.log_softmax(student_logits / T, dim=-1)
-    return -(teacher_prob * log_q).sum(dim=-1).mean(dim=-1).sum()
+    return -(teacher_prob * log_q).sum(dim=-1).mean(dim=-1).sum(dim=0)
 
 
 def teacher_confidence(logits, T):
     """Mean max-probability of softmax(logits / T): the quantity DBT drives down to `maxprob`."""
-    return F.softmax(logits.detach().float() / T, dim=1).amax(dim=1).mean()
+    return F.softmax(logits.detach().float() / T, dim=-1).amax(dim=-1).mean(dim=-1)
+
+
+def _over_classes(t):
+    """A per-member (K,) tensor shaped to divide (K, batch, classes) logits; a scalar as it is."""
+    return t if t.dim() == 0 else t[:, None, None]
+
+
+def distillation_loss(logits_list, y, T, C, global_scale):
+    """global_scale * [(1-C) sum_m CE(z_m, y) + C T^2 sum_{m<M} H(softmax(z_M/T), softmax(z_m/T))]
+    at the float64 temperature ``T``: T^2 * C is computed in float64 and rounded once, as the
+    original's Python floats were. ``C`` and ``global_scale`` are floats, or for a pack float64
+    tensors (K,) like ``T``, which give every member its own loss (K,)."""
+    z = torch.stack(logits_list)  # (exits, [K,] batch, classes); the teacher last
+    T32, weight = _over_classes(T.float()), (T ** 2 * C).float()
+    solo = isinstance(C, float)
+    labelled = z if not solo or C != 1.0 else z[-1:]  # with C == 1 the early exits see no labels
+    total = (1.0 - C if solo else (1.0 - C).float()) * cross_entropy(labelled, y)
+    prob_t = F.softmax(z[-1].detach() / T32, dim=-1)
+    total = total + weight * soft_cross_entropy(prob_t, z[:-1], T32)
+    return total * (global_scale if solo else global_scale.float())
 
 
 class ClassificationOnlyLoss(nn.Module):
@@ -61,19 +90,9 @@ class DistillationLossConstTemp(nn.Module):
     def T(self):
         return float(self.temperature)  # host sync: for logs and tests, not the training step
 
-    def distillation_loss(self, logits_list, y, T):
-        """The loss at temperature ``T``, a float64 tensor: T^2 * C is computed in float64 and
-        rounded once, as the original's Python floats were."""
-        z = torch.stack(logits_list)  # (exits, batch, classes); the teacher last
-        T32, weight = T.float(), (T ** 2 * self.C).float()
-        labelled = z if self.C != 1.0 else z[-1:]  # with C == 1 the early exits see no labels
-        total = (1.0 - self.C) * cross_entropy(labelled, y)
-        prob_t = F.softmax(z[-1].detach() / T32, dim=1)
-        total = total + weight * soft_cross_entropy(prob_t, z[:-1], T32)
-        return total * self.global_scale
-
     def forward(self, logits_list, y):
-        return self.distillation_loss(logits_list, y, self.temperature)
+        return distillation_loss(logits_list, y, self.temperature, float(self.C),
+                                 float(self.global_scale))
 
 
 class DistillationBasedLoss(DistillationLossConstTemp):
@@ -93,11 +112,50 @@ class DistillationBasedLoss(DistillationLossConstTemp):
 
     def forward(self, logits_list, y):
         T = self.temperature  # float64, so that 1.05**n follows the original's Python float
-        loss = self.distillation_loss(logits_list, y, T)
+        loss = distillation_loss(logits_list, y, T, float(self.C), float(self.global_scale))
         if self.training:
             confidence = teacher_confidence(logits_list[-1], T.float())
             hot = distributed.mean_over_ranks(confidence) > self.maxprob
             self.temperature.copy_(torch.where(hot, T * self.Tmult, T))
+        return loss
+
+
+class PackLoss(nn.Module):
+    """The losses of a pack's K members as one: ``loss(logits_list, y)`` with every exit's logits
+    (K, B, classes) and y (K, B) returns each member's loss (K,), as its own loss module would
+    (``member_losses``, in order) up to the order of floating-point sums, with the same
+    gradients.
+
+    The three losses are ``distillation_loss`` with per-member C, global_scale and T:
+    ClassificationOnlyLoss is C = 0 and global_scale = 1, DistillationLossConstTemp keeps its T,
+    and DBT members raise theirs by their Tmult after a training call while their teacher's mean
+    max-probability exceeds their maxprob. ``temperature`` (K,) float64 is each member's T.
+    """
+
+    def __init__(self, member_losses):
+        super().__init__()
+        first = member_losses[0]
+        self.n_exits, self.acc_tops = first.n_exits, first.acc_tops
+        per_member = lambda get, dtype=torch.float64: torch.tensor(
+            [get(m) for m in member_losses], dtype=dtype)
+        distils = lambda m: isinstance(m, DistillationLossConstTemp)
+        anneals = lambda m: isinstance(m, DistillationBasedLoss)
+        self.register_buffer('C', per_member(lambda m: m.C if distils(m) else 0.0))
+        self.register_buffer('global_scale', per_member(
+            lambda m: m.global_scale if distils(m) else 1.0))
+        self.register_buffer('temperature', per_member(lambda m: m.T if distils(m) else 1.0))
+        # float32, as a solo DBT compares its float32 confidence with the float maxprob; 1 for
+        # the members that keep their T, which no confidence exceeds
+        self.register_buffer('maxprob', per_member(lambda m: m.maxprob if anneals(m) else 1.0,
+                                                   torch.float32))
+        self.register_buffer('Tmult', per_member(lambda m: m.Tmult if anneals(m) else 1.0))
+
+    def forward(self, logits_list, y):
+        T = self.temperature
+        loss = distillation_loss(logits_list, y, T, self.C, self.global_scale)
+        if self.training:
+            confidence = teacher_confidence(logits_list[-1], _over_classes(T.float()))
+            self.temperature.copy_(torch.where(confidence > self.maxprob, T * self.Tmult, T))
         return loss
 
 

@@ -41,18 +41,22 @@ def check_tops(acc_tops, n_classes, holder):
 
 
 class MultiExitAccuracy:
-    """Accumulates hits on the device; ``compute()`` is the only host sync."""
+    """Accumulates hits on the device; ``compute()`` is the only host sync. With ``members=K``,
+    those of the K members of a pack (``multiexit.pack``) apart: every exit's logits are
+    (K, B, classes), the labels (K, B), the temperature (K,), and ``compute()`` returns a list."""
 
-    def __init__(self, n_exits, acc_tops=(1, 5), device='cpu'):
+    def __init__(self, n_exits, acc_tops=(1, 5), device='cpu', members=None):
         self.n_exits = n_exits
         self.acc_tops = tuple(acc_tops)
         self.device = torch.device(device)
+        self.members = members
+        per = () if members is None else (members,)
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
-        self._hits = zeros(2, self.n_exits, len(self.acc_tops))  # [clf | ens, exit, top]
-        self._n_labelled = zeros()
-        self._n = zeros()
-        self._maxprob = zeros()
-        self._adj_maxprob = zeros()
+        self._hits = zeros(2, self.n_exits, *per, len(self.acc_tops))  # [clf | ens, exit, top]
+        self._n_labelled = zeros(*per)
+        self._n = zeros(*per)
+        self._maxprob = zeros(*per)
+        self._adj_maxprob = zeros(*per)
         self._with_temperature = False
 
     def reset(self):
@@ -61,27 +65,28 @@ class MultiExitAccuracy:
             t.zero_()
 
     def _topk_hits(self, scores, y, labelled):
-        """(exits, tops) number of labelled examples whose label is in the top t."""
-        pred = scores.topk(max(self.acc_tops), dim=-1).indices  # (E, B, kmax)
-        hit = (pred == y[None, :, None]) & labelled[None, :, None]
+        """(exits, [members,] tops) number of labelled examples whose label is in the top t."""
+        pred = scores.topk(max(self.acc_tops), dim=-1).indices  # (E, [K,] B, kmax)
+        hit = (pred == y[None, ..., None]) & labelled[None, ..., None]
         cum = hit.cumsum(dim=-1)
-        return torch.stack([cum[..., t - 1].sum(dim=1) for t in self.acc_tops], dim=-1)
+        return torch.stack([cum[..., t - 1].sum(dim=-1) for t in self.acc_tops], dim=-1)
 
     @torch.no_grad()
     def update(self, logits_list, y, T=None):
         """Add a batch. ``T`` (the loss's temperature) adds ``adj_maxprob``."""
-        logits = torch.stack([z.detach().float() for z in logits_list])  # (E, B, C)
+        logits = torch.stack([z.detach().float() for z in logits_list])  # (E, [K,] B, C)
         labelled = y != IGNORE
         prob = F.softmax(logits, dim=-1)
         ensemble = prob.cumsum(dim=0)  # argmax of the running sum = of the running mean
         self._hits[0] += self._topk_hits(logits, y, labelled)
         self._hits[1] += self._topk_hits(ensemble, y, labelled)
-        self._n_labelled += labelled.sum()
-        self._n += y.numel()
-        self._maxprob += prob[-1].amax(dim=-1).sum()
+        self._n_labelled += labelled.sum(dim=-1)
+        self._n += y.shape[-1]
+        self._maxprob += prob[-1].amax(dim=-1).sum(dim=-1)
         if T is not None:
             self._with_temperature = True
-            self._adj_maxprob += F.softmax(logits[-1] / T, dim=-1).amax(dim=-1).sum()
+            T = T if T.dim() == 0 else T.float()[:, None, None]
+            self._adj_maxprob += F.softmax(logits[-1] / T, dim=-1).amax(dim=-1).sum(dim=-1)
 
     def sum_over_ranks(self):
         """Add up the accumulators of every rank (each saw its share of the data): the counts
@@ -92,11 +97,18 @@ class MultiExitAccuracy:
             p.copy_(total.view_as(p))
 
     def compute(self):
-        """Dict {name: float}, in the order of ``metric_names``."""
-        hits, n_lab, n, maxprob, adj = torch.cat([
-            self._hits.flatten(), self._n_labelled[None], self._n[None], self._maxprob[None],
-            self._adj_maxprob[None]]).cpu().split([self._hits.numel(), 1, 1, 1, 1])  # host sync
-        acc = (hits.view_as(self._hits) / max(float(n_lab), 1.0)).tolist()
+        """Dict {name: float}, in the order of ``metric_names``; with ``members``, one per
+        member."""
+        parts = [self._hits, self._n_labelled, self._n, self._maxprob, self._adj_maxprob]
+        hits, *totals = [t.view_as(p) for t, p in zip(  # host sync
+            torch.cat([p.flatten() for p in parts]).cpu().split([p.numel() for p in parts]),
+            parts)]
+        if self.members is None:
+            return self._named(hits, *totals)
+        return [self._named(hits[:, :, k], *(t[k] for t in totals)) for k in range(self.members)]
+
+    def _named(self, hits, n_lab, n, maxprob, adj):
+        acc = (hits / max(float(n_lab), 1.0)).tolist()
         out = {}
         for i, t in enumerate(self.acc_tops):
             out[f'acc{t}_avg'] = sum(acc[0][k][i] for k in range(self.n_exits)) / self.n_exits

@@ -4,6 +4,8 @@ A step is forward, the loss (which may raise its temperature in place), backward
 update, and the accumulation of the loss, the first non-finite step and the metrics, all on the
 device. ``GraphedTrainStep`` captures that whole step once and replays it for every batch:
 MsdNet at batch 64 is thousands of small kernels, whose launch cost dominates an eager step.
+With ``members=K`` a step trains the K members of a pack (``multiexit.pack``) at once: the loss
+returns each member's, and the accumulators are per member.
 """
 import sys
 
@@ -20,13 +22,14 @@ class TrainStep:
     (``multiexit.streams``; nothing changes on the CPU)."""
 
     def __init__(self, model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
-                 cuda_streams=False):
+                 cuda_streams=False, members=None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device = torch.device(device)
-        self.amp, self.T, self.cuda_streams = amp, T, cuda_streams
-        self.metrics = MultiExitAccuracy(n_exits, acc_tops, self.device)
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.amp, self.T, self.cuda_streams, self.members = amp, T, cuda_streams, members
+        self.metrics = MultiExitAccuracy(n_exits, acc_tops, self.device, members)
+        per = () if members is None else (members,)
+        self.loss_sum = torch.zeros(per, device=self.device)
+        self.first_bad = torch.full(per, -1, dtype=torch.int64, device=self.device)
         self.step_index = torch.zeros((), dtype=torch.int64, device=self.device)
         self.n_steps = 0
 
@@ -47,7 +50,7 @@ class TrainStep:
             logits = self.model(x)
             self.metrics.update(logits, y, self.T)  # before the loss, which may raise T in place
             loss = self.loss_fn(logits, y)
-        loss.backward()
+        (loss.sum() if self.members else loss).backward()
         self.optimizer.step()
         loss = loss.detach()
         self.loss_sum += loss
@@ -61,8 +64,9 @@ class TrainStep:
         self.n_steps += 1
 
     def finish_epoch(self, world_size=1):
-        """(mean loss, metrics dict, index of the first non-finite step or None). With a sharded
-        loader (``world_size`` > 1, model in DDP) these are the global batches', on every rank."""
+        """(mean loss, metrics dict, index of the first non-finite step or None), or with
+        ``members`` a list of each. With a sharded loader (``world_size`` > 1, model in DDP)
+        these are the global batches', on every rank."""
         count_batches(self.model, self.n_steps)  # BatchNorm's step counters, once per epoch
         first_bad, loss_sum = self.first_bad, self.loss_sum
         if world_size > 1:
@@ -72,8 +76,12 @@ class TrainStep:
             first_bad = distributed.min_over_ranks_(first_bad)
             first_bad = torch.where(first_bad == self.n_steps, -1, first_bad)
         out = self.metrics.compute()  # host sync, once per epoch
-        bad_step, loss_sum = int(first_bad), float(loss_sum)  # host sync, once per epoch
-        return loss_sum / max(self.n_steps, 1), out, (bad_step if bad_step >= 0 else None)
+        bad_steps, loss_sums = first_bad.tolist(), loss_sum.tolist()  # host sync, once per epoch
+        mean = lambda total: total / max(self.n_steps, 1)
+        step = lambda bad: bad if bad >= 0 else None
+        if self.members is None:
+            return mean(loss_sums), out, step(bad_steps)
+        return [mean(t) for t in loss_sums], out, [step(b) for b in bad_steps]
 
 
 class GraphedTrainStep(TrainStep):
@@ -161,7 +169,7 @@ class GraphedTrainStep(TrainStep):
 
 
 def build(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
-          cuda_graph=False, compile=None, cuda_streams=False):
+          cuda_graph=False, compile=None, cuda_streams=False, members=None):
     """The training step: a GraphedTrainStep when ``cuda_graph`` (on CUDA), else the eager
     TrainStep.
 
@@ -170,6 +178,7 @@ def build(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=Non
     ('max-autotune-no-cudagraphs'), as ours holds the whole step; 'reduce-overhead' is nothing
     but those graphs and so is refused there. ``cuda_streams``: the model's independent
     branches on parallel streams; not with ``compile``, whose generated code orders the kernels.
+    ``members``: the K runs of a pack at once (``TrainStep``).
     """
     graphed = cuda_graph and torch.device(device).type == 'cuda'
     if compile:
@@ -180,4 +189,4 @@ def build(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=Non
         model, loss_fn = torch.compile(model, mode=mode), torch.compile(loss_fn, mode=mode)
     cls = GraphedTrainStep if graphed else TrainStep
     return cls(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=amp, T=T,
-               cuda_streams=cuda_streams and not compile)
+               cuda_streams=cuda_streams and not compile, members=members)

@@ -1,4 +1,10 @@
-"""The training loop: epochs of device-resident data, validation, snapshots and exact resume."""
+"""The training loop: epochs of device-resident data, validation, snapshots and exact resume.
+
+A ``Run`` is one training run: its settings, data, model, loss, optimizer, checkpoints and log.
+A ``Pack`` trains runs: one alone (``Run.fit``), or several of one network, optimizer and
+schedule at once as one fused network (``multiexit.pack``), each still a run of its own, with
+its own data, loss, validation, checkpoints and log (``train_pack``).
+"""
 import math
 import os
 import random
@@ -14,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (checkpoints, data, datasets, distributed, losses, models, registry, settings,
+from . import (checkpoints, data, datasets, distributed, losses, models, pack, registry, settings,
                train_step)
 from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
                      SnapshotError, TrainingInterrupted, UserError, reported_as_one_line)
@@ -30,6 +36,10 @@ SETTINGS = ('cf_net', 'cf_loss', 'cf_trn', 'cf_val', 'cf_opt', 'cf_scheduler', '
             'val_batch_size', 'n_epochs', 'save_interval', 'data_dir', 'gpu', 'seed', 'amp',
             'compile', 'channels_last', 'sync_bn', 'cuda_graph', 'cuda_streams', 'deterministic',
             'cudnn_benchmark')
+# The settings that the runs of a pack share: one network, optimizer and schedule, one loop.
+PACK_SHARED = ('cf_net', 'cf_opt', 'cf_scheduler', 'batch_size', 'val_batch_size', 'n_epochs',
+               'gpu', 'amp', 'compile', 'channels_last', 'cuda_graph', 'cuda_streams',
+               'deterministic', 'cudnn_benchmark')
 
 
 def resolve_device(gpu):
@@ -96,6 +106,32 @@ def _as_text(changes):
     return '; '.join(f'{k} {old!r} -> {new!r}' for k, old, new in changes)
 
 
+def build_optimizer(cf_opt, params, device):
+    """The optimizer of ``cf_opt`` over ``params``; on CUDA, the fused implementation of those
+    that have one, unless cf_opt chooses."""
+    if device.type == 'cuda' and cf_opt.get('call') in FUSED and not {'fused', 'foreach'} & set(
+            cf_opt):
+        cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
+    return registry.build(settings.classes('cf_opt'), cf_opt, 'opt', params)
+
+
+def scheduler_at(cf_scheduler, optimizer, epoch):
+    """The scheduler of ``cf_scheduler`` stepped through ``epoch`` epochs from cf_opt's lr:
+    the learning rate these settings give the epoch that a run starts or resumes at."""
+    scheduler = registry.build(settings.classes('cf_scheduler'), cf_scheduler, 'scheduler',
+                               optimizer)
+    for _ in range(epoch):
+        step_without_optimizer(scheduler)
+    return scheduler
+
+
+def step_without_optimizer(scheduler):
+    """``scheduler.step()`` of an optimizer that did not step (yet)."""
+    with warnings.catch_warnings():  # torch warns of scheduler steps without optimizer steps
+        warnings.filterwarnings('ignore', re.escape('Detected call of `lr_scheduler.step()`'))
+        scheduler.step()
+
+
 def train_epoch(step, loader, progress=None):
     """One epoch of ``step`` (a ``train_step.TrainStep``) over ``loader``; returns (mean loss,
     metrics dict, index of the first step whose loss was not finite or None). With a sharded
@@ -108,7 +144,8 @@ def train_epoch(step, loader, progress=None):
 
 
 class Run:
-    """Everything a training run holds; ``fit()`` trains it epoch by epoch.
+    """One training run: its settings, data, model, loss, optimizer, checkpoints and log;
+    ``fit()`` trains it epoch by epoch (a ``Pack`` of one).
 
     The data come from the data set that ``cf_trn['call']`` names in ``multiexit.datasets``
     (``cf_val`` names the same one), in ``data_dir``; ``cf_net['out_dim']=None`` takes its
@@ -116,7 +153,7 @@ class Run:
     builds a Run with the same arguments and trains the same model on its part of every batch
     (DDP); rank 0's ``seed`` and ``run_dir`` are used by all (``run_dir`` may be None
     elsewhere), and only rank 0 logs and writes checkpoints. ``script`` is what the messages
-    say to run to resume.
+    say to run to resume. ``error``: what stopped the last ``fit`` of the run, if anything did.
     """
 
     def __init__(self, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler, batch_size,
@@ -146,6 +183,9 @@ class Run:
         # CUDA only: on the CPU, fp32 eager is both the faithful and the fastest path.
         self.amp, self.channels_last, self.compile = (amp and cuda, channels_last and cuda,
                                                       compile if cuda else False)
+        # parallel streams in one process (DDP's gradient hooks are left on one stream)
+        self.cuda_graph, self.sync_bn = cuda_graph and cuda, sync_bn
+        self.cuda_streams = cuda_streams and cuda and self.world_size == 1
         self.seed = seed
         # Configuration first, data last: a bad value is reported before any work is done.
         trn_data, val_data = datasets.build(cf_trn, 'trn'), datasets.build(cf_val, 'val')
@@ -178,10 +218,7 @@ class Run:
         if self.loss_fn.n_exits != self.n_exits:
             raise ConfigError(f'cf_loss n_exits={self.loss_fn.n_exits} but the model has '
                               f'{self.n_exits} exits (cf_net)')
-        if cuda and cf_opt.get('call') in FUSED and not {'fused', 'foreach'} & set(cf_opt):
-            cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
-        self.optimizer = registry.build(settings.classes('cf_opt'), cf_opt, 'opt',
-                                        self.model.parameters())
+        self.optimizer = build_optimizer(cf_opt, self.model.parameters(), self.device)
         self.parent = self._parent_checkpoint(parent_snapshot, snapshot_dir)
         if self.rank:
             torch.manual_seed(self.seed + self.rank)  # dropout: other masks than rank 0's
@@ -189,7 +226,7 @@ class Run:
         self._saved = None  # (path, epoch) of the newest complete training state
         if self.parent:
             self._restore(self.parent)
-        self.scheduler = self._scheduler_at(cf_scheduler, self.epoch)
+        self.scheduler = scheduler_at(cf_scheduler, self.optimizer, self.epoch)
 
         shard = dict(rank=self.rank, world_size=self.world_size, channels_last=self.channels_last)
         with distributed.local_main_first():  # one download per machine
@@ -199,33 +236,18 @@ class Run:
         if len(self.train_loader) == 0:
             raise ConfigError(f'batch_size={batch_size} exceeds the {len(self.train_loader.labels)} '
                               'training examples: no full batch per epoch')
-        step = self.model
-        if self.world_size > 1:  # self.model stays the plain module: evaluated, saved, restored
-            self.model, step = distributed.wrap(self.model, self.device, sync_bn)
-        # Training batches have a fixed size (the last one is dropped), so one captured graph
-        # (ours, or torch.compile's with 'reduce-overhead') serves every step of an epoch.
-        # DDP's gradient all-reduce is not captured: several processes train eagerly.
-        graphed = cuda_graph and cuda and self.world_size == 1 and self.compile != 'reduce-overhead'
-        if cuda_graph and cuda and not graphed:
-            self.log('cuda_graph: not used ' + ('under torchrun (DDP)' if self.world_size > 1 else
-                                               "with compile='reduce-overhead' (its own graphs)"))
-        # parallel streams in one process (DDP's gradient hooks are left on one stream)
-        cuda_streams = cuda_streams and cuda and self.world_size == 1
-        self.step = train_step.build(step, self.loss_fn, self.optimizer, self.n_exits,
-                                     self.acc_tops, self.device, amp=self.amp,
-                                     T=getattr(self.loss_fn, 'temperature', None),
-                                     cuda_graph=graphed, compile=self.compile,
-                                     cuda_streams=cuda_streams)
-        self.val_forward = (GraphedForward(self.model, amp=self.amp, cuda_streams=cuda_streams)
-                            if graphed else None)
+        self.error, self._pack = None, None
+        # A member of a pack draws no random numbers but its loaders' (no dropout), so the RNG
+        # states after its build are what it would save alone; the live ones are another's.
+        self.in_pack, self.rng_at_build = False, rng_state()
 
     @classmethod
-    def from_config(cls, config, run_dir, snapshot_dir, log_scalar, script):
+    def from_config(cls, config, run_dir, snapshot_dir, log_scalar, script, log=print):
         """The Run of a training script's sacred config (its own settings and those that
         training_experiment.py gives every training script)."""
         return cls(**{k: config[k] for k in SETTINGS}, run_dir=run_dir,
                    parent_snapshot=config['parent_snapshot'], snapshot_dir=snapshot_dir,
-                   log_scalar=log_scalar, script=script)
+                   log=log, log_scalar=log_scalar, script=script)
 
     def _parent_checkpoint(self, parent_snapshot, snapshot_dir):
         """The checkpoint to resume from; ``parent_config``: the settings its run recorded
@@ -246,16 +268,20 @@ class Run:
     def _resume_hint(self, run_dir=None):
         """The command that resumes the run in ``run_dir`` (default: the parent's) with the
         settings it recorded."""
+        return f'{distributed.launch_command(self.script)} with {self.resume_updates(run_dir)}'
+
+    def resume_updates(self, run_dir=None):
+        """What follows ``with`` in the command that resumes the run in ``run_dir`` (default: the
+        parent's) with the settings it recorded."""
         run_dir = Path(run_dir or self.parent_path.parent)
         config = run_dir / 'config.json'
-        return (f'{distributed.launch_command(self.script)} with '
-                + (f'{config} ' if config.is_file() else '') + f'parent_snapshot={run_dir}')
+        return (f'{config} ' if config.is_file() else '') + f'parent_snapshot={run_dir}'
 
     def _restore(self, ckpt):
         """Continue from ``ckpt`` with this run's settings: its weights and epoch, and from a
         training state (last.pt) the optimizer's state under this run's cf_opt, DBT's
         temperature, the RNG states and the best snapshot so far. The scheduler follows this
-        run's cf_scheduler from the restored epoch (``_scheduler_at``)."""
+        run's cf_scheduler from the restored epoch (``scheduler_at``)."""
         state, _, extra = checkpoints.unpack_model(ckpt, self.parent_path, self.cf_net)
         try:
             models.load_original_state_dict(self.model, state)
@@ -309,17 +335,6 @@ class Run:
         self.log(f'resuming {self.parent_path} at epoch {self.epoch}'
                  + (changed or ' exactly, with the settings it was trained with'))
 
-    def _scheduler_at(self, cf_scheduler, epoch):
-        """The scheduler of ``cf_scheduler`` stepped through ``epoch`` epochs from cf_opt's lr:
-        the learning rate these settings give the epoch that a run starts or resumes at."""
-        scheduler = registry.build(settings.classes('cf_scheduler'), cf_scheduler, 'scheduler',
-                                   self.optimizer)
-        with warnings.catch_warnings():  # torch warns of scheduler steps without optimizer steps
-            warnings.filterwarnings('ignore', re.escape('Detected call of `lr_scheduler.step()`'))
-            for _ in range(epoch):
-                scheduler.step()
-        return scheduler
-
     def training_state(self, rng_ranks=None):
         """Everything to continue exactly; ``rng_ranks``: every rank's RNG states under DDP
         (rank 0's are ``rng``). The model's keys have no DDP ``module.`` prefix."""
@@ -327,7 +342,13 @@ class Run:
                 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'scheduler': self.scheduler.state_dict(), 'loss': self.loss_fn.state_dict(),
                 'seed': self.seed, 'best_val': self.best_val, 'best_epoch': self.best_epoch,
-                'rng': rng_state(), **({'rng_ranks': rng_ranks} if rng_ranks else {})}
+                'rng': self.rng_at_build if self.in_pack else rng_state(),
+                **({'rng_ranks': rng_ranks} if rng_ranks else {})}
+
+    def continuation(self):
+        """What follows ``with`` in the command that continues this run from its newest complete
+        training state; None where no epoch finished."""
+        return self.resume_updates(self._saved[0].parent) if self._saved else None
 
     def _last_good(self):
         """Where the last complete state is, and how to continue from it."""
@@ -377,57 +398,204 @@ class Run:
             self.log(epoch_header(self.n_exits))
         self.log(epoch_row(self.epoch, lr, T, loss, trn, val, self.n_exits, seconds))
 
-    def fit(self):
-        """Train up to ``n_epochs``; returns the last validation metrics.
+    def non_finite(self, bad_step):
+        """The error of a training loss that turned non-finite at ``bad_step`` of this epoch."""
+        return NonFiniteLossError(
+            f'non-finite training loss at epoch {self.epoch + 1}, step {bad_step + 1}; '
+            f'nothing of this epoch was saved and {self._last_good()}: lower the learning rate '
+            'or check the data')
 
-        SIGINT and SIGTERM abandon the epoch in progress and raise TrainingInterrupted, whose
-        message says how to resume from the last finished epoch (saved atomically in last.pt).
-        Under torchrun, a collective that fails because another process failed or stopped
-        answering raises PeerLostError, with the same instructions.
-        """
+    def fit(self):
+        """Train up to ``n_epochs`` (a ``Pack`` of this run alone); returns the last validation
+        metrics, or raises what stopped it (``Pack.fit``): NonFiniteLossError,
+        CheckpointWriteError, TrainingInterrupted (SIGINT, SIGTERM) or PeerLostError (torchrun),
+        each saying how to resume from the last finished epoch (saved atomically in last.pt)."""
+        self._pack = self._pack or Pack([self])
+        val, = self._pack.fit()
+        if self.error is not None:
+            raise self.error from None
+        return val
+
+
+class Pack:
+    """Runs trained together, epoch by epoch: one alone, or several of one network, optimizer,
+    schedule, batch size and number of steps per epoch (``PACK_SHARED``) as one fused network
+    (``multiexit.pack``) on one device, whose every kernel does all the runs' work.
+
+    Each run keeps its own data (subset, order and augmentation, from its seed and cf_trn), loss
+    (method, C, global_scale, temperature), validation, best snapshot, checkpoints and log, and
+    trains as it would alone, up to the order of floating-point sums: its model, optimizer,
+    scheduler and loss hold its part of the pack's after every epoch, so its files are those of
+    a solo run. The runs start at the same epoch (``train_pack`` groups them so). Several runs
+    train in one process without DDP, and without dropout (``pack.fuse`` refuses it).
+    ``fused``: the fused network even for one run (what benchmarks/pack_throughput.py times as a
+    pack of 1); by default one run trains as it does alone.
+    """
+
+    def __init__(self, runs, fused=False):
+        self.runs = list(runs)
+        lead = self.runs[0]
+        self.members = len(self.runs) if len(self.runs) > 1 or fused else None
+        if self.members:
+            check_packable(self.runs)
+            for run in self.runs:
+                run.in_pack = True
+            self.model = pack.fuse([run.model for run in self.runs], always=True)
+            if lead.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+            self.loss_fn = losses.PackLoss([run.loss_fn for run in self.runs]).to(lead.device)
+            self.optimizer = build_optimizer(lead.settings['cf_opt'], self.model.parameters(),
+                                             lead.device)
+            pack.optimizer_states_from_members(self.optimizer, self.model,
+                                               [run.optimizer for run in self.runs],
+                                               [run.model for run in self.runs])
+            self.scheduler = scheduler_at(lead.settings['cf_scheduler'], self.optimizer,
+                                          lead.epoch)
+            self.train_loader = pack.MemberBatches([r.train_loader for r in self.runs], 'training')
+            self.val_loader = pack.MemberBatches([r.val_loader for r in self.runs], 'validation')
+            self.val_loader.check()
+            step = self.model
+        else:
+            self.model, self.loss_fn, self.optimizer = lead.model, lead.loss_fn, lead.optimizer
+            self.scheduler, self.train_loader = lead.scheduler, lead.train_loader
+            self.val_loader = lead.val_loader
+            step = lead.model
+            if lead.world_size > 1:  # lead.model stays the plain module: evaluated, saved, restored
+                lead.model, step = distributed.wrap(lead.model, lead.device, lead.sync_bn)
+                self.model = lead.model
+        # Training batches have a fixed size (the last one is dropped), so one captured graph
+        # (ours, or torch.compile's with 'reduce-overhead') serves every step of an epoch.
+        # DDP's gradient all-reduce is not captured: several processes train eagerly.
+        graphed = (lead.cuda_graph and lead.world_size == 1
+                   and lead.compile != 'reduce-overhead')
+        if lead.cuda_graph and not graphed:
+            lead.log('cuda_graph: not used ' + ('under torchrun (DDP)' if lead.world_size > 1 else
+                                               "with compile='reduce-overhead' (its own graphs)"))
+        self.T = getattr(self.loss_fn, 'temperature', None)
+        self.step = train_step.build(step, self.loss_fn, self.optimizer, lead.n_exits,
+                                     lead.acc_tops, lead.device, amp=lead.amp, T=self.T,
+                                     cuda_graph=graphed, compile=lead.compile,
+                                     cuda_streams=lead.cuda_streams, members=self.members)
+        self.val_forward = (GraphedForward(self.model, amp=lead.amp,
+                                           cuda_streams=lead.cuda_streams) if graphed else None)
+
+    def _listed(self, result):
+        """What the step or the evaluation returns, as one entry per run."""
+        return result if self.members else [result]
+
+    def _active(self):
+        return [run for run in self.runs if run.error is None and run.epoch < run.n_epochs]
+
+    def fit(self):
+        """Train every run up to its ``n_epochs``; returns each run's last validation metrics
+        ({} where it trained no epoch). A run whose loss turns non-finite, or whose checkpoint
+        cannot be written, stops with that error in its ``error`` (nothing of that epoch saved),
+        and the others go on. SIGINT and SIGTERM abandon the epoch in progress: every run still
+        training gets a TrainingInterrupted whose message says how to resume it from its last
+        finished epoch (saved atomically in last.pt). Under torchrun, a collective that fails
+        because another process failed or stopped answering gives PeerLostError, with the same
+        instructions."""
+        for run in self.runs:
+            run.error = None
+        self.val, self.stopped_by = [{} for _ in self.runs], None
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
         try:
-            return self._fit()
+            self._fit()
         except KeyboardInterrupt as e:
-            raise TrainingInterrupted(f'{str(e) or "SIGINT"} during epoch {self.epoch + 1}; '
-                                      f'{self._last_good()}') from None
+            self.stopped_by = str(e) or 'SIGINT'
+            for run in self._active():
+                run.error = TrainingInterrupted(f'{self.stopped_by} during epoch '
+                                                f'{run.epoch + 1}; {run._last_good()}')
         except RuntimeError as e:
             if not distributed.is_peer_failure(e):
                 raise
-            raise PeerLostError(f'{distributed.peer_failure(e, f" during epoch {self.epoch + 1}")}'
-                                f'; {self._last_good()}') from None
+            for run in self._active():
+                run.error = PeerLostError(f'{distributed.peer_failure(e, f" during epoch {run.epoch + 1}")}'
+                                          f'; {run._last_good()}')
         finally:
             if on_main_thread:
                 signal.signal(signal.SIGTERM, previous)
+        return self.val
 
     def _fit(self):
-        self._first = self.epoch + 1
-        val = {}
-        is_dbt = isinstance(self.loss_fn, losses.DistillationBasedLoss)
-        T = getattr(self.loss_fn, 'temperature', None)
-        progress = lambda desc: (lambda it: bar(it, desc)) if self.is_main else None
-        while self.epoch < self.n_epochs:
+        for run in self.runs:
+            run._first = run.epoch + 1
+        lead = self.runs[0]
+        progress = lambda desc: (lambda it: bar(it, desc)) if lead.is_main else None
+        while active := self._active():
             start = time.time()
-            self.train_loader.set_epoch(self.epoch)
+            self.train_loader.set_epoch(active[0].epoch)
             lr = self.optimizer.param_groups[0]['lr']
-            desc = f'epoch {self.epoch + 1}/{self.n_epochs}'
-            loss, trn, bad_step = train_epoch(self.step, self.train_loader, progress(desc))
-            if bad_step is not None:
-                raise NonFiniteLossError(
-                    f'non-finite training loss at epoch {self.epoch + 1}, step {bad_step + 1}; '
-                    f'nothing of this epoch was saved and {self._last_good()}: lower the '
-                    'learning rate or check the data')
+            desc = f'epoch {active[0].epoch + 1}/{lead.n_epochs}'
+            loss, trn, bad = map(self._listed, train_epoch(self.step, self.train_loader,
+                                                           progress(desc)))
+            for run, bad_step in zip(self.runs, bad):
+                if run in active and bad_step is not None:
+                    run.error = run.non_finite(bad_step)
+            active = [run for run in active if run.error is None]
+            if not active:
+                break
             self.scheduler.step()  # after the epoch: epochs 0..149 at the initial lr (torch 0.4)
-            self.epoch += 1
+            for run in active:
+                if self.members:  # the lr that its own optimizer's state records
+                    step_without_optimizer(run.scheduler)
+                run.epoch += 1
             distributed.broadcast_buffers(self.model)  # evaluate and save rank 0's BN statistics
-            val = evaluate(self.model, self.val_loader, self.n_exits, self.acc_tops, T,
-                           progress('validation'), amp=self.amp, forward=self.val_forward)
-            if is_dbt:
-                trn['temperature'] = val['temperature'] = self.loss_fn.T
-            self._save(val)
-            self._log_epoch(loss, trn, val, lr, time.time() - start)
-        return val
+            val = self._listed(evaluate(self.model, self.val_loader, lead.n_exits,
+                                        lead.acc_tops, self.T, progress('validation'),
+                                        amp=lead.amp, forward=self.val_forward))
+            self._to_runs()
+            for i, run in enumerate(self.runs):
+                if run in active:
+                    self._end_epoch(run, loss[i], trn[i], val[i], lr, time.time() - start)
+                    self.val[i] = val[i]
+
+    def _to_runs(self):
+        """Every run's part of the fused weights, buffers, optimizer state and temperature into
+        its own model, optimizer and loss."""
+        if not self.members:
+            return
+        models = [run.model for run in self.runs]
+        pack.load_members(self.model, models)
+        pack.optimizer_states_to_members(self.optimizer, self.model,
+                                         [run.optimizer for run in self.runs], models)
+        for run, T in zip(self.runs, self.loss_fn.temperature.tolist()):  # host sync, per epoch
+            if hasattr(run.loss_fn, 'temperature'):
+                run.loss_fn.temperature.fill_(T)
+
+    def _end_epoch(self, run, loss, trn, val, lr, seconds):
+        """A run's checkpoints and log of the epoch it finished."""
+        if not hasattr(run.loss_fn, 'temperature'):  # a pack's metrics have every member's
+            trn.pop('adj_maxprob', None)
+            val.pop('adj_maxprob', None)
+        if isinstance(run.loss_fn, losses.DistillationBasedLoss):
+            trn['temperature'] = val['temperature'] = run.loss_fn.T
+        try:
+            run._save(val)
+        except CheckpointWriteError as e:
+            run.error = e
+            return
+        run._log_epoch(loss, trn, val, lr, seconds)
+
+
+def check_packable(runs):
+    """ConfigError unless ``runs`` can train as one pack (``Pack``)."""
+    lead = runs[0]
+    if lead.world_size > 1:
+        raise ConfigError('a pack trains its runs in one process: not under torchrun')
+    for i, run in enumerate(runs[1:], 2):
+        for key in PACK_SHARED:
+            if run.settings[key] != lead.settings[key]:
+                differ = _as_text(changed_settings({key: lead.settings[key]},
+                                                   {key: run.settings[key]}, union=True))
+                raise ConfigError(f'the runs of a pack share {key}, but run {i} differs from run '
+                                  f'1 in {differ}; train them in separate packs')
+        for what, mine, theirs in (('acc_tops', run.acc_tops, lead.acc_tops),
+                                   ('epoch', run.epoch, lead.epoch)):
+            if mine != theirs:
+                raise ConfigError(f'the runs of a pack share {what}, but run {i} has {mine} and '
+                                  f'run 1 {theirs}; train them in separate packs')
 
 
 def train(config, run_dir, snapshot_dir, log_scalar, script, refused=lambda: None):
@@ -446,20 +614,63 @@ def train(config, run_dir, snapshot_dir, log_scalar, script, refused=lambda: Non
                 os.makedirs(run_dir, exist_ok=True)
             else:
                 run_dir = None  # ranks other than 0 write nothing
-            if config['generate_fake_data']:
-                datasets.build(config['cf_trn']).write_fake(config['data_dir'])
-            run = Run.from_config(config, run_dir, snapshot_dir, log_scalar, script)
+            run = _build_run(config, run_dir, snapshot_dir, log_scalar, script)
         except UserError:
             refused()
             raise
         first = run.epoch + 1
-        val = run.fit()
-        at = f' at epoch {run.best_epoch}' if run.best_epoch is not None else ''
-        run.log(f'{run.run_dir}: trained epochs {first} to {run.epoch}; best validation top-1 '
-                f'(mean over exits) {100 * run.best_val:.2f} %{at}; evaluate it with: '
-                f'python3 eval.py with snapshot_name={run.run_dir}')
-        return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
-                **{f'val.{k}': v for k, v in val.items()}}
+        return summary(run, first, run.fit())
+
+
+def _build_run(config, run_dir, snapshot_dir, log_scalar, script, log=print):
+    if config['generate_fake_data']:
+        datasets.build(config['cf_trn']).write_fake(config['data_dir'])
+    return Run.from_config(config, run_dir, snapshot_dir, log_scalar, script, log=log)
+
+
+def summary(run, first, val):
+    """The line that a run ends with (to its log) and its sacred result, once it trained from
+    epoch ``first`` to the end, ``val`` its last validation metrics."""
+    at = f' at epoch {run.best_epoch}' if run.best_epoch is not None else ''
+    run.log(f'{run.run_dir}: trained epochs {first} to {run.epoch}; best validation top-1 '
+            f'(mean over exits) {100 * run.best_val:.2f} %{at}; evaluate it with: '
+            f'python3 eval.py with snapshot_name={run.run_dir}')
+    return {'epoch': run.epoch, 'best_epoch': run.best_epoch, 'best_val_acc1_avg': run.best_val,
+            **{f'val.{k}': v for k, v in val.items()}}
+
+
+def train_pack(configs, run_dirs, snapshot_dir, logs, log_scalars, script):
+    """What the pack script does with the sacred ``configs`` of its runs (``run_dirs``: their
+    run folders; ``logs``, ``log_scalars``: where each one's output and metrics go): build them
+    all, then train those at the same epoch as one ``Pack``, one pack after another. Returns
+    the Runs, each with its sacred ``result``, or the ``error`` that stopped it. A UserError
+    while building (bad input, before anything trained) is raised: the pack does not start.
+
+    SIGINT and SIGTERM stop every run, as they stop a solo run (TrainingInterrupted, with how
+    to resume it); a run that had not started is stopped before its next epoch."""
+    runs = []
+    for config, run_dir, log, log_scalar in zip(configs, run_dirs, logs, log_scalars):
+        os.makedirs(run_dir, exist_ok=True)
+        runs.append(_build_run(config, run_dir, snapshot_dir, log_scalar, script, log=log))
+    first, val = [run.epoch + 1 for run in runs], {}
+    packs = [Pack([run for run in runs if run.epoch == epoch])  # all checked before any trains
+             for epoch in sorted({run.epoch for run in runs})]
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for group in packs:
+            val.update(zip(map(id, group.runs), group.fit()))
+            if group.stopped_by:
+                raise KeyboardInterrupt(group.stopped_by)
+    except KeyboardInterrupt as e:  # the runs that had not started yet
+        for run in runs:
+            if run.error is None and run.epoch < run.n_epochs:
+                run.error = TrainingInterrupted(f'{str(e) or "SIGINT"} before epoch '
+                                                f'{run.epoch + 1}; {run._last_good()}')
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for run, start in zip(runs, first):
+        run.result = None if run.error else summary(run, start, val[id(run)])
+    return runs
 
 
 def _raise_interrupt(signum, frame):

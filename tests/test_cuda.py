@@ -19,7 +19,7 @@ from multiexit.image_folders import write_fake_image_folders
 from multiexit.inference import early_exit_predict
 from multiexit.latency import LatencyExit
 from multiexit.streaming import StreamingExit
-from multiexit.training import Run, train_epoch
+from multiexit.training import Pack, Run, train_epoch
 from test_inference import SyncsInForward
 from test_models import TINY
 
@@ -498,3 +498,95 @@ def test_train_imagenet_smoke_on_cuda_with_the_fast_path(tmp_path):
     assert 'warning: CUDA graph capture' not in proc.stderr
     run_script('eval.py', 'with', 'snapshot_name=1', cwd=tmp_path, snapshots=snaps)
     assert read(snaps / '2' / 'run.json')['result']['macs_clf2'] > 0
+
+
+# --- packs: K runs as one fused network (multiexit.pack) ----------------------------------
+
+PACK_NET = dict(TINY['MsdNet'], out_dim=None)
+PACK_MEMBERS = [(0, dict(call='ClassificationOnlyLoss')),
+                (1, dict(call='DistillationBasedLoss', C=0.5, maxprob=0.02, global_scale=10 / 3)),
+                (2, dict(call='DistillationLossConstTemp', C=0.3, T=4.0, global_scale=2.0))]
+
+
+@pytest.fixture(scope='module')
+def pack_data(tmp_path_factory):
+    from multiexit.data import write_fake_cifar
+    data = tmp_path_factory.mktemp('pack-data')
+    write_fake_cifar(data, 'Cifar10', n_train_per_class=30, n_test_per_class=5)
+    return data
+
+
+def cuda_run(data, run_dir, seed, cf_loss, **switches):
+    """A run of 8 steps (batch 16) on CUDA with the default switches, but ``switches``. At lr
+    0.01: at 0.1 this tiny network is chaotic (the roundings of two convolution algorithms part
+    its trajectories by 1e-2 in 5 steps, on the CPU as well)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trn = dict(call='Cifar10', n_per_class=18, nval_per_class=5, augment=True, seed=seed)
+    return Run(PACK_NET, dict(cf_loss, acc_tops=[1]), trn, dict(trn, augment=False),
+               dict(call='SGD', **dict(OPT, lr=0.01)), dict(call='StepLR', step_size=5), 16, 50,
+               1, 0, data, 0, seed, run_dir, log=lambda *a: None, **switches)
+
+
+def losses_of(loss_fn):
+    """Every training call's loss and temperature (one host sync per step: a test)."""
+    calls = []
+    loss_fn.register_forward_hook(lambda m, args, out: calls.append((
+        torch.atleast_1d(out.detach()).tolist(),
+        torch.atleast_1d(getattr(m, 'temperature', torch.ones(()))).tolist())) if m.training
+        else None)
+    return calls
+
+
+@pytest.mark.parametrize('amp, rtol', [(False, 1e-3), (True, 3e-2)])
+def test_a_pack_on_cuda_trains_each_member_as_its_solo_run(pack_data, tmp_path, amp, rtol):
+    """The default CUDA path (CUDA graph, channels_last, parallel streams, fused SGD; fp32 with
+    TF32 off, and bf16): a pack of three members and each member alone, 8 steps. cuDNN's grouped
+    convolutions round otherwise than the plain ones, so close, not equal; the temperatures
+    are the same."""
+    solo = []
+    for seed, loss in PACK_MEMBERS:
+        run = cuda_run(pack_data, tmp_path / f'solo{seed}', seed, loss, amp=amp)
+        calls = losses_of(run.loss_fn)
+        run.fit()
+        solo.append((run, calls))
+    runs = [cuda_run(pack_data, tmp_path / f'm{seed}', seed, loss, amp=amp)
+            for seed, loss in PACK_MEMBERS]
+    packed = Pack(runs)
+    assert isinstance(packed.step, train_step.GraphedTrainStep)
+    calls = losses_of(packed.loss_fn)
+    packed.fit()
+    assert not packed.step.eager_only and all(r.error is None for r in runs)
+    for k, ((alone, solo_calls), member) in enumerate(zip(solo, runs)):
+        assert len(calls) == len(solo_calls) == 8
+        np.testing.assert_allclose([c[0][k] for c in calls], [c[0][0] for c in solo_calls],
+                                   rtol=rtol)
+        assert [c[1][k] for c in calls] == [c[1][0] for c in solo_calls]
+        mine, theirs = member.model.state_dict(), alone.model.state_dict()
+        for name, value in theirs.items():  # the conv biases before BatchNorm: rounding alone
+            if value.is_floating_point():
+                torch.testing.assert_close(mine[name], value, rtol=10 * rtol, atol=1e-5)
+    assert calls[-1][1][1] > 1  # the DBT member's T rose
+
+
+def test_a_pack_replays_its_graph_as_its_eager_step(pack_data, tmp_path):
+    """fp32, deterministic algorithms: the captured step of a pack (its inputs copied into the
+    graph's, its accumulators per member) trains as its eager step."""
+    out = []
+    for graph in (False, True):
+        runs = [cuda_run(pack_data, tmp_path / f'{graph}{seed}', seed, loss, amp=False,
+                         cuda_graph=graph, deterministic=True)
+                for seed, loss in PACK_MEMBERS]
+        packed = Pack(runs)
+        calls = losses_of(packed.loss_fn)
+        val = packed.fit()
+        out.append((calls, val, [r.model.state_dict() for r in runs]))
+    (eager, eager_val, eager_w), (graphed, graphed_val, graphed_w) = out
+    np.testing.assert_allclose(np.array([c[0] for c in graphed]), np.array([c[0] for c in eager]),
+                               rtol=1e-5)
+    assert [c[1] for c in graphed] == [c[1] for c in eager]
+    for mine, theirs in zip(graphed_w, eager_w):
+        for name, value in theirs.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(mine[name], value, rtol=1e-4, atol=1e-6)
+    for a, b in zip(graphed_val, eager_val):
+        assert a['acc1_avg'] == pytest.approx(b['acc1_avg'], abs=0.02)

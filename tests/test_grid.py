@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -208,13 +209,14 @@ def test_a_grid_over_more_seeds_gathers_every_finished_seed_of_its_cells(tmp_pat
     assert '| 10 | DBT | 2 |' in markdown and markdown in printed
 
 
-def fake_cells(monkeypatch, outcome_of, where=grid, name='run_cell'):
-    """Replaces running a cell with ``outcome_of(cell)``; returns the cells run, in order."""
+def fake_cells(monkeypatch, outcome_of, where=grid, name='run_unit'):
+    """Replaces running a unit with ``outcome_of(cell)`` for each of its cells; returns the
+    cells run, in order."""
     ran = []
 
-    def run(cell, *args, **kwargs):
-        ran.append(cell.name)
-        return outcome_of(cell, *args)
+    def run(unit, *args, **kwargs):
+        ran.extend(cell.name for cell in unit.cells)
+        return [(cell, outcome_of(cell, *args)) for cell in unit.cells]
     monkeypatch.setattr(where, name, run)
     return ran
 
@@ -229,7 +231,7 @@ NO_DATA = 'error: no cifar-100-python/ in data and the download failed'
 @pytest.mark.parametrize('jobs', [1, 2])
 def test_an_error_every_cell_repeats_stops_the_grid_at_once(tmp_path, capsys, monkeypatch,
                                                              jobs):
-    where = (grid, 'run_cell') if jobs == 1 else (local, 'run_logged')
+    where = (grid, 'run_unit') if jobs == 1 else (local, 'run_logged')
     ran = fake_cells(monkeypatch, lambda cell, *args: failure(NO_DATA), *where)
     with pytest.raises(SystemExit) as stopped:
         grid.main(['--quick', '--jobs', str(jobs), '--gpus', 'none',
@@ -297,7 +299,7 @@ def test_the_output_of_a_cell_on_the_terminal_is_watched_for_its_error_line(capf
     tee = cells.Tee(proc.stderr)
     proc.wait()
     tee.join()
-    assert tee.error() == 'error: the last one'
+    assert cells.error_line(tee.text()) == 'error: the last one'
     assert capfd.readouterr().err == '50%|##   | 1/2\rerror: not this one\nerror: the last one\nbye\n'
 
 
@@ -538,6 +540,90 @@ def test_differences_to_standard_are_paired_by_seed():
         {'size': 20, 'method': 'DBT + unlabelled − standard', 'seeds': 2, 'exit 0': '-1.0 ± 0.0',
          'exit 1': '-1.0 ± 0.0'}]
 
+def test_cells_that_differ_in_method_and_seed_share_packs():
+    full = grid.PRESETS['cifar100', False]
+    every = grid.plan(full, ['standard', 'dbt', 'const_t4', 'semisup'], full.sizes, full.seeds,
+                      300)
+    units = cells.packed(every, None)  # --pack auto on a GPU: every cell of a size in one
+    assert sum(len(u.cells) for u in units) == len(every)
+    packs = [u for u in units if isinstance(u, cells.Pack)]
+    assert len(packs) == 5 + 4 and len(units) == len(packs)  # semisup: packs of its own
+    for pack in packs:
+        assert len({(c.size, c.named_configs) for c in pack.cells}) == 1
+        assert len(pack.cells) == (3 if 'semisup' in pack.cells[0].named_configs else 9)
+    assert packs[0].name == ('grid/pack/n25/standard-s0+standard-s1+standard-s2+dbt-s0+dbt-s1+'
+                             'dbt-s2+const_t4-s0+const_t4-s1+const_t4-s2')
+    in_twos = cells.packed(every, 2)
+    assert [len(u.cells) for u in in_twos if u.cells[0].size == 25 and not u.cells[
+        0].named_configs] == [2, 2, 2, 2, 1]  # the 9 cells of size 25
+    assert all(isinstance(u, grid.Cell) for u in cells.packed(every, 1))
+    other = grid.plan(full, ['dbt'], [25], [0], 300, ['cf_opt.lr=0.05'])
+    assert len(cells.packed(every[:1] + other, None)) == 2  # other settings: another pack
+    assert grid.pack_size('auto', (), ['0']) is None and grid.pack_size('auto', (), []) == 1
+    assert grid.pack_size('auto', ('gpu=-1',), ['0']) == 1 and grid.pack_size(3, (), []) == 3
+
+
+def test_jobs_spread_packs_over_the_gpus(tmp_path, monkeypatch):
+    units, both_running = [], threading.Barrier(2, timeout=60)
+
+    def run_logged(unit, snapshots, stop, path, header, env=None):
+        units.append((unit.name, env['CUDA_VISIBLE_DEVICES'], path))
+        both_running.wait()
+        return [(cell, failure(f'error: {cell.name} stops here')) for cell in unit.cells]
+    monkeypatch.setattr(local, 'run_logged', run_logged)
+    with pytest.raises(SystemExit):
+        grid.main(['--quick', '--pack', '2', '--jobs', '2', '--gpus', '0,1', '--snapshots',
+                   str(tmp_path / 'snaps'), '--out', str(tmp_path / 'out')])
+    names = ['grid-quick/pack/n10/standard-s0+dbt-s0', 'grid-quick/pack/n20/standard-s0+dbt-s0']
+    assert sorted(u[0] for u in units) == names and {u[1] for u in units} == {'0', '1'}
+    assert {u[2] for u in units} == {tmp_path / 'out' / 'logs' / f'{n}.log' for n in names}
+
+
+@pytest.fixture(scope='module')
+def packed_grid(tmp_path_factory):
+    work = tmp_path_factory.mktemp('packed')
+    return work, run_grid('--quick', '--pack', '2', '--snapshots', 'snaps', cwd=work)
+
+
+def test_pack_2_trains_the_cells_of_a_size_together_and_writes_the_same_tables(packed_grid,
+                                                                                 quick):
+    """Each pack is one train_pack.py run whose members are the cells' training runs, tested as
+    any. The tables hold the same cells with the accuracies of the unpacked grid within 5 points:
+    at chance level (1 epoch of noise), the grouped convolutions' rounding, which these tiny
+    networks amplify, moves a few of the 1,000 test images; the mean training loss of each run,
+    which a pack that trained anything else would change at once, within 0.3 %."""
+    work, proc = packed_grid
+    assert proc.stdout.count('train_pack.py --script train_cifar.py --member') == 2
+    assert 'train_cifar.py with' not in proc.stdout
+    runs, alone = load_runs(work / 'snaps'), by_name(quick[2])
+    packed = by_name(runs)
+    assert sorted(packed) == sorted(alone) and (runs['status'] == 'COMPLETED').all()
+    for name, rows in packed.items():
+        run, solo = rows.iloc[0], alone[name].iloc[0]
+        for key in ('cf_loss.call', 'cf_trn.n_per_class', 'seed', 'named_configs', 'final_epoch'):
+            assert run[key] == solo[key], (name, key)
+        assert run['final.train.loss'] == pytest.approx(solo['final.train.loss'], rel=3e-3)
+    mine, theirs = (pd.read_csv(w / 'results' / 'grid-quick.csv') for w in (work, quick[0]))
+    columns = ['method', 'size', 'seed', 'exit', 'data', 'network', 'epochs']
+    pd.testing.assert_frame_equal(mine[columns], theirs[columns])
+    assert (mine['acc1'] - theirs['acc1']).abs().max() <= 0.05
+    markdown = (work / 'results' / 'grid-quick.md').read_text().splitlines()
+    assert markdown[:3] == (quick[0] / 'results' / 'grid-quick.md').read_text().splitlines()[:3]
+    assert_png(work / 'results' / 'grid-quick.png')
+
+
+def test_a_pack_member_resumes_alone_as_a_solo_run(packed_grid):
+    work, _ = packed_grid
+    member = by_name(load_runs(work / 'snaps'))['grid-quick/dbt/n10/s0'].iloc[0]['run']
+    folder = work / 'snaps' / member
+    run_script('train_cifar.py', 'with', str(folder / 'config.json'), f'parent_snapshot={folder}',
+               'n_epochs=2', cwd=work, snapshots=work / 'snaps')
+    resumed = load_runs(work / 'snaps').iloc[-1]
+    assert (resumed['status'], resumed['final_epoch'], resumed['parent_run']) == (
+        'COMPLETED', 2, member)
+    assert weights(work / 'snaps' / resumed['run'])['epoch'] == 2
+
+
 @pytest.fixture(scope='module')
 def parallel(tmp_path_factory):
     work = tmp_path_factory.mktemp('jobs')
@@ -620,8 +706,8 @@ FAKE_SLURM = {  # just enough of SLURM's commands for submitit to submit and ask
 }
 
 
-def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(tmp_path,
-                                                                              monkeypatch):
+def fake_slurm(tmp_path, monkeypatch):
+    """FAKE_SLURM's commands first on the PATH; returns their folder."""
     fake = tmp_path / 'bin'
     fake.mkdir()
     for name, script in FAKE_SLURM.items():
@@ -629,6 +715,36 @@ def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(t
         (fake / name).chmod(0o755)
     monkeypatch.setenv('PATH', f'{fake}{os.pathsep}{os.environ["PATH"]}')
     monkeypatch.setenv('FAKE_SLURM', str(fake))
+    return fake
+
+
+def test_a_pack_is_one_task_of_the_job_array(tmp_path, monkeypatch):
+    fake = fake_slurm(tmp_path, monkeypatch)
+    submitted = run_grid('--quick', '--pack', '2', '--cluster', 'slurm', cwd=tmp_path)
+    assert '#SBATCH --array=0-1%2\n' in (fake / 'sbatch-4242.sh').read_text()  # 2 tasks
+    record = json.loads((tmp_path / 'results' / 'cluster.json').read_text())
+    assert record['options']['pack'] == 2
+    for size, task in ((10, '4242_0'), (20, '4242_1')):
+        pack = f'grid-quick/pack/n{size}/standard-s0+dbt-s0'
+        for method in QUICK.methods:
+            name = f'grid-quick/{method}/n{size}/s0'
+            assert f'{name}: submitted (task {task})' in submitted.stdout
+            assert record['tasks'][name] == task
+            assert record['logs'][name] == f'results/logs/{pack}.log'  # as --out gave it
+    log = tmp_path / 'results' / 'logs' / 'grid-quick' / 'pack' / 'n10' / 'standard-s0+dbt-s0.log'
+    log.parent.mkdir(parents=True)
+    log.write_text('[run 3: grid-quick/dbt/n10/s0] error: its own\nerror: the pack\'s last\n')
+    (fake / 'sacct.txt').write_text('JobID|State|NodeList\n4242_0|FAILED|n1\n4242_1|RUNNING|n2\n')
+    collected = run_grid('--quick', cwd=tmp_path, code=grid.EXIT_CELLS_FAILED)
+    assert 'grid-quick/dbt/n10/s0: failed (task 4242_0, FAILED: error: its own)' in collected.stdout
+    assert "grid-quick/standard/n10/s0: failed (task 4242_0, FAILED: error: the pack's last)" \
+        in collected.stdout
+    assert 'grid-quick/dbt/n20/s0: queued or running (task 4242_1)' in collected.stdout
+
+
+def test_slurm_submission_collection_and_resubmission_with_fake_slurm_commands(tmp_path,
+                                                                              monkeypatch):
+    fake = fake_slurm(tmp_path, monkeypatch)
     names = [f'grid-quick/{m}/n{s}/s0' for m in QUICK.methods for s in QUICK.sizes]
     submitted = run_grid('--quick', '--cluster', 'slurm', '--partition', 'gpu', '--time', '90',
                          '--cpus-per-task', '4', '--mem-gb', '16', '--array-parallelism', '2',

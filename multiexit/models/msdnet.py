@@ -7,11 +7,10 @@ order so that ``torch.manual_seed(s)`` before construction gives the same initia
 import math
 
 import numpy as np
-import torch
 from torch import nn
 
 from .. import streams
-from .base import MultiExitNet
+from .base import MultiExitNet, cat_channels
 from .batchnorm import BatchNorm2d
 
 
@@ -26,6 +25,7 @@ def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
 
 class MsdJoinConv(nn.Module):
     """New features of one scale: from the same scale, and (strided) from the finer scale."""
+    members = 1  # models folded into the channels (multiexit.pack): the concatenation is each's
 
     def __init__(self, n_in, n_in_down, n_out, btneck, btneck_down):
         super().__init__()
@@ -49,7 +49,7 @@ class MsdJoinConv(nn.Module):
         return [(self.conv, x)] + ([(self.conv_down, x_finer)] if x_finer is not None else [])
 
     def forward(self, x, x_finer):
-        return torch.cat([x] + [conv(v) for conv, v in self.paths(x, x_finer)], dim=1)
+        return cat_channels([x] + [conv(v) for conv, v in self.paths(x, x_finer)], self.members)
 
 
 class MsdLayer0(nn.Module):
@@ -78,6 +78,7 @@ class MsdLayer0(nn.Module):
 
 class MsdLayer(nn.Module):
     """One dense layer at every scale; a scale whose output width is 0 is pruned (None)."""
+    members = 1  # models folded into the channels (multiexit.pack): the concatenation is each's
 
     def __init__(self, nplanes_tab, btneck_widths):
         super().__init__()
@@ -100,7 +101,7 @@ class MsdLayer(nn.Module):
         new = iter(streams.branches([path for _, paths in live for path in paths]))
         out = [None] * len(self.mods)
         for i, paths in live:
-            out[i] = torch.cat([xs[i]] + [next(new) for _ in paths], dim=1)
+            out[i] = cat_channels([xs[i]] + [next(new) for _ in paths], self.members)
         return out
 
 

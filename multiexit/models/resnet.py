@@ -11,7 +11,7 @@ from functools import partial
 from torch import nn
 from torch.nn import functional as F
 
-from .base import MultiExitNet
+from .base import MultiExitNet, pad_channels
 from .batchnorm import BatchNorm2d
 
 SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
@@ -35,6 +35,7 @@ class BasicBlock(nn.Module):
     size and doubles the width, the input is subsampled and zero channels are appended, so
     shortcuts add no parameters.
     """
+    members = 1  # models folded into the channels (multiexit.pack): each gets its zero channels
 
     def __init__(self, n_in, n_out, stride):
         super().__init__()
@@ -55,7 +56,7 @@ class BasicBlock(nn.Module):
         shortcut = x[:, :, ::self.stride, ::self.stride]
         extra = self.n_out - self.n_in
         if extra:
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+            shortcut = pad_channels(shortcut, extra // 2, extra - extra // 2, self.members)
         return F.relu(out + shortcut)
 
 
