@@ -202,6 +202,7 @@ class MemberBatches:
     def set_epoch(self, epoch):
         for loader in self.loaders:
             loader.set_epoch(epoch)
+        self.check()  # zip would silently cut the longer members' epochs
 
     def check(self):
         """ConfigError unless every member's loader has as many examples in as many batches."""

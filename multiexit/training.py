@@ -453,6 +453,7 @@ class Pack:
                                           lead.epoch)
             self.train_loader = pack.MemberBatches([r.train_loader for r in self.runs], 'training')
             self.val_loader = pack.MemberBatches([r.val_loader for r in self.runs], 'validation')
+            self.train_loader.check()
             self.val_loader.check()
             step = self.model
         else:

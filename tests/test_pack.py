@@ -424,3 +424,8 @@ def test_runs_with_other_numbers_of_steps_cannot_share_a_pack(fake_data, tmp_pat
                                           'training examples and batches; they have 200 examples '
                                           'in 25 batches, 200 examples in 12 batches'):
         Pack(runs)
+    runs[1].train_loader.order.batch_size = 8
+    group = Pack(runs)
+    runs[1].train_loader.order.batch_size = 16  # a loader that changes after the pack was built
+    with pytest.raises(ConfigError, match='200 examples in 25 batches, 200 examples in 12'):
+        group.train_loader.set_epoch(1)
