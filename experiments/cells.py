@@ -313,7 +313,9 @@ def run_unit(unit, snapshots, stop, log=None, env=None, warn=print, say=print, p
             outcomes[cell] = Outcome('interrupted', train)
             continue
         say(f'testing run {train["run"]}' + (f' ({cell.name})' if len(cells) > 1 else ''))
-        code, output = call([ROOT / 'eval.py', 'with', f'snapshot_name={train["run"]}'],
+        # no timing: the tables hold no times, and cells side by side would time each other
+        code, output = call([ROOT / 'eval.py', 'with', f'snapshot_name={train["run"]}',
+                             'time_repeats=0'],
                             snapshots, stop, log, env, preexec=preexec)
         test = evaluation(load(snapshots, warn), train['run'])
         outcomes[cell] = (Outcome('ran', train, test) if test is not None else

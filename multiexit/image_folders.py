@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .data import check_class_sizes, check_split_sizes, split_selection
 from .errors import ConfigError, DataError
@@ -47,6 +46,8 @@ class Files:
 def _scan(directory, classes, allow_empty):
     """Files of ``directory/<class>/`` for ``classes`` (label = position), as torchvision's
     ``make_dataset`` finds them; ``allow_empty``: classes without a folder or image pass."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # as models.imagenet_resnet
+
     try:
         found = make_dataset(directory, {c: k for k, c in enumerate(classes)}, IMG_EXTENSIONS,
                              allow_empty=allow_empty)
@@ -67,6 +68,8 @@ def folder_classes(data_dir):
     """The class names of ``data_dir/train/``, sorted."""
     train = Path(data_dir) / 'train'
     _need_dir(train, 'an image folder holds train/<class>/ and val/<class>/')
+    from torchvision.datasets.folder import find_classes
+
     try:
         return tuple(find_classes(train)[0])
     except FileNotFoundError:

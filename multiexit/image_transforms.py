@@ -13,7 +13,6 @@ float arithmetic: the same operations in the same order, as timm's PrefetchLoade
 """
 import numpy as np
 import torch
-from torchvision import transforms as T
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -32,11 +31,18 @@ def sample_seed(seed, epoch, index):
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2 ** 63
 
 
+def _transforms():
+    from torchvision import transforms  # lazily, as in models.imagenet_resnet
+
+    return transforms
+
+
 class TrainTransform:
     """PIL image -> (uint8 HWC array, lighting draw (3,)) with the original's random crop,
     colour jitter, flip and lighting draw, drawn from a generator seeded with ``seed``."""
 
     def __init__(self, size):
+        T = _transforms()
         self.pil = T.Compose([T.RandomResizedCrop(size),
                               T.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER),
                               T.RandomHorizontalFlip()])
@@ -54,6 +60,7 @@ class TestTransform:
     """PIL image -> (uint8 HWC array, zero lighting): resize and centre crop."""
 
     def __init__(self, size):
+        T = _transforms()
         self.pil = T.Compose([T.Resize(round(size * TEST_RESIZE)), T.CenterCrop(size)])
 
     def __call__(self, img, seed=None):

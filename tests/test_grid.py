@@ -644,6 +644,9 @@ def test_jobs_run_cells_at_once_with_a_log_each_and_the_same_tables(parallel, qu
         assert re.search(rf'^done {name} \(training run {rows.iloc[0]["run"]}, test run \d+\); '
                          rf'log results/logs/{name}.log$', proc.stdout, re.M)
     assert 'train_cifar' not in proc.stdout + proc.stderr  # the runs' output is in the logs
+    tests = [json.loads(p.read_text()) for p in (work / 'snaps').glob('*/config.json')]
+    tests = [c for c in tests if 'time_repeats' in c]  # eval.py's runs
+    assert len(tests) == len(by_name(runs)) and {c['time_repeats'] for c in tests} == {0}
 
 
 def test_a_failed_cell_is_reported_with_its_log_while_the_others_finish(tmp_path):

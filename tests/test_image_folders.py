@@ -69,9 +69,11 @@ def test_both_layouts_give_the_same_test_samples(folder):
 
 
 def test_the_file_list_is_made_once(folder, monkeypatch):
+    from torchvision.datasets import folder as torchvision_folder  # image_folders imports it lazily
+
     calls = []
-    scan = image_folders.make_dataset
-    monkeypatch.setattr(image_folders, 'make_dataset',
+    scan = torchvision_folder.make_dataset
+    monkeypatch.setattr(torchvision_folder, 'make_dataset',
                         lambda *a, **k: calls.append(a) or scan(*a, **k))
     image_folders._scan.cache_clear()
     for cf in (dict(), dict(augment=False)):  # cf_trn and cf_val of a run

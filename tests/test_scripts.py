@@ -2,9 +2,12 @@
 import importlib
 import json
 import math
+import os
 import re
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +17,7 @@ import torch
 from multiexit import budgeted, datasets
 from multiexit.evaluation import exit_logits, load_model
 from multiexit.metrics import metric_names
-from conftest import RISING_T, ROOT, run_script
+from conftest import RISING_T, ROOT, pythonpath, run_script
 from test_anytime import assert_png
 
 SMALL = ['smoke', 'cf_scheduler.milestones=[1]', RISING_T]
@@ -38,6 +41,17 @@ def trained(workdir):
         'eval_id': run('eval.py', 'with', 'snapshot_name=1', 'checkpoint=last'),
     }
     return snaps, procs
+
+
+def test_the_cifar_scripts_start_without_torchvision():
+    """torchvision's import (~2.5 s: it loads torch._dynamo) is paid only where images are
+    read from folders or an ImageNet ResNet is built, not by every start of the CIFAR scripts."""
+    code = ('import sys, eval, training_experiment; '
+            'print(sorted(m for m in sys.modules if m.split(".")[0] == "torchvision"))')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=pythonpath()), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == '[]'
 
 
 def test_first_commands_print_no_sacred_warnings(trained):

@@ -1,13 +1,11 @@
 """torchvision's ImageNet ResNets (He et al. 2016) with early exits after their stages."""
 from torch import nn
-from torchvision.models import resnet
 
 from .base import MultiExitNet
 from .batchnorm import BatchNorm2d
 from .resnet import conv_head, pool_head
 
-ARCHS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101,
-         152: resnet.resnet152}
+DEPTHS = (18, 34, 50, 101, 152)  # torchvision's resnet<depth>
 N_STAGES = 4
 
 
@@ -26,8 +24,8 @@ class ImageNetResNet(MultiExitNet):
 
     def __init__(self, depth=50, out_dim=1000, exit_after=(0, 1, 2), head='pool', head_width=128):
         super().__init__()
-        if depth not in ARCHS:
-            raise ValueError(f'ImageNetResNet: depth must be one of {sorted(ARCHS)}, got {depth}')
+        if depth not in DEPTHS:
+            raise ValueError(f'ImageNetResNet: depth must be one of {list(DEPTHS)}, got {depth}')
         exit_after = list(exit_after)
         if exit_after != sorted(set(exit_after)) or not all(
                 0 <= i < N_STAGES - 1 for i in exit_after):
@@ -36,7 +34,11 @@ class ImageNetResNet(MultiExitNet):
                              f'classifier), got {exit_after}')
         if head not in ('pool', 'conv'):
             raise ValueError(f"ImageNetResNet: head must be 'pool' or 'conv', got {head!r}")
-        net = ARCHS[depth](num_classes=out_dim, norm_layer=BatchNorm2d)
+        # imported here: torchvision's import takes ~2.5 s (it loads torch._dynamo), which every
+        # script start would pay for a network few runs build
+        from torchvision.models import resnet
+
+        net = getattr(resnet, f'resnet{depth}')(num_classes=out_dim, norm_layer=BatchNorm2d)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4]
         expansion = type(net.layer1[0]).expansion
