@@ -46,7 +46,7 @@ class Files:
 def _scan(directory, classes, allow_empty):
     """Files of ``directory/<class>/`` for ``classes`` (label = position), as torchvision's
     ``make_dataset`` finds them; ``allow_empty``: classes without a folder or image pass."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # as models.imagenet_resnet
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # lazily: imagenet_resnet
 
     try:
         found = make_dataset(directory, {c: k for k, c in enumerate(classes)}, IMG_EXTENSIONS,
