@@ -1,10 +1,40 @@
-"""Cost per exit (parameters, multiply-accumulates), counted by ``torch.utils.flop_counter``.
+"""Cost per exit (parameters, multiply-accumulates) of one image's forward pass.
 
-What is counted is what FlopCounterMode counts: convolutions and matrix products (Conv2d and
-Linear here), without biases, normalisation, activations or pooling; MACs = FLOPs / 2.
+What is counted is what ``torch.utils.flop_counter.FlopCounterMode`` counts for these models
+(a test checks it for every registered model): convolutions and matrix products (Conv2d and
+Linear), without biases, normalisation, activations or pooling; MACs = FLOPs / 2. The count is
+taken by forward hooks rather than by FlopCounterMode, whose first use imports torch._dynamo
+(~2.5 s added to every start of eval.py).
 """
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn
+
+
+def _layer_macs(module, output):
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    return output.numel() * module.in_features  # nn.Linear
+
+
+def module_macs(model, x):
+    """{qualified name of each Conv2d and Linear: its MACs in ``model(x)``}."""
+    macs = {}
+
+    def counter(name):
+        def hook(module, inputs, output):
+            macs[name] = macs.get(name, 0) + _layer_macs(module, output)
+        return hook
+
+    hooks = [module.register_forward_hook(counter(name))
+             for name, module in model.named_modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs
 
 
 def _count(module):
@@ -21,14 +51,14 @@ def exit_costs(model, input_size=(3, 32, 32)):
     was_training = model.training
     model.eval()
     param = next(model.parameters())
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    per_layer = module_macs(model, torch.zeros(1, *input_size, device=param.device,
+                                                dtype=param.dtype))
     model.train(was_training)
-    per_module = counter.get_flop_counts()
-    root = type(model).__name__
 
     def macs(kind, k):
-        return sum(per_module.get(f'{root}.{kind}.{k}', {}).values()) // 2
+        own = f'{kind}.{k}'
+        return sum(n for name, n in per_layer.items()
+                   if name == own or name.startswith(own + '.'))
 
     out, blocks_macs, heads_macs, blocks_params = [], 0, 0, 0
     for k in range(len(model.exits)):

@@ -209,6 +209,24 @@ def test_registered_model_exit_costs(name):
     assert costs[-1]['params'] == count(model) - sum(count(h) for h in model.exits[:-1])
 
 
+@pytest.mark.parametrize('name', sorted(models.REGISTRY) + ['paper'])
+def test_exit_macs_are_what_the_flop_counter_counts(name, paper_net):
+    """flops counts by hooks what FlopCounterMode counts (FLOPs / 2), layer by layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = (paper_net if name == 'paper' else models.build(TINY[name])).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    root = type(model).__name__
+    counted = {k[len(root) + 1:]: sum(v.values()) // 2
+               for k, v in counter.get_flop_counts().items() if k.startswith(root + '.')}
+    with torch.no_grad():
+        hooked = flops.module_macs(model, x)
+    assert {k: v for k, v in counted.items() if k in hooked} == hooked
+    assert sum(hooked.values()) == sum(counter.get_flop_counts()[root].values()) // 2
+
+
 def with_torchs_batchnorm(model):
     """A copy of ``model`` whose BatchNorms are torch's own (as the original's were)."""
     model = copy.deepcopy(model)
