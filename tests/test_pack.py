@@ -256,15 +256,20 @@ def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fa
                       checkpoints.load(healthy.run_dir / 'last.pt')['model']) == []
 
 
-def test_a_signal_stops_every_member_as_it_stops_a_solo_run(fake_data, tmp_path, monkeypatch):
+def interrupt_epoch_2(monkeypatch, signal_name):
+    """The second training epoch (of the process) stops as ``signal_name`` stops it."""
     real, calls = training.train_epoch, []
 
-    def second_epoch_interrupted(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt('SIGTERM')
+            raise KeyboardInterrupt(signal_name)
         return real(*args, **kwargs)
-    monkeypatch.setattr(training, 'train_epoch', second_epoch_interrupted)
+    monkeypatch.setattr(training, 'train_epoch', interrupted)
+
+
+def test_a_signal_stops_every_member_as_it_stops_a_solo_run(fake_data, tmp_path, monkeypatch):
+    interrupt_epoch_2(monkeypatch, 'SIGTERM')
     runs = [make_run(fake_data, tmp_path / str(seed), seed, loss) for seed, loss in MEMBERS[:2]]
     Pack(runs).fit()
     for run in runs:
@@ -357,14 +362,7 @@ def test_every_member_is_a_sacred_run_of_its_own(packed_runs):
 
 def test_a_signal_stops_every_member_and_the_pack_resumes_exactly(
         packed_runs, smoke_data, snapshots, monkeypatch, capsys):
-    real, calls = training.train_epoch, []
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt('SIGINT')
-        return real(*args, **kwargs)
-    monkeypatch.setattr(training, 'train_epoch', interrupted_in_epoch_2)
+    interrupt_epoch_2(monkeypatch, 'SIGINT')
     code = train_pack_main('--member', 'seed=0', 'cf_loss.call=ClassificationOnlyLoss',
                            'snapshot_name=a', '--member', 'seed=1', 'snapshot_name=b', '--',
                            *SMOKE, f'data_dir={smoke_data}')
