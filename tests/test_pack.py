@@ -257,7 +257,8 @@ def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fa
 
 
 def interrupt_epoch_2(monkeypatch, signal_name):
-    """The second training epoch (of the process) stops as ``signal_name`` stops it."""
+    """The second training epoch (of the process) stops as ``signal_name`` stops it; returns
+    the real ``train_epoch``."""
     real, calls = training.train_epoch, []
 
     def interrupted(*args, **kwargs):
@@ -266,6 +267,7 @@ def interrupt_epoch_2(monkeypatch, signal_name):
             raise KeyboardInterrupt(signal_name)
         return real(*args, **kwargs)
     monkeypatch.setattr(training, 'train_epoch', interrupted)
+    return real
 
 
 def test_a_signal_stops_every_member_as_it_stops_a_solo_run(fake_data, tmp_path, monkeypatch):
@@ -362,7 +364,7 @@ def test_every_member_is_a_sacred_run_of_its_own(packed_runs):
 
 def test_a_signal_stops_every_member_and_the_pack_resumes_exactly(
         packed_runs, smoke_data, snapshots, monkeypatch, capsys):
-    interrupt_epoch_2(monkeypatch, 'SIGINT')
+    real = interrupt_epoch_2(monkeypatch, 'SIGINT')
     code = train_pack_main('--member', 'seed=0', 'cf_loss.call=ClassificationOnlyLoss',
                            'snapshot_name=a', '--member', 'seed=1', 'snapshot_name=b', '--',
                            *SMOKE, f'data_dir={smoke_data}')
