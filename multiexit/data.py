@@ -226,8 +226,17 @@ class EpochOrder:
                           perm(unl)[:n_tup * self.r_unl].view(self.r_unl, n_tup)])
         return rows.T.reshape(-1)
 
-    def n_batches(self, epoch=0):
-        n = len(self.positions(epoch))
+    def n_examples(self):
+        """How many examples every epoch visits (``len(positions(epoch))``, without drawing)."""
+        lab, unl = len(self._lab_pos), len(self._unl_pos)
+        if not unl or self.r_unl == 0:
+            return lab
+        if self.r_lab == 0:
+            return unl
+        return min(lab // self.r_lab, unl // self.r_unl) * (self.r_lab + self.r_unl)
+
+    def n_batches(self):
+        n = self.n_examples()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batches(self, epoch, device='cpu'):
@@ -260,7 +269,7 @@ class EpochLoader:
         self.epoch = epoch
 
     def __len__(self):
-        return self.order.n_batches(self.epoch)
+        return self.order.n_batches()
 
 
 class DeviceLoader(EpochLoader):

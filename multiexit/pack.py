@@ -206,8 +206,7 @@ class MemberBatches:
 
     def check(self):
         """ConfigError unless every member's loader has as many examples in as many batches."""
-        sizes = [(len(loader), len(loader.order.positions(loader.epoch)))
-                 for loader in self.loaders]
+        sizes = [(len(loader), loader.order.n_examples()) for loader in self.loaders]
         if len(set(sizes)) > 1:
             listed = ', '.join(f'{n} examples in {b} batches' for b, n in sizes)
             raise ConfigError(f'the members of a pack need the same number of {self.what} '

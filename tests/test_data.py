@@ -140,7 +140,8 @@ def test_semi_supervised_interleaves_labelled_and_unlabelled(fake_data):
     labels = loader.labels
     assert (labels == -100).sum() == 400 and (labels >= 0).sum() == 600
     order = labels[loader.order.positions(loader.epoch)]
-    assert len(order) == 3 * 200  # n_tup = min(600 // 1, 400 // 2)
+    assert len(order) == 3 * 200 == loader.order.n_examples()  # n_tup = min(600 // 1, 400 // 2)
+    assert len(loader) == 600 // 30
     pattern = (order == -100).view(-1, 3)
     assert pattern.tolist() == [[False, True, True]] * 200
     val, _ = data.build_split(dict(cf, augment=False), 'val', fake_data, 30, 'cpu')
@@ -157,6 +158,7 @@ def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
     draws = []
     for epoch in range(20):
         pos = order.positions(epoch).view(-1, 2)  # (labelled, unlabelled) pairs
+        assert len(pos) * 2 == order.n_examples()
         assert sorted(pos[:, 0].tolist()) == [12, 13, 14, 15]
         draws.append(frozenset(pos[:, 1].tolist()))
         assert len(draws[-1]) == 4 and (labels[pos[:, 1]] == -100).all()
