@@ -280,8 +280,8 @@ def run_unit(unit, snapshots, stop, log=None, env=None, warn=print, say=print, p
     The cells to train or resume are one process: the training script of one cell, or
     train_pack.py with every cell of a pack as a member. ``say`` reports each step; ``log``,
     ``env`` and ``preexec`` go to ``call``."""
-    cells = unit.cells
-    states = {cell: state(load(snapshots, warn), cell, snapshots) for cell in cells}
+    cells, table = unit.cells, load(snapshots, warn)
+    states = {cell: state(table, cell, snapshots) for cell in cells}
     done = {cell for cell in cells if states[cell][2] is not None}
     outcomes = {cell: Outcome('done', *states[cell][::2]) for cell in done}
     to_train = [cell for cell in cells if states[cell][0] is None]

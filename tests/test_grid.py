@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pandas as pd
 import pytest
@@ -876,3 +877,17 @@ def test_a_preempted_cluster_task_is_requeued_and_resumes(tmp_path, reference):
     resumed_like_the_reference(tmp_path, reference)
     collected = run_grid(*args, cwd=tmp_path)
     assert f'[1/1] {DBT}: done' in collected.stdout
+
+
+def test_a_pack_reads_the_snapshots_folder_once_before_it_trains(tmp_path, monkeypatch):
+    """Each look at the snapshots folder warns once of a malformed run: before the pack trains
+    and after it, whatever its number of cells."""
+    (tmp_path / 'snaps' / '1').mkdir(parents=True)
+    (tmp_path / 'snaps' / '1' / 'run.json').write_text('{')
+    unit = cells.Pack(tuple(grid.plan(QUICK, QUICK.methods, [20], [0], 1)))
+    monkeypatch.setattr(cells, 'call', lambda *a, **k: (2, 'error: refused\n'))
+    warnings = []
+    outcomes = cells.run_unit(unit, tmp_path / 'snaps', types.SimpleNamespace(signum=None),
+                              warn=warnings.append, say=lambda message: None)
+    assert [o.status for _, o in outcomes] == ['failed', 'failed']
+    assert len(warnings) == 2 and all('skipped' in w for w in warnings)
