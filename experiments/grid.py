@@ -446,7 +446,7 @@ def on_this_machine(args, cells, results, command, table, warn, extra=()):
     devices = None  # one cell after another, without --gpus: as a single run would run
     if args.jobs > 1 or args.gpus is not None:
         devices = local.Devices(gpus, args.jobs)
-    units = packed(todo, pack_size(args.pack, extra, gpus)) if args.pack != 1 else todo
+    units = packed(todo, pack_size(args.pack, extra, gpus))  # --pack 1: the cells alone
     logs = {cell.name: log_path(args.out, unit) for unit in units for cell in unit.cells}
     for unit in units:
         if len(unit.cells) > 1:
