@@ -19,15 +19,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from multiexit import checkpoints, datasets, exit_timing, flops, plots, runs
-from multiexit.budgeted import budget_sweep
+from multiexit import data
+from multiexit.early_exit import timing
+from multiexit.early_exit.budgeted import budget_sweep
 from multiexit.errors import ConfigError, SnapshotError, reported_as_one_line
-from multiexit.evaluation import (anytime_frame, exit_logits, exit_report, load_model,
-                                  per_exit_table)
+from multiexit.evaluate import flops, plots
+from multiexit.evaluate.report import (anytime_frame, exit_logits, exit_report, load_model,
+                                       per_exit_table)
 from multiexit.metrics import check_tops, default_tops
 from multiexit.progress import bar
+from multiexit.runs import find, table
 from multiexit.settings import plain
-from multiexit.training import resolve_device
+from multiexit.train import checkpoint
+from multiexit.train.training import resolve_device
 from sacred_setup import SNAPSHOT_DIR, Experiment, refusing
 
 ex = Experiment('eval')  # runs in snapshots/
@@ -74,23 +78,23 @@ def training_config(path):
 def snapshot_label(name):
     """How the figures name a snapshot: its training run's method, name and id (the name as
     given for a file outside a run)."""
-    path = checkpoints.resolve(name, SNAPSHOT_DIR)
-    trained = runs.flatten(training_config(path))
+    path = find.resolve(name, SNAPSHOT_DIR)
+    trained = table.flatten(training_config(path))
     if not trained:
         return str(name)
     run = path if path.is_dir() else path.parent
-    epoch = f', {path.stem}' if path.is_file() and path.name != checkpoints.LAST else ''
-    return (f'{runs.method_label(trained) or "?"}: {trained.get("snapshot_name", name)} '
+    epoch = f', {path.stem}' if path.is_file() and path.name != checkpoint.LAST else ''
+    return (f'{table.method_label(trained) or "?"}: {trained.get("snapshot_name", name)} '
             f'(run {run.name}{epoch})')
 
 
 def default_snapshot():
     """The snapshot of an eval.py without snapshot_name: the default name of training runs,
     said as such (the user never typed it)."""
-    default = checkpoints.DEFAULT_NAME
+    default = find.DEFAULT_NAME
     try:
-        checkpoints.resolve(default, SNAPSHOT_DIR)
-    except checkpoints.UnknownSnapshot:
+        find.resolve(default, SNAPSHOT_DIR)
+    except find.UnknownSnapshot:
         raise SnapshotError(f'no snapshot_name given, and no training run in {SNAPSHOT_DIR}/ has '
                             f'the default one, {default} (the name of a training run that sets '
                             f'none): set snapshot_name=<run id, snapshot name or path> (python3 '
@@ -105,7 +109,7 @@ def default_snapshot():
 def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
                       cf_net, time_repeats=0):
     """(flat metrics, anytime frame, budgeted frame) of one snapshot."""
-    path = checkpoints.pick_checkpoint(checkpoints.resolve(name, SNAPSHOT_DIR, say=print),
+    path = find.pick_checkpoint(find.resolve(name, SNAPSHOT_DIR, say=print),
                                        checkpoint)
     model, net, ckpt = load_model(path, device, plain(cf_net))
     n_exits = len(model.exits)
@@ -121,9 +125,9 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     cf_val = plain(cf_val) or trained.get('cf_val') or dict(PAPER_VAL, call=cf['call'],
                                                             seed=cf['seed'])
     data_dir = data_dir or trained.get('data_dir', 'data')
-    test_data = datasets.build(cf, 'test')
+    test_data = data.build(cf, 'test')
     test_loader = test_data.loader('test', data_dir, batch_size, device)
-    val_loader = datasets.build(cf_val, 'val').loader('val', data_dir, batch_size, device)
+    val_loader = data.build(cf_val, 'val').loader('val', data_dir, batch_size, device)
     print(f'{path} (epoch {ckpt.get("epoch", "?")}) on {cf["call"]} test, '
           f'{len(test_loader.labels)} images from {data_dir}; thresholds fitted on '
           f'{len(val_loader.labels)} validation images')
@@ -131,7 +135,7 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
     size = test_data.input_size
     costs = flops.exit_costs(model, (3, size, size))
-    times = (exit_timing.exit_ms(model, (3, size, size), batch_size, time_repeats)
+    times = (timing.exit_ms(model, (3, size, size), batch_size, time_repeats)
              if time_repeats else None)
     report = exit_report(*test, costs, acc_tops, times)
     anytime = anytime_frame(report, n_exits, acc_tops)
@@ -180,7 +184,7 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         written = 'anytime.csv, budgeted.csv, anytime.png, budgeted.png'
         if time_repeats:
             plots.budgeted_figure(budgeted, anytime, run_dir / 'budgeted_ms.png', labels,
-                                  exit_timing.TIME_COLUMNS)
+                                  timing.TIME_COLUMNS)
             written += ', budgeted_ms.png'
         print(f'wrote {written} to {run_dir}')
         return results[names[0]] if len(names) == 1 else results

@@ -21,11 +21,13 @@ import traceback
 
 import torch
 
-from multiexit import checkpoints, distributed, settings as checks
-from multiexit.errors import (EXIT_CODE, EXIT_CODE_INTERRUPTED, ConfigError, TrainingInterrupted,
+from multiexit.runs import find
+from multiexit.accel import distributed
+from multiexit import settings as checks
+from multiexit.errors import (ConfigError, EXIT_CODE, EXIT_CODE_INTERRUPTED, TrainingInterrupted,
                               UserError, reported_as_one_line)
 from multiexit.progress import strip_progress
-from multiexit.training import train, train_pack
+from multiexit.train.training import train, train_pack
 from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, explicit_keys, refuse
 # after sacred_setup, which quiets the warning that importing sacred prints
 from sacred.arg_parser import get_config_updates  # noqa: E402
@@ -60,7 +62,7 @@ def check_config(config, command_name, logger):
     with reported_as_one_line():
         checks.check(config)
         if config.get('parent_snapshot') and 'seed' not in config:
-            seed = checkpoints.recorded_seed(config['parent_snapshot'], SNAPSHOT_DIR)
+            seed = find.recorded_seed(config['parent_snapshot'], SNAPSHOT_DIR)
             if seed is not None:
                 return {'seed': seed}
     return {}
@@ -79,7 +81,7 @@ def experiment(name):
     """The sacred Experiment of the training script ``<name>.py``: its runs go to SNAPSHOT_DIR
     (written by rank 0 alone under torchrun, where the other ranks log only errors), it has the
     shared ``settings`` and their checks, and its main function trains with
-    ``multiexit.training.train``."""
+    ``multiexit.train.training.train``."""
     main_rank = distributed.env_rank() == 0
     ex = Experiment(name, observed=main_rank,
                     log_level=logging.INFO if main_rank else logging.ERROR)
@@ -169,7 +171,7 @@ class PackMember:
 
 def run_pack(ex, members, script):
     """``python3 train_pack.py``: train ``members`` (each the ``with`` arguments of one run of
-    ``ex``, the experiment of ``script``) as packs (``multiexit.training.train_pack``), each a
+    ``ex``, the experiment of ``script``) as packs (``multiexit.train.training.train_pack``), each a
     sacred run of its own in SNAPSHOT_DIR (``PackMember``). Returns the exit code: 0 when every
     run completed, 130 when a signal stopped them (with one more line: the command that resumes
     the pack), 2 when one failed with bad input or a loss that turned non-finite. Bad input

@@ -47,14 +47,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multiexit import checkpoints, datasets, flops, models  # noqa: E402
-from multiexit.budgeted import (confidences, exit_indices, fit_thresholds,  # noqa: E402
-                                geometric_fractions, mean_cost)
-from multiexit.evaluation import GraphedForward, load_model  # noqa: E402
-from multiexit.inference import early_exit_predict  # noqa: E402
-from multiexit.latency import LatencyExit  # noqa: E402
-from multiexit.step_graphs import synchronize  # noqa: E402
-from multiexit.streaming import StreamingExit  # noqa: E402
+from multiexit.runs import find  # noqa: E402
+from multiexit import data, models  # noqa: E402
+from multiexit.evaluate import flops  # noqa: E402
+from multiexit.early_exit.budgeted import (confidences, exit_indices, fit_thresholds,
+                                           geometric_fractions, mean_cost)
+from multiexit.evaluate.report import GraphedForward, load_model  # noqa: E402
+from multiexit.early_exit.shrinking import early_exit_predict  # noqa: E402
+from multiexit.early_exit.latency import LatencyExit  # noqa: E402
+from multiexit.early_exit.fixed_size import synchronize  # noqa: E402
+from multiexit.early_exit.streaming import StreamingExit  # noqa: E402
 
 MODES = ('streaming', 'latency', 'shrinking')
 CUDA_BATCH_SIZES = (1, 16, 256, 1024)
@@ -110,8 +112,8 @@ def snapshot_images(path, n_cal, n_timed, device):
     """(calibration, timed) normalised images: the run's validation and test splits."""
     run_dir = path if path.is_dir() else path.parent
     cf = json.loads((run_dir / 'config.json').read_text())
-    val = datasets.build(cf['cf_val'], 'val').loader('val', cf['data_dir'], n_cal, device)
-    test = datasets.build(cf['cf_trn']).loader('test', cf['data_dir'], n_timed, device)
+    val = data.build(cf['cf_val'], 'val').loader('val', cf['data_dir'], n_cal, device)
+    test = data.build(cf['cf_trn']).loader('test', cf['data_dir'], n_timed, device)
     return next(iter(val))[0], next(iter(test))[0]
 
 
@@ -134,7 +136,7 @@ def stream_length(args, batch_size):
 def load_inputs(args, device, n_timed):
     """(model in eval mode, its cf_net, calibration images, timed images, what the model is)."""
     if args.snapshot:
-        path = checkpoints.pick_checkpoint(checkpoints.resolve(
+        path = find.pick_checkpoint(find.resolve(
             args.snapshot, os.environ.get('MULTIEXIT_SNAPSHOTS', 'snapshots')))
         model, cf_net, _ = load_model(path, device, {'call': 'MsdNet'})  # bare: the paper's
         return (model, cf_net, *snapshot_images(path, args.calibration, n_timed, device),

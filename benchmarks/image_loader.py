@@ -37,7 +37,8 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multiexit import datasets, image_transforms  # noqa: E402
+from multiexit import data  # noqa: E402
+from multiexit.data import image_transforms  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -113,14 +114,14 @@ def main(argv=None):
         if not args.data:
             write_images(root, args.images)
         files = sorted((root / 'train').glob('*/*'))
-        data = datasets.build(dict(call='ImageFolder', nval_per_class=1, augment=True,
+        folder = data.build(dict(call='ImageFolder', nval_per_class=1, augment=True,
                                    image_size=args.image_size))
         load_before = os.getloadavg()
         stages = time_stages(files[:args.stage_images], args.image_size)
         loaders = {}
         for w in args.workers:
-            data.n_workers = w
-            loaders[w] = data.loader('train', root, args.batch_size, device, seed=0)
+            folder.n_workers = w
+            loaders[w] = folder.loader('train', root, args.batch_size, device, seed=0)
         n_images = len(loaders[args.workers[0]]) * args.batch_size
         times = time_epochs(loaders, args.epochs)
         mean_bytes = float(np.mean([f.stat().st_size for f in files]))

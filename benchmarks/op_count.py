@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import BATCH, ROOT, default_switches, paper_step  # noqa: E402
 
-from multiexit.kernel_count import count_ops, cuda_kernels  # noqa: E402
+from tools.kernel_count import count_ops, cuda_kernels  # noqa: E402
 from multiexit.models.batchnorm import BatchNorm2d  # noqa: E402
 
 VARIANTS = {  # name: changes to the default switches (torch_batchnorm: not a switch of ours)

@@ -11,7 +11,7 @@ Parts, in this order (each is recorded as it ends, so a time limit keeps what wa
               (multiexit.kernel_count) of one forward and backward of K paper MsdNets with the
               cross-entropy at batch 2, for one model alone, for ``torch.func.vmap`` over
               their stacked parameters (functional_call) and for the explicit fused network
-              (multiexit.pack), K = 1, 3, 9; and of a whole training step alone and packed
+              (multiexit.models.fused), K = 1, 3, 9; and of a whole training step alone and packed
   solo        a run alone, as train_cifar.py trains it (training.Pack of one run, the default
               switches: on CUDA bf16, channels_last, fused SGD, the whole step as a CUDA graph,
               parallel streams); training and validation images/s
@@ -54,11 +54,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multiexit import losses, models, pack, train_step  # noqa: E402
-from multiexit.data import write_fake_cifar  # noqa: E402
-from multiexit.evaluation import evaluate  # noqa: E402
-from multiexit.kernel_count import count_ops  # noqa: E402
-from multiexit.training import Pack, Run, build_optimizer, train_epoch  # noqa: E402
+from multiexit import losses, models  # noqa: E402
+from multiexit.models.fused import fuse  # noqa: E402
+from multiexit.train.step import build_step  # noqa: E402
+from multiexit.data.cifar import write_fake_cifar  # noqa: E402
+from multiexit.evaluate.report import evaluate  # noqa: E402
+from tools.kernel_count import count_ops  # noqa: E402
+from multiexit.train.training import Pack, Run, build_optimizer, train_epoch  # noqa: E402
 
 NETS = {'paper': dict(call='MsdNet'),  # its defaults are the paper's configuration
         'smoke': dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
@@ -185,7 +187,7 @@ def ops_vmap(net, k, batch=2):
 
 
 def ops_fused(net, k, batch=2):
-    fused = pack.fuse(_models(k, net), always=True)
+    fused = fuse(_models(k, net), always=True)
     x, y = torch.randn(batch, 3 * k, 32, 32), torch.randint(0, 100, (k, batch))
     return count_ops(lambda: _ce(fused(x), y).sum().backward())[0]
 
@@ -194,12 +196,12 @@ def ops_train_step(net, k, batch=2):
     """A whole training step (forward, the grid's losses, metrics, backward, SGD with one op
     per list of tensors as on CUDA), alone (k None) or as a fused pack of k."""
     members = _models(k or 1, net)
-    model = pack.fuse(members, always=True) if k else members[0]
+    model = fuse(members, always=True) if k else members[0]
     loss_fn = (losses.PackLoss([losses.build(dict(METHODS[i % 3], n_exits=len(model.exits)))
                                 for i in range(k)]) if k else
                losses.build(dict(METHODS[1], n_exits=len(model.exits))))
     opt = build_optimizer(dict(OPT, foreach=True), model.parameters(), torch.device('cpu'))
-    step = train_step.build(model, loss_fn, opt, len(model.exits), (1, 5), 'cpu',
+    step = build_step(model, loss_fn, opt, len(model.exits), (1, 5), 'cpu',
                             T=loss_fn.temperature, members=k)
     x = torch.randn(batch, 3 * (k or 1), 32, 32)
     y = torch.randint(0, 100, (k, batch) if k else (batch,))
@@ -336,7 +338,7 @@ def main():
         'cudnn': torch.backends.cudnn.version() if cuda else None,
         'net': dict(net, name=args.net), 'batch_size_per_member': BATCH,
         'timed_steps': steps, 'warmup_steps': warmup, 'val_batches_per_member': val_batches,
-        'fusion': 'explicit (multiexit.pack): grouped convolutions, BatchNorm over K x the '
+        'fusion': 'explicit (multiexit.models.fused): grouped convolutions, BatchNorm over K x the '
                   'channels, batched products for the heads',
         'solo_images_per_s': None, 'solo_val_images_per_s': None,
         'pack_images_per_s': {}, 'pack_val_images_per_s': {}, 'peak_memory_bytes': {},

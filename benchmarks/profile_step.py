@@ -24,8 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import BATCH, ROOT, default_switches, fake_cifar, paper_step  # noqa: E402
 
-from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
-from multiexit.kernel_count import kernel_table  # noqa: E402
+from multiexit.data.cifar import DATASETS, DeviceLoader  # noqa: E402
+from tools.kernel_count import kernel_table  # noqa: E402
 
 
 def make_step(device, amp, graph):

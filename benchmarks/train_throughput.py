@@ -25,7 +25,7 @@ Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one chan
   compile_reduce_overhead  fused_sgd + torch.compile mode 'reduce-overhead' (CUDA graphs of
                      torch.compile's own)
   default            what train_cifar.py does by default on this device (the defaults of
-                     multiexit.training.Run)
+                     multiexit.train.training.Run)
   cudnn_benchmark    default + torch.backends.cudnn.benchmark (autotuning per conv shape) (CUDA)
 Evaluation (batch 250): reference (the original's validate()), eager (bf16, channels_last on
 CUDA), cuda_graph (the forward pass as a CUDA graph, CUDA), cuda_graph_streams (with parallel
@@ -59,11 +59,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from multiexit import losses, models, reference_style, train_step  # noqa: E402
-from multiexit.data import DATASETS, DeviceLoader  # noqa: E402
-from multiexit.evaluation import GraphedForward, evaluate  # noqa: E402
-from multiexit.kernel_count import cuda_kernels  # noqa: E402
-from multiexit.training import Run, train_epoch  # noqa: E402
+from multiexit import losses, models  # noqa: E402
+from tools import reference_style  # noqa: E402
+from multiexit.train.step import build_step  # noqa: E402
+from multiexit.data.cifar import DATASETS, DeviceLoader  # noqa: E402
+from multiexit.evaluate.report import GraphedForward, evaluate  # noqa: E402
+from tools.kernel_count import cuda_kernels  # noqa: E402
+from multiexit.train.training import Run, train_epoch  # noqa: E402
 
 PAPER_NET = dict(call='MsdNet')  # its defaults are the paper's configuration
 PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
@@ -162,13 +164,13 @@ def paper_step(device, reference_loss=False, channels_last=False, amp=False, fus
     if reference_loss:  # device data, but the original's host-synced temperature
         loss_fn, T = torch.nn.Module(), None
         loss_fn.forward = reference_style.DistillationBasedLoss(**PAPER_LOSS)
-    return train_step.build(model, loss_fn, opt, 11, (1, 5), device, amp=amp, T=T,
+    return build_step(model, loss_fn, opt, 11, (1, 5), device, amp=amp, T=T,
                             cuda_graph=cuda_graph, compile=compile_mode,
                             cuda_streams=cuda_streams)
 
 
 def time_ours(device, images, labels, warmup, steps, **switches):
-    """Our loop (multiexit.training.train_epoch) with the given switches (``paper_step``'s);
+    """Our loop (multiexit.train.training.train_epoch) with the given switches (``paper_step``'s);
     returns dict(images_per_s, warmup_epoch_s: compilation and capture included, first_step_s,
     kernels_per_step: on CUDA)."""
     step = paper_step(device, **switches)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from multiexit import runs
-from multiexit.checkpoints import LAST
+from multiexit.runs.table import META, load_runs, matches, parse_filter, select
+from multiexit.train.checkpoint import LAST
 
 ROOT = Path(__file__).resolve().parents[1]
 # Updates that change where a run trains, not what it computes: a cell done on another GPU is done.
@@ -59,7 +59,7 @@ class Cell:
         """Filters that a training run of this cell matches (multiexit.runs.select)."""
         return ([('experiment', Path(self.script).stem),
                  ('named_configs', ','.join(self.named_configs))]
-                + [f for f in map(runs.parse_filter, self.settings) if f[0] not in DEVICE_KEYS])
+                + [f for f in map(parse_filter, self.settings) if f[0] not in DEVICE_KEYS])
 
 
 # The settings in which the members of a pack may differ (a prefix ending in '.': a section).
@@ -106,8 +106,8 @@ def packed(cells, size):
 def load(snapshots, warn):
     """The runs of the snapshots folder (an empty table while it does not exist)."""
     if not Path(snapshots).is_dir():
-        return pd.DataFrame(columns=runs.META)
-    return runs.load_runs(snapshots, with_metrics=False, warn=warn)
+        return pd.DataFrame(columns=META)
+    return load_runs(snapshots, with_metrics=False, warn=warn)
 
 
 def _newest(frame):
@@ -116,7 +116,7 @@ def _newest(frame):
 
 def state(table, cell, snapshots):
     """(completed training run, resumable training run, evaluation run) of a cell, or None."""
-    trained = runs.select(table, cell.identity, strict=False)
+    trained = select(table, cell.identity, strict=False)
     done = _newest(trained[trained['status'] == 'COMPLETED'])
     resumable = trained['run'].map(lambda r: (Path(snapshots) / r / LAST).is_file()).astype(bool)
     unfinished = trained[(trained['status'] != 'COMPLETED') & resumable]
@@ -129,10 +129,10 @@ def evaluation(table, run_id):
     """The newest COMPLETED test evaluation of a training run's best snapshot, or None
     (``checkpoint=None``, eval.py's default, is the best snapshot too)."""
     filters = [('experiment', 'eval'), ('status', 'COMPLETED'), ('snapshot_name', run_id)]
-    tests = runs.select(table, filters, strict=False)
+    tests = select(table, filters, strict=False)
     if 'checkpoint' in tests:
-        tests = tests[tests['checkpoint'].map(lambda c: runs.matches(c, 'None')
-                                              or runs.matches(c, 'best')).astype(bool)]
+        tests = tests[tests['checkpoint'].map(lambda c: matches(c, 'None')
+                                              or matches(c, 'best')).astype(bool)]
     return _newest(tests)
 
 

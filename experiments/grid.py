@@ -67,8 +67,8 @@ if not __package__:  # python3 experiments/grid.py: the repository is not on the
 import pandas as pd  # noqa: E402
 
 from experiments import cluster, local, tables  # noqa: E402
-from experiments.cells import (DEVICE_KEYS, Cell, Stop, cell_error, load,  # noqa: E402
-                               log_path, packed, run_unit, state)
+from experiments.cells import (DEVICE_KEYS, Cell, Stop, cell_error, load, log_path,  # noqa: E402
+                               packed, run_unit, state)
 from experiments.schedule import Schedule  # noqa: E402
 from multiexit.errors import EXIT_CODE_INTERRUPTED, ConfigError, reported_as_one_line  # noqa: E402
 

@@ -1,11 +1,9 @@
 """multiexit: distillation-based training for multi-exit architectures (Phuong & Lampert, 2019).
 
-Modules: ``models`` (MsdNet, ResNet, WideResNet, ImageNetResNet, registry), ``losses`` (the
-three training losses), ``metrics`` (per-exit accuracies), ``datasets`` (the data-set registry),
-``data`` (subsets, epoch order, CIFAR on the device), ``image_folders``, ``image_loader`` and
-``image_transforms`` (ImageNet and image folders), ``training`` (the loop and resume),
-``evaluation``, ``budgeted`` and ``inference`` (early exit), ``flops`` (cost per exit),
-``plots``, ``checkpoints``, ``runs`` (run inspection), ``reference_style`` (the original's
-mechanics). No module imports sacred.
+The packages follow the data's path (docs/architecture.md): ``data`` (files to batches on the
+device), ``models``, ``losses`` and ``metrics``, ``train`` (the step, the loop, runs, packs and
+checkpoints), ``evaluate`` (metrics, reports, costs, figures), ``early_exit`` (the exit rule and
+the ways of running it) and ``runs`` (run folders: finding them, the table). ``accel`` holds
+the speed machinery (CUDA graphs, streams, distributed). No module imports sacred.
 """
 __version__ = '0.1.0'

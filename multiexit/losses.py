@@ -1,5 +1,5 @@
 """The three training losses of the original code, called as ``loss(logits_list, y)``, and
-``PackLoss``: those of a pack's members (``multiexit.pack``) as one.
+``PackLoss``: those of a pack's members (``multiexit.models.fused``) as one.
 
 Unlabelled examples carry the label -100: they add no cross-entropy, only distillation terms.
 The exits' logits are stacked into one (exits, batch, classes) tensor, so that every op of a
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, registry
+from . import registry
+from .accel import distributed
 
 IGNORE = -100
 

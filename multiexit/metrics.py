@@ -9,7 +9,7 @@ examples (the original averaged per-batch means, which is the same for equal bat
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from .accel import distributed
 from .errors import ConfigError
 from .losses import IGNORE
 
@@ -42,7 +42,7 @@ def check_tops(acc_tops, n_classes, holder):
 
 class MultiExitAccuracy:
     """Accumulates hits on the device; ``compute()`` is the only host sync. With ``members=K``,
-    those of the K members of a pack (``multiexit.pack``) apart: every exit's logits are
+    those of the K members of a pack (``multiexit.models.fused``) apart: every exit's logits are
     (K, B, classes), the labels (K, B), the temperature (K,), and ``compute()`` returns a list."""
 
     def __init__(self, n_exits, acc_tops=(1, 5), device='cpu', members=None):

@@ -15,11 +15,11 @@ import os
 
 import torch
 
-from . import datasets, losses, models
+from . import data, losses, models
 from .errors import ConfigError
 
 REGISTRIES = {'cf_net': models.REGISTRY, 'cf_loss': losses.REGISTRY,
-              'cf_trn': datasets.REGISTRY, 'cf_val': datasets.REGISTRY}
+              'cf_trn': data.REGISTRY, 'cf_val': data.REGISTRY}
 # torch's classes that cf_opt and cf_scheduler may name: (module, base class)
 MODULES = {'cf_opt': (torch.optim, torch.optim.Optimizer),
            'cf_scheduler': (torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)}

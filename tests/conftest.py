@@ -46,7 +46,7 @@ def reference_checkpoint():
 @pytest.fixture(scope='session')
 def fake_data(tmp_path_factory):
     """A generated CIFAR-100 and CIFAR-10 in the python-pickle format."""
-    from multiexit.data import write_fake_cifar
+    from multiexit.data.cifar import write_fake_cifar
 
     root = tmp_path_factory.mktemp('data')
     write_fake_cifar(root, 'Cifar100', n_train_per_class=12, n_test_per_class=3)

@@ -4,9 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from multiexit import budgeted, flops, models, plots
-from multiexit.evaluation import (anytime_frame, exit_report, expected_calibration_error,
-                                  per_exit_table)
+from multiexit import models
+from multiexit.early_exit import budgeted
+from multiexit.evaluate import flops, plots
+from multiexit.evaluate.report import (anytime_frame, exit_report, expected_calibration_error,
+                                       per_exit_table)
 from multiexit.metrics import metric_names
 
 SMALL_NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,

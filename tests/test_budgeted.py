@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from multiexit import budgeted
+from multiexit.early_exit import budgeted
 
 
 def test_exit_is_the_first_confident_exit_and_costs_all_heads_so_far():

@@ -5,23 +5,24 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-
-from multiexit import checkpoints, training
-from multiexit.errors import SnapshotError
 from test_anytime import SMALL_NET
+
+from multiexit.errors import SnapshotError
+from multiexit.runs import find
+from multiexit.train import checkpoint, training
 
 
 def test_atomic_save_roundtrip_leaves_no_temporary(tmp_path):
     path = tmp_path / 'a.pt'
-    checkpoints.save_atomic({'w': torch.arange(3)}, path)
-    checkpoints.save_atomic({'w': torch.arange(4)}, path)
-    assert checkpoints.load(path)['w'].tolist() == [0, 1, 2, 3]
+    checkpoint.save_atomic({'w': torch.arange(3)}, path)
+    checkpoint.save_atomic({'w': torch.arange(4)}, path)
+    assert checkpoint.load(path)['w'].tolist() == [0, 1, 2, 3]
     assert os.listdir(tmp_path) == ['a.pt']
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'last.pt'
-    checkpoints.save_atomic({'epoch': 1}, path)
+    checkpoint.save_atomic({'epoch': 1}, path)
 
     def disk_full(obj, f, *args, **kwargs):  # the disk fills up half-way through the file
         with open(f, 'wb') if isinstance(f, (str, os.PathLike)) else nullcontext(f) as out:
@@ -30,9 +31,9 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', disk_full)
     with pytest.raises(OSError, match='No space'):
-        checkpoints.save_atomic({'epoch': 2}, path)
+        checkpoint.save_atomic({'epoch': 2}, path)
     monkeypatch.undo()
-    assert checkpoints.load(path) == {'epoch': 1} and os.listdir(tmp_path) == ['last.pt']
+    assert checkpoint.load(path) == {'epoch': 1} and os.listdir(tmp_path) == ['last.pt']
 
 
 class Payload:
@@ -48,12 +49,12 @@ def test_code_in_a_checkpoint_is_never_run(tmp_path):
     path = tmp_path / 'evil.pt'
     torch.save({'model': Payload(str(target))}, path)
     with pytest.raises(SnapshotError, match='refused to load'):
-        checkpoints.load(path)
+        checkpoint.load(path)
     assert not target.exists()
     with open(tmp_path / 'evil.pkl', 'wb') as f:
         pickle.dump(Payload(str(target)), f)
     with pytest.raises(SnapshotError):
-        checkpoints.load(tmp_path / 'evil.pkl')
+        checkpoint.load(tmp_path / 'evil.pkl')
     assert not target.exists()
 
 
@@ -66,7 +67,7 @@ def test_corrupt_checkpoints_are_one_line_errors(tmp_path, content):
     else:
         path.write_bytes(content)
     with pytest.raises(SnapshotError) as e:
-        checkpoints.load(path)
+        checkpoint.load(path)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 
@@ -75,7 +76,7 @@ def test_checkpoints_follow_the_umask_like_the_other_run_files(tmp_path, umask, 
     """Colleagues on a shared file system read the weights as they read config.json."""
     previous = os.umask(umask)
     try:
-        checkpoints.save_atomic({'w': torch.arange(3)}, tmp_path / 'last.pt')
+        checkpoint.save_atomic({'w': torch.arange(3)}, tmp_path / 'last.pt')
         (tmp_path / 'config.json').write_text('{}')
     finally:
         os.umask(previous)
@@ -91,7 +92,7 @@ def make_run(root, run_id, name, files=('last.pt',), status=None, experiment='tr
         (run / 'run.json').write_text(json.dumps({'status': status,
                                                   'experiment': {'name': experiment}}))
     for f in files:
-        checkpoints.save_atomic({'epoch': 1}, run / f)
+        checkpoint.save_atomic({'epoch': 1}, run / f)
     return run
 
 
@@ -101,13 +102,13 @@ def test_resolve_by_id_name_path_and_unknown(tmp_path):
     r2 = make_run(snaps, 2, 'dbt:0', files=('ep3.pt',))
     eval_run = make_run(snaps, 3, 'dbt:0', files=())  # an eval run: no checkpoints
     os.utime(r1, (1, 1))
-    assert checkpoints.resolve('1', snaps) == r1
-    assert checkpoints.resolve('dbt:0', snaps) == r2  # the most recent training run of that name
-    assert checkpoints.resolve(str(r2 / 'ep3.pt'), snaps) == r2 / 'ep3.pt'
+    assert find.resolve('1', snaps) == r1
+    assert find.resolve('dbt:0', snaps) == r2  # the most recent training run of that name
+    assert find.resolve(str(r2 / 'ep3.pt'), snaps) == r2 / 'ep3.pt'
     with pytest.raises(SnapshotError, match="no snapshot 'nope'"):
-        checkpoints.resolve('nope', snaps)
+        find.resolve('nope', snaps)
     with pytest.raises(SnapshotError, match='holds no checkpoint'):
-        checkpoints.resolve(str(eval_run), snaps)
+        find.resolve(str(eval_run), snaps)
 
 
 def test_a_name_takes_the_newest_completed_run_and_says_which(tmp_path):
@@ -119,13 +120,13 @@ def test_a_name_takes_the_newest_completed_run_and_says_which(tmp_path):
     for age, run in enumerate([old, done]):
         os.utime(run, (age, age))
     said = []
-    assert checkpoints.resolve('dbt:0', snaps, say=said.append) == done
+    assert find.resolve('dbt:0', snaps, say=said.append) == done
     assert said == ["snapshot_name='dbt:0': run 2 (COMPLETED, the newest COMPLETED of 3 runs "
                     "with that name; newer but unfinished: run 3 (INTERRUPTED))"]
     said.clear()
-    assert checkpoints.resolve('2', snaps, say=said.append) == done and said == []
+    assert find.resolve('2', snaps, say=said.append) == done and said == []
     lone = make_run(snaps, 5, 'lone', status='INTERRUPTED')
-    assert checkpoints.resolve('lone', snaps, say=said.append) == lone
+    assert find.resolve('lone', snaps, say=said.append) == lone
     assert said == ["snapshot_name='lone': run 5 (INTERRUPTED)"]
 
 
@@ -135,25 +136,25 @@ def test_a_named_run_without_checkpoint_is_named_as_such(tmp_path):
     make_run(snaps, 1, 'test:0', files=(), status='FAILED')
     make_run(snaps, 2, 'test:0', files=(), status='COMPLETED', experiment='eval')
     with pytest.raises(SnapshotError) as e:
-        checkpoints.resolve('test:0', snaps)
-    assert not isinstance(e.value, checkpoints.UnknownSnapshot)
+        find.resolve('test:0', snaps)
+    assert not isinstance(e.value, find.UnknownSnapshot)
     assert str(e.value).startswith(
         "snapshot_name='test:0' is the name of training run 1 (FAILED) in "
         f"{snaps}/, but no epoch of it finished, so there is no checkpoint")
-    with pytest.raises(checkpoints.UnknownSnapshot, match="no snapshot 'nope'"):
-        checkpoints.resolve('nope', snaps)
+    with pytest.raises(find.UnknownSnapshot, match="no snapshot 'nope'"):
+        find.resolve('nope', snaps)
 
 
 def test_pick_checkpoint_best_last_epoch(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
     for ep, acc in [(5, 0.3), (10, 0.5), (15, 0.4)]:
-        checkpoints.save_atomic({'epoch': ep, 'val_metrics': {'acc1_avg': acc}}, run / f'ep{ep}.pt')
-    assert checkpoints.pick_checkpoint(run, 'best').name == 'ep10.pt'
-    assert checkpoints.pick_checkpoint(run, 15).name == 'ep15.pt'
-    assert checkpoints.pick_checkpoint(run, 'last').name == 'last.pt'
+        checkpoint.save_atomic({'epoch': ep, 'val_metrics': {'acc1_avg': acc}}, run / f'ep{ep}.pt')
+    assert find.pick_checkpoint(run, 'best').name == 'ep10.pt'
+    assert find.pick_checkpoint(run, 15).name == 'ep15.pt'
+    assert find.pick_checkpoint(run, 'last').name == 'last.pt'
     with pytest.raises(SnapshotError, match=r'\[5, 10, 15\]'):
-        checkpoints.pick_checkpoint(run, 7)
+        find.pick_checkpoint(run, 7)
 
 
 # The smoke MsdNet on the generated CIFAR-10 (100 training images: 2 steps of 50 per epoch).
@@ -189,7 +190,7 @@ def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_e
     """ep<N>.pt holds weights only (the original's way to resume): the schedule is replayed to
     epoch N, so a resumed run crosses the milestone at the same epoch as an uninterrupted one."""
     path = two_epochs / f'ep{parent_epoch}.pt'
-    snapshot = checkpoints.load(path)
+    snapshot = checkpoint.load(path)
     assert 'optimizer' not in snapshot and 'scheduler' not in snapshot
     logged = {}
     run = tiny_run(fake_data, tmp_path, 3, parent_snapshot=str(path), logged=logged)
@@ -198,7 +199,7 @@ def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_e
         assert torch.equal(run.model.state_dict()[k], v), k
     run.fit()
     assert logged['lr'] == pytest.approx(expected_lr)
-    assert checkpoints.load(tmp_path / 'last.pt')['epoch'] == 3
+    assert checkpoint.load(tmp_path / 'last.pt')['epoch'] == 3
 
 
 def forced_validation(monkeypatch, scores):
@@ -229,14 +230,14 @@ def test_best_snapshot_is_the_best_validation_epoch_not_the_last(fake_data, tmp_
     run.fit()
     assert ep_files(tmp_path) == ['ep2.pt']
     assert (run.best_epoch, run.best_val) == (2, 0.5)
-    best = checkpoints.load(tmp_path / 'ep2.pt')
+    best = checkpoint.load(tmp_path / 'ep2.pt')
     assert best['epoch'] == 2 and best['val_metrics']['acc1_avg'] == 0.5
     assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
     for k, v in best['model'].items():
         assert torch.equal(v, weights[2][k]), k
-    last = checkpoints.load(tmp_path / 'last.pt')
+    last = checkpoint.load(tmp_path / 'last.pt')
     assert (last['epoch'], last['best_epoch'], last['best_val']) == (3, 2, 0.5)
-    assert checkpoints.pick_checkpoint(tmp_path) == tmp_path / 'ep2.pt'
+    assert find.pick_checkpoint(tmp_path) == tmp_path / 'ep2.pt'
 
 
 def test_a_resumed_run_carries_the_best_snapshot_along(fake_data, tmp_path, monkeypatch):

@@ -10,18 +10,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from conftest import PAPER_NET, ROOT, pythonpath, run_script
-from test_models import TINY
-from multiexit import budgeted, datasets, losses, models, streams, train_step
-from multiexit.data import DATASETS, DeviceLoader
-from multiexit.image_folders import write_fake_image_folders
-from multiexit.inference import early_exit_predict
-from multiexit.latency import LatencyExit
-from multiexit.streaming import StreamingExit
-from multiexit.training import Pack, Run, train_epoch
 from test_inference import SyncsInForward
 from test_models import TINY
+
+from conftest import PAPER_NET, ROOT, pythonpath, run_script
+from multiexit import data, losses, models
+from multiexit.accel import streams
+from multiexit.data.cifar import DATASETS, DeviceLoader
+from multiexit.data.folders import write_fake_image_folders
+from multiexit.early_exit import budgeted
+from multiexit.early_exit.latency import LatencyExit
+from multiexit.early_exit.shrinking import early_exit_predict
+from multiexit.early_exit.streaming import StreamingExit
+from multiexit.train.step import GraphedTrainStep, build_step
+from multiexit.train.training import Pack, Run, train_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -78,7 +80,7 @@ def paper_step(device, fused=False, amp=False, channels_last=False, cuda_graph=F
         model = model.to(memory_format=torch.channels_last)
     loss_fn = losses.build(loss).to(device)
     opt = torch.optim.SGD(model.parameters(), **OPT, **(dict(fused=True) if fused else {}))
-    step = train_step.build(model, loss_fn, opt, loss_fn.n_exits, (1, 5), device, amp=amp,
+    step = build_step(model, loss_fn, opt, loss_fn.n_exits, (1, 5), device, amp=amp,
                             T=loss_fn.temperature, cuda_graph=cuda_graph,
                             cuda_streams=cuda_streams, compile=compile)
     return model, loss_fn, step
@@ -480,8 +482,8 @@ def test_torchrun_one_process_nccl(tmp_path):
 def test_image_loader_pins_and_normalises_on_the_gpu_as_on_the_cpu(tmp_path):
     root = write_fake_image_folders(tmp_path / 'images')
     cf = dict(call='ImageFolder', nval_per_class=2, augment=True, image_size=64, n_workers=2)
-    gpu = datasets.build(cf).loader('train', root, 8, CUDA, seed=1, channels_last=True)
-    cpu = datasets.build(cf).loader('train', root, 8, 'cpu', seed=1)
+    gpu = data.build(cf).loader('train', root, 8, CUDA, seed=1, channels_last=True)
+    cpu = data.build(cf).loader('train', root, 8, 'cpu', seed=1)
     assert gpu._loader.pin_memory
     pairs = list(zip(gpu, cpu))
     assert len(pairs) == 5
@@ -500,7 +502,7 @@ def test_train_imagenet_smoke_on_cuda_with_the_fast_path(tmp_path):
     assert read(snaps / '2' / 'run.json')['result']['macs_clf2'] > 0
 
 
-# --- packs: K runs as one fused network (multiexit.pack) ----------------------------------
+# --- packs: K runs as one fused network (multiexit.models.fused) ----------------------------------
 
 PACK_NET = dict(TINY['MsdNet'], out_dim=None)
 PACK_MEMBERS = [(0, dict(call='ClassificationOnlyLoss')),
@@ -510,7 +512,7 @@ PACK_MEMBERS = [(0, dict(call='ClassificationOnlyLoss')),
 
 @pytest.fixture(scope='module')
 def pack_data(tmp_path_factory):
-    from multiexit.data import write_fake_cifar
+    from multiexit.data.cifar import write_fake_cifar
     data = tmp_path_factory.mktemp('pack-data')
     write_fake_cifar(data, 'Cifar10', n_train_per_class=30, n_test_per_class=5)
     return data
@@ -552,7 +554,7 @@ def test_a_pack_on_cuda_trains_each_member_as_its_solo_run(pack_data, tmp_path, 
     runs = [cuda_run(pack_data, tmp_path / f'm{seed}', seed, loss, amp=amp)
             for seed, loss in PACK_MEMBERS]
     packed = Pack(runs)
-    assert isinstance(packed.step, train_step.GraphedTrainStep)
+    assert isinstance(packed.step, GraphedTrainStep)
     calls = losses_of(packed.loss_fn)
     packed.fit()
     assert not packed.step.eager_only and all(r.error is None for r in runs)

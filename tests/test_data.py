@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from multiexit import data
+from multiexit.data import cifar
 from multiexit.errors import ConfigError, DataError
 
 
@@ -19,13 +19,13 @@ def reference_labels(semantics):
 @pytest.mark.parametrize('key, n_per_class', [('150_50', 150), ('all_50', None)])
 @pytest.mark.parametrize('split', ['train', 'val'])
 def test_subset_indices_equal_the_original(semantics, reference_labels, split, key, n_per_class):
-    idx, label_map = data.subset_indices(reference_labels, split, n_per_class, 50, seed=0)
+    idx, label_map = cifar.subset_indices(reference_labels, split, n_per_class, 50, seed=0)
     assert idx.tolist() == semantics['subsets'][f'{split}_{key}']
     assert label_map.tolist() == semantics['subsets']['label_map_seed0']
 
 
 def test_test_split_takes_everything_with_the_same_label_map(semantics, reference_labels):
-    idx, label_map = data.subset_indices(reference_labels, 'test', seed=0)
+    idx, label_map = cifar.subset_indices(reference_labels, 'test', seed=0)
     assert idx.tolist() == list(range(50000))
     assert label_map.tolist() == semantics['subsets']['label_map_seed0']
 
@@ -38,7 +38,7 @@ def test_pickles_with_bytes_keys_load(tmp_path):
         with open(folder / name, 'wb') as f:
             pickle.dump({b'data': images, b'fine_labels': [3, 7], b'coarse_labels': [0, 1]}, f,
                         protocol=2)
-    x, y = data.load_cifar('Cifar100', tmp_path, train=True, download=False)
+    x, y = cifar.load_cifar('Cifar100', tmp_path, train=True, download=False)
     assert x.shape == (2, 3, 32, 32) and x.dtype == np.uint8 and y.tolist() == [3, 7]
     assert x[0, 1, 0, 0] == images[0, 1024]  # planes R, G, B of 1024 pixels each
 
@@ -51,7 +51,7 @@ def test_missing_data_and_failed_download_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, 'CIFAR100', offline)
     with pytest.raises(DataError) as e:
-        data.load_cifar('Cifar100', tmp_path, train=True)
+        cifar.load_cifar('Cifar100', tmp_path, train=True)
     msg = str(e.value)
     assert '\n' not in msg and 'cifar-100-python' in msg and 'download=True' in msg
 
@@ -61,7 +61,7 @@ def test_corrupt_file_is_a_data_error(tmp_path):
     folder.mkdir()
     (folder / 'train').write_bytes(b'not a pickle')
     with pytest.raises(DataError, match='cannot read'):
-        data.load_cifar('Cifar100', tmp_path, train=True, download=False)
+        cifar.load_cifar('Cifar100', tmp_path, train=True, download=False)
 
 
 def reference_augment(x_u8, flip, dy, dx, mean, std, pad=4):
@@ -80,8 +80,8 @@ def reference_augment(x_u8, flip, dy, dx, mean, std, pad=4):
 def test_batched_augmentation_equals_per_image_semantics():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
-    spec = data.DATASETS['Cifar100']
-    loader = data.DeviceLoader(x, torch.zeros(6, dtype=torch.long), 6, spec.mean, spec.std, 'cpu')
+    spec = cifar.DATASETS['Cifar100']
+    loader = cifar.DeviceLoader(x, torch.zeros(6, dtype=torch.long), 6, spec.mean, spec.std, 'cpu')
     loader.generator.manual_seed(5)
     out = loader.augment_batch(x)
     replay = torch.Generator().manual_seed(5)  # the draws augment_batch makes, in its order
@@ -95,7 +95,7 @@ def test_batched_augmentation_equals_per_image_semantics():
 
 def test_loader_epochs_are_seeded_permutations(fake_data):
     cf = dict(call='Cifar100', n_per_class=12, nval_per_class=2, augment=True, seed=0)
-    loader, n_classes = data.build_split(cf, 'train', fake_data, 64, 'cpu', seed=7)
+    loader, n_classes = cifar.build_split(cf, 'train', fake_data, 64, 'cpu', seed=7)
     assert n_classes == 100 and len(loader.labels) == 1000 and len(loader) == 1000 // 64
     def epoch(e):
         loader.set_epoch(e)
@@ -110,9 +110,9 @@ def test_loader_epochs_are_seeded_permutations(fake_data):
 
 def test_val_and_test_loaders_keep_every_example_in_order(fake_data):
     cf = dict(call='Cifar100', n_per_class=12, nval_per_class=2, seed=0)
-    val, _ = data.build_split(cf, 'val', fake_data, 64, 'cpu')
+    val, _ = cifar.build_split(cf, 'val', fake_data, 64, 'cpu')
     assert sum(len(y) for _, y in val) == 200 and len(val) == 4
-    test, _ = data.build_split(dict(call='Cifar100', seed=0), 'test', fake_data, 250, 'cpu')
+    test, _ = cifar.build_split(dict(call='Cifar100', seed=0), 'test', fake_data, 250, 'cpu')
     x, y = next(iter(test))
     assert len(test.labels) == 300 and x.dtype == torch.float32
     mean, std = torch.tensor([0.507, 0.487, 0.441]), torch.tensor([0.267, 0.256, 0.276])
@@ -121,22 +121,22 @@ def test_val_and_test_loaders_keep_every_example_in_order(fake_data):
 
 
 def test_label_map_is_applied_consistently(fake_data):
-    images, raw = data.load_cifar('Cifar100', fake_data, train=False)
-    loader, _ = data.build_split(dict(call='Cifar100', seed=0), 'test', fake_data, 250, 'cpu')
-    _, label_map = data.subset_indices(raw, 'test', seed=0, n_classes=100)
+    images, raw = cifar.load_cifar('Cifar100', fake_data, train=False)
+    loader, _ = cifar.build_split(dict(call='Cifar100', seed=0), 'test', fake_data, 250, 'cpu')
+    _, label_map = cifar.subset_indices(raw, 'test', seed=0, n_classes=100)
     assert loader.labels.tolist() == label_map[raw].tolist()
 
 
 def test_cifar10_number_of_classes_comes_from_the_data_set(fake_data):
     cf = dict(call='Cifar10', n_per_class=30, nval_per_class=5, augment=True, seed=0)
-    loader, n_classes = data.build_split(cf, 'train', fake_data, 32, 'cpu')
+    loader, n_classes = cifar.build_split(cf, 'train', fake_data, 32, 'cpu')
     assert n_classes == 10 and len(loader.labels) == 250 and loader.labels.max() == 9
 
 
 def test_semi_supervised_interleaves_labelled_and_unlabelled(fake_data):
     cf = dict(call='Cifar100', n_per_class=8, nval_per_class=2, seed=0, n_unl_per_class=4,
               lab_unl_ratio=(1, 2))
-    loader, _ = data.build_split(cf, 'train', fake_data, 30, 'cpu')
+    loader, _ = cifar.build_split(cf, 'train', fake_data, 30, 'cpu')
     labels = loader.labels
     assert (labels == -100).sum() == 400 and (labels >= 0).sum() == 600
     order = labels[loader.order.positions(loader.epoch)]
@@ -144,7 +144,7 @@ def test_semi_supervised_interleaves_labelled_and_unlabelled(fake_data):
     assert len(loader) == 600 // 30
     pattern = (order == -100).view(-1, 3)
     assert pattern.tolist() == [[False, True, True]] * 200
-    val, _ = data.build_split(dict(cf, augment=False), 'val', fake_data, 30, 'cpu')
+    val, _ = cifar.build_split(dict(cf, augment=False), 'val', fake_data, 30, 'cpu')
     assert (val.labels >= 0).all() and len(val.labels) == 200
 
 
@@ -154,7 +154,7 @@ def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
     labelled, 1:1), every epoch visits each labelled example once, paired with a new draw of
     unlabelled ones, so that over the epochs all of them are used."""
     labels = torch.tensor([-100] * 12 + [3] * 4)
-    order = data.EpochOrder(labels, 4, shuffle=True, lab_unl_ratio=(1, 1), seed=0)
+    order = cifar.EpochOrder(labels, 4, shuffle=True, lab_unl_ratio=(1, 1), seed=0)
     draws = []
     for epoch in range(20):
         pos = order.positions(epoch).view(-1, 2)  # (labelled, unlabelled) pairs
@@ -165,13 +165,13 @@ def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
     assert len(set(draws)) > 10 and frozenset().union(*draws) == set(range(12))
 
 def test_unlabelled_images_never_enter_the_labelled_splits(fake_data):
-    _, raw = data.load_cifar('Cifar100', fake_data, train=True)
-    unl = data.unlabelled_indices(raw, 4, seed=0, n_classes=100)
+    _, raw = cifar.load_cifar('Cifar100', fake_data, train=True)
+    unl = cifar.unlabelled_indices(raw, 4, seed=0, n_classes=100)
     assert len(unl) == 400 and all((raw[unl] == k).sum() == 4 for k in range(100))
     labels = raw.copy()
     labels[unl] = -100
     for split in ('train', 'val'):
-        idx, _ = data.subset_indices(labels, split, 8, 2, seed=0, n_classes=100)
+        idx, _ = cifar.subset_indices(labels, split, 8, 2, seed=0, n_classes=100)
         assert not set(idx) & set(unl)
 
 
@@ -183,14 +183,14 @@ def test_semi_supervised_splits_are_disjoint_and_unlabelled_images_reach_the_los
     image, and the permuted class of the image for a labelled one, the same in both splits."""
     cf = dict(call='Cifar100', n_per_class=6, nval_per_class=2, seed=3, n_unl_per_class=4,
               lab_unl_ratio=(1, 1))
-    images, raw = data.load_cifar('Cifar100', fake_data, train=True)
+    images, raw = cifar.load_cifar('Cifar100', fake_data, train=True)
     which = {image.tobytes(): i for i, image in enumerate(images)}
     assert len(which) == len(images)  # the generated images are distinct: they identify
-    spec = data.DATASETS['Cifar100']
+    spec = cifar.DATASETS['Cifar100']
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     seen = {}
     for split in ('train', 'val'):  # not augmented: a batch's images show which images they are
-        loader, _ = data.build_split(cf, split, fake_data, 50, 'cpu')
+        loader, _ = cifar.build_split(cf, split, fake_data, 50, 'cpu')
         for x, y in loader:
             u8 = ((x * std + mean) * 255).round().to(torch.uint8).numpy()
             for image, label in zip(u8, y.tolist()):
@@ -210,7 +210,7 @@ def test_semi_supervised_splits_are_disjoint_and_unlabelled_images_reach_the_los
 def test_unlabelled_without_ratio_is_rejected(fake_data):
     cf = dict(call='Cifar100', n_per_class=8, nval_per_class=2, seed=0, n_unl_per_class=4)
     with pytest.raises(ConfigError, match='lab_unl_ratio'):
-        data.build_split(cf, 'train', fake_data, 30, 'cpu')
+        cifar.build_split(cf, 'train', fake_data, 30, 'cpu')
 
 
 @pytest.mark.parametrize('cf, match', [
@@ -221,4 +221,4 @@ def test_unlabelled_without_ratio_is_rejected(fake_data):
 ])
 def test_bad_data_config(fake_data, cf, match):
     with pytest.raises(ConfigError, match=match):
-        data.build_split(cf, 'train', fake_data, 32, 'cpu')
+        cifar.build_split(cf, 'train', fake_data, 32, 'cpu')

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multiexit import data, distributed, losses, models
-from multiexit.errors import ConfigError
-from multiexit.evaluation import evaluate, load_model
-from multiexit.train_step import TrainStep
-from multiexit.training import Run, train_epoch
 from conftest import RISING_T, ROOT, pythonpath
+from multiexit import losses, models
+from multiexit.accel import distributed
+from multiexit.data import cifar
+from multiexit.errors import ConfigError
+from multiexit.evaluate.report import evaluate, load_model
+from multiexit.train.step import TrainStep
+from multiexit.train.training import Run, train_epoch
 
 NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayers_to_exit=2,
            nlayers_between_exits=1, nplanes_mulv=[2, 4, 8], nplanes_addh=1, nplanes_init=1,
@@ -24,7 +26,7 @@ NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayer
 # maxprob 0: T grows at every step, so the loss depends on it from the second step on
 LOSS = dict(call='DistillationBasedLoss', n_exits=3, acc_tops=[1, 5], C=0.5, maxprob=0.0)
 GLOBAL_BATCH, N_TRAIN, N_VAL = 16, 72, 37  # 4 steps and 8 examples dropped; an uneven last batch
-SPEC = data.DATASETS['Cifar10']
+SPEC = cifar.DATASETS['Cifar10']
 
 
 def images(n, seed):
@@ -35,14 +37,14 @@ def images(n, seed):
 
 def train_loader(rank=0, world_size=1, batch_size=GLOBAL_BATCH):
     x, y = images(N_TRAIN, 0)
-    return data.DeviceLoader(x, y, batch_size, SPEC.mean, SPEC.std, 'cpu', augment=True,
+    return cifar.DeviceLoader(x, y, batch_size, SPEC.mean, SPEC.std, 'cpu', augment=True,
                              shuffle=True, drop_last=True, seed=4, rank=rank,
                              world_size=world_size)
 
 
 def val_loader(rank=0, world_size=1):
     x, y = images(N_VAL, 1)
-    return data.DeviceLoader(x, y, 10, SPEC.mean, SPEC.std, 'cpu', rank=rank,
+    return cifar.DeviceLoader(x, y, 10, SPEC.mean, SPEC.std, 'cpu', rank=rank,
                              world_size=world_size)
 
 
@@ -247,7 +249,7 @@ def test_checkpoint_loads_in_one_process_and_gives_the_logged_validation(ddp_run
     assert len(ckpt['rng_ranks']) == 2
     model, cf_net, _ = load_model(run / 'last.pt', 'cpu')  # strict
     config = read(run / 'config.json')
-    loader, _ = data.build_split(config['cf_val'], 'val', work / 'data' / 'smoke', 250, 'cpu')
+    loader, _ = cifar.build_split(config['cf_val'], 'val', work / 'data' / 'smoke', 250, 'cpu')
     val = evaluate(model, loader, cf_net['n_exits'])
     logged = read(run / 'metrics.json')
     for name in ('acc1_avg', 'acc5_clf0', 'acc1_ens2'):

@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 import torch
-
-from multiexit import losses, models, reference_style
-from multiexit.data import DATASETS, DeviceLoader
-from multiexit.train_step import TrainStep
-from multiexit.training import train_epoch
 from test_losses import GS, reference_inputs
+
+from multiexit import losses, models
+from multiexit.data.cifar import DATASETS, DeviceLoader
+from multiexit.train.step import TrainStep
+from multiexit.train.training import train_epoch
+from tools import reference_style
 
 NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
            nplanes_mulv=[2, 4, 8], exit_width=16, btneck_widths=[2, 2, 2], out_dim=10)

@@ -15,15 +15,15 @@ import pandas as pd
 import pytest
 import submitit
 import torch
+from test_anytime import assert_png
+from test_scripts import no_download  # noqa: F401 (a fixture)
 
 from conftest import ROOT, pythonpath, run_script
 from experiments import cells, grid, local, tables
 from experiments.cells import Outcome
 from experiments.schedule import Schedule
 from multiexit.errors import ConfigError
-from multiexit.runs import load_runs, parse_filter
-from test_anytime import assert_png
-from test_scripts import no_download  # noqa: F401 (a fixture)
+from multiexit.runs.table import load_runs, parse_filter
 
 QUICK = grid.PRESETS['cifar100', True]
 # The row of epoch 1 in a training run's output: printed once last.pt holds that epoch.

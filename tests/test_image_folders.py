@@ -1,8 +1,8 @@
 """Image folders: both layouts, the original's ImageNet transforms, the loader's order and
 shares."""
 import gc
-import os
 import math
+import os
 import weakref
 
 import numpy as np
@@ -11,9 +11,11 @@ import torch
 from PIL import Image, ImageEnhance
 from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
-from multiexit import datasets, image_folders, image_transforms
+from multiexit import data
+from multiexit.data import folders, image_transforms
+from multiexit.data.image_transforms import (EIGVAL, EIGVEC, MEAN, STD, BatchNormalize,
+                                             TrainTransform)
 from multiexit.errors import ConfigError, DataError
-from multiexit.image_transforms import EIGVAL, EIGVEC, MEAN, STD, BatchNormalize, TrainTransform
 
 SIZE = 32  # crops of the loader tests; the transform tests use the real 224
 
@@ -21,12 +23,12 @@ SIZE = 32  # crops of the loader tests; the transform tests use the real 224
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     """5 classes, 10 training and 4 test images each, in both layouts."""
-    return image_folders.write_fake_image_folders(tmp_path_factory.mktemp('images') / 'gen')
+    return folders.write_fake_image_folders(tmp_path_factory.mktemp('images') / 'gen')
 
 
 def data_set(call='ImageFolder', **kwargs):
     cf = dict(call=call, nval_per_class=2, augment=True, seed=0, image_size=SIZE, n_workers=0)
-    return datasets.build(dict(cf, **kwargs))
+    return data.build(dict(cf, **kwargs))
 
 
 def batches(loader, epoch=0):
@@ -41,7 +43,7 @@ def same(a, b):
 
 def test_the_standard_layout_reads_as_torchvision_imagefolder(folder):
     for split, test in (('train', False), ('val', True)):
-        files = image_folders.folder_files(folder, test)
+        files = folders.folder_files(folder, test)
         theirs = TorchvisionImageFolder(folder / split)
         assert files.classes == tuple(theirs.classes)
         assert [str(files.root / p.decode()) for p in files.paths] == [p for p, _ in theirs.samples]
@@ -75,7 +77,7 @@ def test_the_file_list_is_made_once(folder, monkeypatch):
     scan = torchvision_folder.make_dataset
     monkeypatch.setattr(torchvision_folder, 'make_dataset',
                         lambda *a, **k: calls.append(a) or scan(*a, **k))
-    image_folders._scan.cache_clear()
+    folders._scan.cache_clear()
     for cf in (dict(), dict(augment=False)):  # cf_trn and cf_val of a run
         for split in ('train', 'val'):
             data_set(**cf).loader(split, folder, 8, 'cpu')
@@ -260,7 +262,7 @@ def test_channels_last_batches(folder):
 
 def test_an_unreadable_image_is_one_line_naming_it(folder, tmp_path):
     broken = tmp_path / 'broken'
-    image_folders.write_fake_image_folders(broken)
+    folders.write_fake_image_folders(broken)
     victim = sorted((broken / 'val' / 'n00000003').iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
     loader = data_set(n_workers=2).loader('test', broken, 50, 'cpu')
@@ -280,7 +282,7 @@ def test_an_unreadable_image_is_one_line_naming_it(folder, tmp_path):
      'cf_trn asks for n_per_class=12 images per class, but class n00000000 of '),
 ])
 def test_bad_data_is_one_line(tmp_path, call, change, kwargs, error, match):
-    root = image_folders.write_fake_image_folders(tmp_path / 'gen')
+    root = folders.write_fake_image_folders(tmp_path / 'gen')
     change(root)
     with pytest.raises(error, match=match):
         for split in ('train', 'test'):
@@ -289,5 +291,5 @@ def test_bad_data_is_one_line(tmp_path, call, change, kwargs, error, match):
 
 def test_loader_processes_default_to_8_or_the_cores_there_are():
     """torch warns of more loader processes than cores: the default never asks for them."""
-    assert image_folders.ImageFolder().n_workers == min(8, len(os.sched_getaffinity(0)))
-    assert image_folders.ImageFolder(n_workers=3).n_workers == 3
+    assert folders.ImageFolder().n_workers == min(8, len(os.sched_getaffinity(0)))
+    assert folders.ImageFolder(n_workers=3).n_workers == 3

@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from multiexit import flops, models
+from multiexit import models
+from multiexit.evaluate import flops
 from multiexit.models.msdnet import MsdLayer
 
 # MSDNet (Huang et al. 2018) with step 7 on ImageNet, as its PyTorch code reports it: parameters

@@ -9,16 +9,17 @@ import sys
 
 import pytest
 import torch
+from test_models import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT
-from multiexit import budgeted, models
-from multiexit.inference import early_exit_predict
-from multiexit.latency import LatencyExit
-from multiexit.step_graphs import CaptureFailed
-from multiexit.streaming import StreamingExit
-from test_models import TINY
+from multiexit import models
+from multiexit.early_exit import budgeted
+from multiexit.early_exit.fixed_size import CaptureFailed
+from multiexit.early_exit.latency import LatencyExit
+from multiexit.early_exit.shrinking import early_exit_predict
+from multiexit.early_exit.streaming import StreamingExit
 
 # A small MsdNet whose later blocks prune the finer scales (None in the block outputs).
 SMALL_NET = dict(call='MsdNet', n_exits=4, nlayers_to_exit=2, nlayers_between_exits=1,

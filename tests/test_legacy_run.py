@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from multiexit.data import write_fake_cifar
+from multiexit.data.cifar import write_fake_cifar
 
 LEGACY = Path(__file__).resolve().parent / 'data' / 'legacy_run'
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from multiexit import losses
 from multiexit.errors import ConfigError
-from multiexit.kernel_count import count_ops
+from tools.kernel_count import count_ops
 
 GS = 10 / 11  # global_scale = 2 * 5 / 11
 

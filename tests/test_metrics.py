@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_anytime import SMALL_NET
 
 from multiexit import losses, models
 from multiexit.metrics import MultiExitAccuracy, metric_names
-from multiexit.train_step import TrainStep
-from test_anytime import SMALL_NET
+from multiexit.train.step import TrainStep
 
 
 def brute_force(logits_list, y, tops, T):

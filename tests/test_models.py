@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from multiexit import flops, losses, models, train_step
-from multiexit.errors import ConfigError
-from multiexit.kernel_count import count_ops
-from multiexit.models.batchnorm import BatchNorm2d
 from conftest import DATA, PAPER_NET
+from multiexit import losses, models
+from multiexit.errors import ConfigError
+from multiexit.evaluate import flops
+from multiexit.models.batchnorm import BatchNorm2d
+from multiexit.train.step import TrainStep
+from tools.kernel_count import count_ops
 
 # Reference README section 3.
 EXIT_MACS_M = [15.33, 28.01, 44.82, 56.32, 70.18, 86.40, 110.29, 124.15, 140.37, 158.95, 170.01]
@@ -243,7 +245,7 @@ def train_steps(model, n, seed=0):
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))  # 10: TINY's and fewer
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = losses.build(dict(call='ClassificationOnlyLoss', n_exits=len(model.exits)))
-    step = train_step.TrainStep(model, loss_fn, opt, len(model.exits), (1,), 'cpu')
+    step = TrainStep(model, loss_fn, opt, len(model.exits), (1,), 'cpu')
     step.start_epoch()
     for _ in range(n - 1):
         step(x, y)

@@ -1,4 +1,4 @@
-"""Runs trained as one fused network (multiexit.pack, training.Pack): each member trains as its
+"""Runs trained as one fused network (multiexit.models.fused, training.Pack): each member trains as its
 solo run does, is a run of its own on disk, and stops, fails and resumes as one; in this process,
 on generated data, fp32 on the CPU."""
 import contextlib
@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from multiexit import checkpoints, losses, models, pack, training
-from multiexit.kernel_count import count_ops
-from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from multiexit.training import Pack, Run
 from test_models import TINY
+
+from multiexit import losses, models
+from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from multiexit.models.fused import fuse, member_part
+from multiexit.train import checkpoint, training
+from multiexit.train.training import Pack, Run
+from tools.kernel_count import count_ops
 
 MSDNET = dict(TINY['MsdNet'], out_dim=None)
 RESNET = dict(call='ResNet', depth=8, exit_after=[0], head='conv', head_width=8, out_dim=None)
@@ -74,7 +76,7 @@ def trained(fake_data, tmp_path_factory):
 
 @pytest.fixture(scope='module', params=['MsdNet', 'ResNet'])
 def solo_and_packed(request, trained, fake_data, tmp_path_factory):
-    """50 steps of each member alone, and of the three as a pack.
+    """50 steps of each member alone, and of the three as a fused.
 
     With oneDNN off: these small networks at batch 8 are chaotic (a solo run whose weights are
     perturbed by 1e-7 relative differs from the unperturbed one by ~1e-2 in its loss after 20
@@ -128,8 +130,8 @@ def test_members_are_ordinary_runs_on_disk(trained):
     for (alone, _), member in zip(solo, runs):
         assert sorted(p.name for p in member.run_dir.iterdir()) == sorted(
             p.name for p in alone.run_dir.iterdir())
-        last = checkpoints.load(member.run_dir / 'last.pt')
-        ref = checkpoints.load(alone.run_dir / 'last.pt')
+        last = checkpoint.load(member.run_dir / 'last.pt')
+        ref = checkpoint.load(alone.run_dir / 'last.pt')
         assert last.keys() == ref.keys() and last['epoch'] == 2
         model = models.build(dict(net, out_dim=10))
         model.load_state_dict(last['model'])  # strict: exactly the solo network's keys and shapes
@@ -142,7 +144,7 @@ def test_members_are_ordinary_runs_on_disk(trained):
         for key, value in ref['loss'].items():
             assert torch.equal(last['loss'][key], value), key
         assert last['best_epoch'] == ref['best_epoch']
-        best, ref_best = (checkpoints.load(r.run_dir / f'ep{ref["best_epoch"]}.pt')
+        best, ref_best = (checkpoint.load(r.run_dir / f'ep{ref["best_epoch"]}.pt')
                           for r in (member, alone))
         assert best['val_metrics'].keys() == ref_best['val_metrics'].keys()
         assert best['model'].keys() == ref_best['model'].keys()
@@ -156,7 +158,7 @@ def test_fused_forward_equals_each_model_alone():
         for seed in range(3):
             torch.manual_seed(seed)
             members.append(models.build(cf))
-        fused = pack.fuse(members)
+        fused = fuse(members)
         size = 64 if name == 'ImageNetResNet' else 32
         xs = [torch.randn(2, 3, size, size) for _ in members]
         out = fused(torch.cat(xs, dim=1))
@@ -166,7 +168,7 @@ def test_fused_forward_equals_each_model_alone():
             torch.testing.assert_close(logits, torch.stack([a[e] for a in alone]), rtol=1e-4,
                                        atol=1e-5)
         for k, member in enumerate(members):  # BatchNorm statistics too
-            mine = {n: pack.member_part(t, k, member.state_dict()[n].shape)
+            mine = {n: member_part(t, k, member.state_dict()[n].shape)
                     for n, t in fused.state_dict().items()}
             for n, value in member.state_dict().items():
                 torch.testing.assert_close(mine[n], value)
@@ -180,7 +182,7 @@ def test_kernels_per_step_stay_those_of_one_model():
         for seed in range(k):
             torch.manual_seed(seed)
             members.append(models.build(TINY['MsdNet']))
-        fused = pack.fuse(members)
+        fused = fuse(members)
         loss_fn = losses.PackLoss([losses.DistillationBasedLoss(0.5, 0.5, 3)] * k)
         x, y = torch.randn(2, 3 * k, 32, 32), torch.randint(0, 10, (k, 2))
         return count_ops(lambda: loss_fn(fused(x), y).sum().backward())[0]
@@ -213,7 +215,7 @@ def test_a_pack_resumes_all_its_members_exactly(trained, one_epoch, fake_data, t
     with no_onednn():
         Pack(runs).fit()
     for run, ref in zip(runs, uninterrupted):
-        mine, theirs = (checkpoints.load(r.run_dir / 'last.pt') for r in (run, ref))
+        mine, theirs = (checkpoint.load(r.run_dir / 'last.pt') for r in (run, ref))
         assert mine['epoch'] == 2 and same_state(mine['model'], theirs['model']) == []
         assert same_state(mine['loss'], theirs['loss']) == []
 
@@ -228,7 +230,7 @@ def test_one_member_resumes_alone_as_its_solo_run_would(trained, one_epoch, fake
     assert run.epoch == 1 and run.loss_fn.T > 1
     with no_onednn():
         run.fit()
-    mine, theirs = (checkpoints.load(r.run_dir / 'last.pt') for r in (run, alone))
+    mine, theirs = (checkpoint.load(r.run_dir / 'last.pt') for r in (run, alone))
     assert same_state(mine['model'], theirs['model']) == []
     assert torch.equal(mine['loss']['temperature'], theirs['loss']['temperature'])
 
@@ -237,7 +239,7 @@ def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fa
                                                           tmp_path):
     """A global_scale that overflows float32 makes one member's loss infinite from the first
     step: it stops as its solo run would, with nothing saved; the other trains on, to the bit
-    as it trains in a healthy pack."""
+    as it trains in a healthy fused."""
     net = trained[0]
     (seed, loss), healthy = MEMBERS[0], one_epoch[0]
     runs = [make_run(fake_data, tmp_path / 'ok', seed, loss, net, n_epochs=1),
@@ -252,8 +254,8 @@ def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fa
                               'resume: start the run again: lower the learning rate or check '
                               'the data')
     assert list(bad.run_dir.iterdir()) == []
-    assert same_state(checkpoints.load(ok.run_dir / 'last.pt')['model'],
-                      checkpoints.load(healthy.run_dir / 'last.pt')['model']) == []
+    assert same_state(checkpoint.load(ok.run_dir / 'last.pt')['model'],
+                      checkpoint.load(healthy.run_dir / 'last.pt')['model']) == []
 
 
 def interrupt_epoch_2(monkeypatch, signal_name):
@@ -302,7 +304,7 @@ SMOKE = ['smoke', 'cf_trn.n_per_class=3', 'cf_trn.nval_per_class=1', 'n_epochs=2
 
 @pytest.fixture(scope='module')
 def smoke_data(tmp_path_factory):
-    from multiexit.data import write_fake_cifar
+    from multiexit.data.cifar import write_fake_cifar
     data = tmp_path_factory.mktemp('smoke-data')
     write_fake_cifar(data, 'Cifar100', n_train_per_class=30, n_test_per_class=2)
     return data
@@ -340,7 +342,7 @@ def packed_runs(smoke_data, tmp_path_factory):
 
 
 def test_every_member_is_a_sacred_run_of_its_own(packed_runs):
-    from multiexit.runs import load_runs
+    from multiexit.runs.table import load_runs
     code, snaps = packed_runs
     assert code == 0
     table = load_runs(snaps).set_index('run')
@@ -384,7 +386,7 @@ def test_a_signal_stops_every_member_and_the_pack_resumes_exactly(
     assert train_pack_main(*lines[-1].split('python3 train_pack.py ')[1].split()) == 0
     _, uninterrupted = packed_runs
     for resumed, ref in (('3', '1'), ('4', '2')):
-        mine, theirs = (checkpoints.load(snaps / r / 'last.pt')
+        mine, theirs = (checkpoint.load(snaps / r / 'last.pt')
                         for snaps, r in ((snapshots, resumed), (uninterrupted, ref)))
         assert same_state(mine['model'], theirs['model']) == []
         assert read(snapshots / resumed / 'config.json')['parent_snapshot'] == \

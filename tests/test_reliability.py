@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from multiexit import checkpoints
-from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
-from multiexit.training import Run
 from conftest import RISING_T, ROOT, pythonpath, run_script
+from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
+from multiexit.train import checkpoint
+from multiexit.train.training import Run
 
 # A tiny WideResNet whose dropout draws random numbers while training, so that a resume that
 # lost the RNG states shows, with a temperature that moves.
@@ -107,7 +107,7 @@ def test_sigkill_at_three_observed_points_then_resume_equals_an_uninterrupted_ru
     wait_for(lambda: third.steps_done(3) >= 1)
     third.kill()
     assert saved_epoch(snaps / '3') == 2, 'killed too late: epoch 3 had finished'
-    parent = checkpoints.load(snaps / '3' / 'last.pt')  # never torn
+    parent = checkpoint.load(snaps / '3' / 'last.pt')  # never torn
     assert parent['loss']['temperature'] > 1  # the resume below has a temperature to restore
     run_script('train_cifar.py', 'with', *TINY, f'parent_snapshot={snaps / "3"}', cwd=workdir,
                snapshots=snaps)
@@ -246,7 +246,7 @@ def test_debug_switch_shows_the_traceback(workdir, tmp_path, monkeypatch):
     proc = run_script('eval.py', 'with', 'snapshot_name=missing', cwd=workdir,
                       snapshots=tmp_path, check=False)
     assert proc.returncode != 0 and 'Traceback' in proc.stderr
-    assert "multiexit.checkpoints.UnknownSnapshot: no snapshot 'missing'" in proc.stderr
+    assert "multiexit.runs.find.UnknownSnapshot: no snapshot 'missing'" in proc.stderr
 
 
 def test_concurrent_runs_get_distinct_directories(tmp_path):

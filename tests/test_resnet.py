@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from multiexit import flops, models
+from conftest import PAPER_NET, run_script
+from multiexit import models
 from multiexit.errors import ConfigError
+from multiexit.evaluate import flops
 from multiexit.metrics import metric_names
 from multiexit.models.batchnorm import BatchNorm2d
 from multiexit.models.resnet import BasicBlock, WideBlock, sdn_exit_after
-from conftest import PAPER_NET, run_script
 
 # README "Backbones": ResNet-56 with the default exits.
 RESNET56_EXIT_AFTER = [3, 7, 11, 15, 19, 23]

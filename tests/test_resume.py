@@ -1,12 +1,12 @@
 """Resuming with settings that differ from the parent's: what carries over, what takes the new
-value, and what is refused (multiexit.training.Run, in this process, on generated data)."""
+value, and what is refused (multiexit.train.training.Run, in this process, on generated data)."""
 import json
 
 import pytest
 
-from multiexit.data import write_fake_cifar
+from multiexit.data.cifar import write_fake_cifar
 from multiexit.errors import ConfigError
-from multiexit.training import Run
+from multiexit.train.training import Run
 
 DBT_RISING = dict(call='DistillationBasedLoss', maxprob=0.015)  # T rises from the first step
 

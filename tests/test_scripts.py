@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-from multiexit import budgeted, datasets
-from multiexit.evaluation import exit_logits, load_model
-from multiexit.metrics import metric_names
-from conftest import RISING_T, ROOT, pythonpath, run_script
 from test_anytime import assert_png
+
+from conftest import RISING_T, ROOT, pythonpath, run_script
+from multiexit import data
+from multiexit.early_exit import budgeted
+from multiexit.evaluate.report import exit_logits, load_model
+from multiexit.metrics import metric_names
 
 SMALL = ['smoke', 'cf_scheduler.milestones=[1]', RISING_T]
 
@@ -246,7 +247,7 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     # the thresholds are fitted on the training run's validation split (its cf_val), not test
     model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
     cf_val = read(snaps / '1' / 'config.json')['cf_val']
-    val_loader = datasets.build(cf_val).loader('val', workdir / 'data' / 'smoke', 250, 'cpu')
+    val_loader = data.build(cf_val).loader('val', workdir / 'data' / 'smoke', 250, 'cpu')
     val_conf = budgeted.confidences(exit_logits(model, val_loader)[0])[0]
     for row in geometric.itertuples():
         fitted = budgeted.fit_thresholds(val_conf, budgeted.geometric_fractions(3, row.param))

@@ -1,15 +1,17 @@
-"""Parallel CUDA streams (multiexit.streams), checked on the CPU: the CPU forward is unchanged,
+"""Parallel CUDA streams (multiexit.accel.streams), checked on the CPU: the CPU forward is unchanged,
 and with recording stand-ins for streams, every op that reads a tensor made on another stream
 runs after a wait for it (a vector clock per stream)."""
 import contextlib
 
 import pytest
 import torch
+from test_models import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from multiexit import losses, models, streams, train_step
-from test_models import TINY
+from multiexit import losses, models
+from multiexit.accel import streams
+from multiexit.train.step import build_step
 
 
 def tiny(name='MsdNet'):
@@ -27,7 +29,7 @@ def test_the_cpu_training_step_is_the_same_with_streams_on(name):
         model = tiny(name)
         loss_fn = losses.build(dict(call='ClassificationOnlyLoss', n_exits=len(model.exits)))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        step = train_step.build(model, loss_fn, opt, len(model.exits), (1,), 'cpu',
+        step = build_step(model, loss_fn, opt, len(model.exits), (1,), 'cpu',
                                 cuda_streams=on)
         step.start_epoch()
         for _ in range(2):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import ROOT, pythonpath, run_script
-from multiexit import flops
-from multiexit.evaluation import load_model
+from multiexit.evaluate import flops
+from multiexit.evaluate.report import load_model
 from multiexit.metrics import metric_names
-from multiexit.runs import load_runs
+from multiexit.runs.table import load_runs
 
 SMOKE = ['smoke', 'seed=1']  # 5 classes of 10 training images (2 held out), 8 per batch
 ORIGINAL_LAYOUT = ['cf_trn.call=ImageNet', 'cf_val.call=ImageNet']
@@ -146,9 +146,9 @@ def test_the_default_top_k_fits_a_data_set_of_fewer_than_5_classes(tmp_path):
     """top-1 and top-5 by default, top-1 alone for 4 classes; an explicit top-5 is refused with
     the setting that fits."""
     import train_imagenet
+    from multiexit.data.folders import write_fake_image_folders
     from multiexit.errors import ConfigError
-    from multiexit.image_folders import write_fake_image_folders
-    from multiexit.training import Run
+    from multiexit.train.training import Run
 
     config = dict(train_imagenet.ex.run('print_config', named_configs=['smoke']).config)
     data = write_fake_image_folders(tmp_path / 'four', n_classes=4)

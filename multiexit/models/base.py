@@ -1,10 +1,10 @@
 """What every multi-exit model shares: the forward pass over blocks and their exit heads, and the
-channel operations that a pack of models folded into one (``multiexit.pack``) does per member."""
+channel operations that a pack of models folded into one (``multiexit.models.fused``) does per member."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import streams
+from ..accel import streams
 
 
 class MultiExitNet(nn.Module):
@@ -19,7 +19,7 @@ class MultiExitNet(nn.Module):
         logits = []
         for block, head in zip(self.blocks, self.exits):
             x = block(x)
-            # nothing in the backbone waits for an exit head: a side stream (multiexit.streams)
+            # nothing in the backbone waits for an exit head: a side stream (multiexit.accel.streams)
             logits.append(streams.aside(head, self.exit_features(x)))
         return streams.join(logits)
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 from torch import nn
 
-from .. import streams
+from ..accel import streams
 from .base import MultiExitNet, cat_channels
 from .batchnorm import BatchNorm2d
 
@@ -25,7 +25,7 @@ def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
 
 class MsdJoinConv(nn.Module):
     """New features of one scale: from the same scale, and (strided) from the finer scale."""
-    members = 1  # models folded into the channels (multiexit.pack): the concatenation is each's
+    members = 1  # models folded into the channels (multiexit.models.fused): the concatenation is each's
 
     def __init__(self, n_in, n_in_down, n_out, btneck, btneck_down):
         super().__init__()
@@ -78,7 +78,7 @@ class MsdLayer0(nn.Module):
 
 class MsdLayer(nn.Module):
     """One dense layer at every scale; a scale whose output width is 0 is pruned (None)."""
-    members = 1  # models folded into the channels (multiexit.pack): the concatenation is each's
+    members = 1  # models folded into the channels (multiexit.models.fused): the concatenation is each's
 
     def __init__(self, nplanes_tab, btneck_widths):
         super().__init__()
@@ -94,7 +94,7 @@ class MsdLayer(nn.Module):
                                          btneck_widths[i], btneck_finer))
 
     def forward(self, xs):
-        # The paths of all scales are independent: parallel branches (multiexit.streams), joined
+        # The paths of all scales are independent: parallel branches (multiexit.accel.streams), joined
         # before each scale concatenates its input and its new features.
         live = [(i, mod.paths(xs[i], xs[i - 1] if i else None))
                 for i, mod in enumerate(self.mods) if mod is not None]

@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
     size and doubles the width, the input is subsampled and zero channels are appended, so
     shortcuts add no parameters.
     """
-    members = 1  # models folded into the channels (multiexit.pack): each gets its zero channels
+    members = 1  # models folded into the channels (multiexit.models.fused): each gets its zero channels
 
     def __init__(self, n_in, n_out, stride):
         super().__init__()

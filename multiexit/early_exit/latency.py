@@ -7,8 +7,8 @@ of the batch goes on, and stops there if none does.
 """
 import torch
 
-from .inference import exit_step
-from .step_graphs import FixedSizeRunner
+from .fixed_size import FixedSizeRunner
+from .shrinking import exit_step
 
 
 class LatencyExit(FixedSizeRunner):

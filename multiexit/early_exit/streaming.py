@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .inference import exit_step, tree_map
-from .step_graphs import FixedSizeRunner
+from .fixed_size import FixedSizeRunner
+from .shrinking import exit_step, tree_map
 
 HEAD, LENGTH = 0, 1  # columns of the queue counters: position of the oldest entry, entries
 

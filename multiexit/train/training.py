@@ -2,7 +2,7 @@
 
 A ``Run`` is one training run: its settings, data, model, loss, optimizer, checkpoints and log.
 A ``Pack`` trains runs: one alone (``Run.fit``), or several of one network, optimizer and
-schedule at once as one fused network (``multiexit.pack``), each still a run of its own, with
+schedule at once as one fused network (``multiexit.models.fused``), each still a run of its own, with
 its own data, loss, validation, checkpoints and log (``train_pack``).
 """
 import math
@@ -20,15 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (checkpoints, data, datasets, distributed, losses, models, pack, registry, settings,
-               train_step)
-from .errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
-                     SnapshotError, TrainingInterrupted, UserError, reported_as_one_line)
-from .evaluation import GraphedForward, evaluate
-from .metrics import check_tops, default_tops
-from .progress import bar
-from .settings import plain
-
+from .. import data, losses, models, registry, settings
+from ..accel import distributed
+from ..data import cifar
+from ..errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
+                      SnapshotError, TrainingInterrupted, UserError, reported_as_one_line)
+from ..evaluate.report import GraphedForward, evaluate
+from ..metrics import check_tops, default_tops
+from ..models import fused
+from ..progress import bar
+from ..runs import find
+from ..settings import plain
+from . import checkpoint
+from .step import build_step
 
 FUSED = ('SGD', 'Adam', 'AdamW')  # optimizers with a fused CUDA implementation
 # The settings of a training config that Run takes (what a resume compares with its parent's).
@@ -133,7 +137,7 @@ def step_without_optimizer(scheduler):
 
 
 def train_epoch(step, loader, progress=None):
-    """One epoch of ``step`` (a ``train_step.TrainStep``) over ``loader``; returns (mean loss,
+    """One epoch of ``step`` (a ``step.TrainStep``) over ``loader``; returns (mean loss,
     metrics dict, index of the first step whose loss was not finite or None). With a sharded
     ``loader`` (each rank its part of every batch, the step's model wrapped in DDP), the results
     are those of the global batches, the same on every rank."""
@@ -147,7 +151,7 @@ class Run:
     """One training run: its settings, data, model, loss, optimizer, checkpoints and log;
     ``fit()`` trains it epoch by epoch (a ``Pack`` of one).
 
-    The data come from the data set that ``cf_trn['call']`` names in ``multiexit.datasets``
+    The data come from the data set that ``cf_trn['call']`` names in ``multiexit.data``
     (``cf_val`` names the same one), in ``data_dir``; ``cf_net['out_dim']=None`` takes its
     number of classes. Under torch.distributed (``distributed.process_group``), every rank
     builds a Run with the same arguments and trains the same model on its part of every batch
@@ -166,7 +170,7 @@ class Run:
         settings.check(self.settings)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        data.check_divisible(batch_size, self.world_size)
+        cifar.check_divisible(batch_size, self.world_size)
         # rank 0's for all: a seed sacred drew differs per process; only rank 0 has a run dir
         seed, run_dir = distributed.from_main((seed, str(run_dir)))
         self.n_epochs, self.save_interval, self.script = n_epochs, save_interval, script
@@ -188,7 +192,7 @@ class Run:
         self.cuda_streams = cuda_streams and cuda and self.world_size == 1
         self.seed = seed
         # Configuration first, data last: a bad value is reported before any work is done.
-        trn_data, val_data = datasets.build(cf_trn, 'trn'), datasets.build(cf_val, 'val')
+        trn_data, val_data = data.build(cf_trn, 'trn'), data.build(cf_val, 'val')
         if cf_val.get('call') != cf_trn.get('call'):
             raise ConfigError(f"cf_val call={cf_val.get('call')!r} differs from cf_trn call="
                               f"{cf_trn.get('call')!r}: validation is carved from the training set")
@@ -254,10 +258,10 @@ class Run:
         (config.json beside it; None where there is none)."""
         if not parent_snapshot:
             return None
-        path = checkpoints.resolve(parent_snapshot, snapshot_dir)
-        self.parent_path = path / checkpoints.LAST if path.is_dir() else path
-        self.parent_config = checkpoints.run_config(self.parent_path.parent)
-        ckpt = checkpoints.load(self.parent_path)
+        path = find.resolve(parent_snapshot, snapshot_dir)
+        self.parent_path = path / checkpoint.LAST if path.is_dir() else path
+        self.parent_config = find.run_config(self.parent_path.parent)
+        ckpt = checkpoint.load(self.parent_path)
         parent_net = ckpt.get('cf_net') if isinstance(ckpt, dict) else None
         if parent_net is not None and plain(parent_net) != self.cf_net:
             differ = _as_text(changed_settings(parent_net, self.cf_net, union=True))
@@ -282,7 +286,7 @@ class Run:
         training state (last.pt) the optimizer's state under this run's cf_opt, DBT's
         temperature, the RNG states and the best snapshot so far. The scheduler follows this
         run's cf_scheduler from the restored epoch (``scheduler_at``)."""
-        state, _, extra = checkpoints.unpack_model(ckpt, self.parent_path, self.cf_net)
+        state, _, extra = checkpoint.unpack_model(ckpt, self.parent_path, self.cf_net)
         try:
             models.load_original_state_dict(self.model, state)
         except RuntimeError as e:
@@ -366,7 +370,7 @@ class Run:
             raise CheckpointWriteError(
                 f'could not write a checkpoint to {self.run_dir} ({e.strerror or e}); '
                 f'{self._last_good()} once the problem (disk space?) is fixed') from None
-        self._saved = (self.run_dir / checkpoints.LAST, self.epoch)
+        self._saved = (self.run_dir / checkpoint.LAST, self.epoch)
 
     def _write_checkpoints(self, val_metrics, rng_ranks):
         ep = self.epoch
@@ -378,10 +382,10 @@ class Run:
         if not self.is_main:
             return
         if new_best or (self.save_interval and ep % self.save_interval == 0):
-            checkpoints.save_atomic(checkpoints.model_snapshot(self.model, self.cf_net, ep,
+            checkpoint.save_atomic(checkpoint.model_snapshot(self.model, self.cf_net, ep,
                                                                val_metrics),
                                     self.run_dir / f'ep{ep}.pt')
-        checkpoints.save_atomic(self.training_state(rng_ranks), self.run_dir / checkpoints.LAST)
+        checkpoint.save_atomic(self.training_state(rng_ranks), self.run_dir / checkpoint.LAST)
         if new_best and old_best is not None:  # only once last.pt names the new best
             (self.run_dir / f'ep{old_best}.pt').unlink(missing_ok=True)
 
@@ -420,14 +424,14 @@ class Run:
 class Pack:
     """Runs trained together, epoch by epoch: one alone, or several of one network, optimizer,
     schedule, batch size and number of steps per epoch (``PACK_SHARED``) as one fused network
-    (``multiexit.pack``) on one device, whose every kernel does all the runs' work.
+    (``multiexit.models.fused``) on one device, whose every kernel does all the runs' work.
 
     Each run keeps its own data (subset, order and augmentation, from its seed and cf_trn), loss
     (method, C, global_scale, temperature), validation, best snapshot, checkpoints and log, and
     trains as it would alone, up to the order of floating-point sums: its model, optimizer,
     scheduler and loss hold its part of the pack's after every epoch, so its files are those of
     a solo run. The runs start at the same epoch (``train_pack`` groups them so). Several runs
-    train in one process without DDP, and without dropout (``pack.fuse`` refuses it).
+    train in one process without DDP, and without dropout (``fused.fuse`` refuses it).
     ``fused``: the fused network even for one run (what benchmarks/pack_throughput.py times as a
     pack of 1); by default one run trains as it does alone.
     """
@@ -440,19 +444,19 @@ class Pack:
             check_packable(self.runs)
             for run in self.runs:
                 run.in_pack = True
-            self.model = pack.fuse([run.model for run in self.runs], always=True)
+            self.model = fused.fuse([run.model for run in self.runs], always=True)
             if lead.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.loss_fn = losses.PackLoss([run.loss_fn for run in self.runs]).to(lead.device)
             self.optimizer = build_optimizer(lead.settings['cf_opt'], self.model.parameters(),
                                              lead.device)
-            pack.optimizer_states_from_members(self.optimizer, self.model,
+            fused.optimizer_states_from_members(self.optimizer, self.model,
                                                [run.optimizer for run in self.runs],
                                                [run.model for run in self.runs])
             self.scheduler = scheduler_at(lead.settings['cf_scheduler'], self.optimizer,
                                           lead.epoch)
-            self.train_loader = pack.MemberBatches([r.train_loader for r in self.runs], 'training')
-            self.val_loader = pack.MemberBatches([r.val_loader for r in self.runs], 'validation')
+            self.train_loader = fused.MemberBatches([r.train_loader for r in self.runs], 'training')
+            self.val_loader = fused.MemberBatches([r.val_loader for r in self.runs], 'validation')
             self.train_loader.check()
             self.val_loader.check()
             step = self.model
@@ -473,7 +477,7 @@ class Pack:
             lead.log('cuda_graph: not used ' + ('under torchrun (DDP)' if lead.world_size > 1 else
                                                "with compile='reduce-overhead' (its own graphs)"))
         self.T = getattr(self.loss_fn, 'temperature', None)
-        self.step = train_step.build(step, self.loss_fn, self.optimizer, lead.n_exits,
+        self.step = build_step(step, self.loss_fn, self.optimizer, lead.n_exits,
                                      lead.acc_tops, lead.device, amp=lead.amp, T=self.T,
                                      cuda_graph=graphed, compile=lead.compile,
                                      cuda_streams=lead.cuda_streams, members=self.members)
@@ -558,8 +562,8 @@ class Pack:
         if not self.members:
             return
         models = [run.model for run in self.runs]
-        pack.load_members(self.model, models)
-        pack.optimizer_states_to_members(self.optimizer, self.model,
+        fused.load_members(self.model, models)
+        fused.optimizer_states_to_members(self.optimizer, self.model,
                                          [run.optimizer for run in self.runs], models)
         for run, T in zip(self.runs, self.loss_fn.temperature.tolist()):  # host sync, per epoch
             if hasattr(run.loss_fn, 'temperature'):
@@ -625,7 +629,7 @@ def train(config, run_dir, snapshot_dir, log_scalar, script, refused=lambda: Non
 
 def _build_run(config, run_dir, snapshot_dir, log_scalar, script, log=print):
     if config['generate_fake_data']:
-        datasets.build(config['cf_trn']).write_fake(config['data_dir'])
+        data.build(config['cf_trn']).write_fake(config['data_dir'])
     return Run.from_config(config, run_dir, snapshot_dir, log_scalar, script, log=log)
 
 

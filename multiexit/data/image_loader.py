@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data import EpochLoader
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
+from .cifar import EpochLoader
 from .image_transforms import BatchNormalize, TestTransform, TrainTransform, sample_seed
 
 

@@ -15,9 +15,9 @@ per class, augmentation, subset seed, ...), with:
 
 A new data set is one module with such a class, and one line in ``REGISTRY``.
 """
-from . import registry
-from .data import Cifar10, Cifar100
-from .image_folders import ImageFolder, ImageNet
+from .. import registry
+from .cifar import Cifar10, Cifar100
+from .folders import ImageFolder, ImageNet
 
 REGISTRY = {'Cifar100': Cifar100, 'Cifar10': Cifar10, 'ImageFolder': ImageFolder,
             'ImageNet': ImageNet}

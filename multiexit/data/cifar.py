@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DataError
-from .losses import IGNORE
+from ..errors import ConfigError, DataError
+from ..losses import IGNORE
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ class EpochOrder:
 
 
 class EpochLoader:
-    """What the loaders of every data set (``multiexit.datasets``) share: their ``EpochOrder``,
+    """What the loaders of every data set (``multiexit.data``) share: their ``EpochOrder``,
     the epoch that ``set_epoch`` chose, ``len()`` (its batches), and the device and memory
     format of the batches."""
 
@@ -414,7 +414,7 @@ def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per
 
 class Cifar100:
     """CIFAR-100 in ``data_dir/cifar-100-python/`` (downloaded there if missing), a data set of
-    ``multiexit.datasets``; the keyword arguments are the keys of ``build_split``'s dict."""
+    ``multiexit.data``; the keyword arguments are the keys of ``build_split``'s dict."""
     input_size = 32
 
     def __init__(self, n_per_class=None, nval_per_class=None, augment=False, seed=0,

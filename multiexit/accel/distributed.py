@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import ConfigError, PeerLostError
 from . import sync_batchnorm
-from .errors import ConfigError, PeerLostError
 
 
 def env_rank():

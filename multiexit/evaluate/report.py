@@ -5,11 +5,13 @@ import sys
 import pandas as pd
 import torch
 
-from . import checkpoints, models, streams
-from .errors import SnapshotError
-from .exit_timing import TIME_COLUMNS
-from .losses import IGNORE
-from .metrics import MultiExitAccuracy
+from .. import models
+from ..accel import streams
+from ..early_exit.timing import TIME_COLUMNS
+from ..errors import SnapshotError
+from ..losses import IGNORE
+from ..metrics import MultiExitAccuracy
+from ..train import checkpoint
 
 ECE_BINS = 15
 
@@ -23,7 +25,7 @@ class GraphedForward:
     them before the next call. The graph reads the weights and BatchNorm statistics in place, so
     it stays valid while training updates them. A failed capture prints one warning line and
     leaves the forward pass eager. ``cuda_streams``: the model's independent branches on
-    parallel streams (``multiexit.streams``), in the warm-up as in the graph.
+    parallel streams (``multiexit.accel.streams``), in the warm-up as in the graph.
     """
 
     def __init__(self, model, amp=False, cuda_streams=False):
@@ -152,8 +154,8 @@ def anytime_frame(report, n_exits, acc_tops=(1, 5)):
 
 def load_model(path, device, cf_net_default=None):
     """(model in eval mode, cf_net, checkpoint dict) from a checkpoint file."""
-    ckpt = checkpoints.load(path)
-    state, cf_net, extra = checkpoints.unpack_model(ckpt, path, cf_net_default)
+    ckpt = checkpoint.load(path)
+    state, cf_net, extra = checkpoint.unpack_model(ckpt, path, cf_net_default)
     model = models.build(cf_net)
     try:
         models.load_original_state_dict(model, state)

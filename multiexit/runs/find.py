@@ -1,89 +1,13 @@
-"""Checkpoints: atomic writes, loading that never runs code, and finding snapshots.
-
-A training run directory ``snapshots/<run id>/`` (written by sacred) holds:
-- ``last.pt``: everything needed to continue exactly (rewritten after every epoch);
-- ``ep<N>.pt``: model snapshots (the best one by validation ``acc1_avg`` when
-  ``save_interval == 0``, else one every ``save_interval`` epochs), each with its ``cf_net``,
-  epoch and validation metrics.
-
-torch is imported by the functions that read or write checkpoints only: finding runs by name
-(``multiexit.runs``, the grid) needs no torch, whose import takes seconds.
-"""
+"""Finding runs and their checkpoints: by path, run id or the snapshot_name given at training."""
 import json
-import os
-import pickle
 import re
-import secrets
 from pathlib import Path
 
-from .errors import SnapshotError
+from ..errors import SnapshotError
+from ..train.checkpoint import LAST, load
 
-LAST = 'last.pt'
 DEFAULT_NAME = 'test:0'  # the snapshot_name of a training run that sets none
 EPOCH_FILE = re.compile(r'^ep(\d+)\.pt$')
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves either the old file or the new one, never a torn one.
-    """
-    import torch
-    path = Path(path)
-    fd, tmp = _new_temporary(path)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _new_temporary(path):
-    """(descriptor, path) of a new file beside ``path``, created as open() creates files: mode
-    0666 less the umask, as sacred's other run files (tempfile.mkstemp's 0600 would hide the
-    weights from colleagues on a shared file system)."""
-    while True:
-        tmp = path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp'
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def load(path, mmap=False):
-    """``torch.load(weights_only=True)`` with one clear error line for every failure;
-    ``mmap``: the tensors are read only where used (to look at a checkpoint's other values)."""
-    import torch
-    path = Path(path)
-    if not path.is_file():
-        raise SnapshotError(f'no checkpoint file {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = [line for line in str(e).splitlines() if 'GLOBAL' in line]
-        if reason:  # the file wants to import (and so possibly run) code
-            raise SnapshotError(f'refused to load {path}: loading it would import code '
-                                f'({reason[0].strip()}); only tensors and plain Python values '
-                                f'are accepted') from None
-        raise _unreadable(path, e) from None
-    except Exception as e:  # zip, pickle, storage and I/O errors of a broken file
-        raise _unreadable(path, e) from None
-
-
-def _unreadable(path, e):
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    detail = f'{type(e).__name__}: {lines[-1] if lines else ""}'
-    return SnapshotError(f'cannot read checkpoint {path} ({detail[:200]}); it is truncated or '
-                         f'not a checkpoint: use another epoch or retrain')
 
 
 def is_run_dir(path):
@@ -210,26 +134,3 @@ def pick_checkpoint(path, which='best'):
     except (KeyError, ValueError):
         raise SnapshotError(f"no checkpoint {which!r} in {path}: use 'best', 'last' or one of the "
                             f'epochs {sorted(files)}') from None
-
-
-def model_snapshot(model, cf_net, epoch, val_metrics):
-    """Contents of an ``ep<N>.pt`` file: plain tensors and Python values only."""
-    return {'format': 'multiexit-model-1', 'model': model.state_dict(), 'cf_net': cf_net,
-            'epoch': epoch, 'val_metrics': val_metrics}
-
-
-def unpack_model(ckpt, path, cf_net_default=None):
-    """(state_dict, cf_net, extra) from any checkpoint we can evaluate.
-
-    Our files carry ``model`` and ``cf_net``; a file of the original code is a bare state dict
-    (tensors only), whose architecture must then come from ``cf_net_default``.
-    """
-    import torch
-    if isinstance(ckpt, dict) and 'model' in ckpt and 'cf_net' in ckpt:
-        return ckpt['model'], ckpt['cf_net'], ckpt
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        if cf_net_default is None:
-            raise SnapshotError(f'{path} is a bare state dict (original format): set cf_net to '
-                                f'its architecture')
-        return ckpt, cf_net_default, {}
-    raise SnapshotError(f'{path} is not a multiexit checkpoint nor a state dict')

@@ -11,7 +11,7 @@ import math
 import pandas as pd
 import torch
 
-from .losses import IGNORE
+from ..losses import IGNORE
 
 GEOMETRIC_QS = tuple(p / 20 for p in range(1, 40))  # MSDNet's sweep: q = 0.05, 0.10, ..., 1.95
 GLOBAL_LEVELS = 41  # quantile levels 0, 1/40, ..., 1 of the validation confidences

@@ -18,7 +18,7 @@ epochs it trained. Its row follows the chain of parents back to the first run: t
 columns are those of the whole history (the parent's epochs up to the one resumed from, then
 its own), ``parent_run`` and ``first_run`` are the run ids of its parent and of the first run,
 and ``total_duration_s`` sums the durations along the chain. ``--plot`` draws the whole history.
-A parent named by snapshot_name is found as ``multiexit.checkpoints.resolve`` finds it, among
+A parent named by snapshot_name is found as ``multiexit.runs.find.resolve`` finds it, among
 the runs that started before.
 
 The JSON files that sacred's FileStorageObserver writes are read directly: the library never
@@ -39,8 +39,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from . import checkpoints
-from .errors import ConfigError, SnapshotError, reported_as_one_line
+from ..errors import ConfigError, SnapshotError, reported_as_one_line
+from . import find
 
 META = ['run', 'experiment', 'status', 'start_time', 'stop_time', 'duration_s', 'named_configs']
 # Columns named when a filter names none (``--csv`` lists them all).
@@ -169,7 +169,7 @@ def network_label(row):
 
 class Lineage:
     """What each run of a snapshots folder continued (a training run's parent_snapshot) or
-    tested (an evaluation's snapshot_name), found as multiexit.checkpoints.resolve found it
+    tested (an evaluation's snapshot_name), found as multiexit.runs.find.resolve found it
     when the run started. ``rows``: {run id: flat row} of the folder's runs."""
 
     def __init__(self, snapshot_dir, rows):
@@ -178,7 +178,7 @@ class Lineage:
     def source(self, name, run):
         """(run id, epoch of the checkpoint file named, or None) of the run that ``name`` names
         for run ``run``: a path, a run id, else the first of the training runs with that
-        snapshot_name that started before ``run`` (checkpoints.named_runs' order); None where
+        snapshot_name that started before ``run`` (find.named_runs' order); None where
         it names no run of this folder."""
         name = str(name).strip()
         for path in (Path(name), self.dir / name):
@@ -186,11 +186,11 @@ class Lineage:
                 folder = path if path.is_dir() else path.parent
                 if folder.resolve().parent != self.dir.resolve() or folder.name not in self.rows:
                     return None
-                epoch = checkpoints.EPOCH_FILE.match(path.name) if path.is_file() else None
+                epoch = find.EPOCH_FILE.match(path.name) if path.is_file() else None
                 return folder.name, int(epoch[1]) if epoch else None
         if name not in self._named:
-            self._named[name] = [r.name for r, _ in checkpoints.named_runs(name, self.dir)
-                                 if checkpoints.is_run_dir(r)]
+            self._named[name] = [r.name for r, _ in find.named_runs(name, self.dir)
+                                 if find.is_run_dir(r)]
         before = [r for r in self._named[name]
                   if r in self.rows and _run_order(r) < _run_order(run)]
         return (before[0], None) if before else None
@@ -210,7 +210,7 @@ class Lineage:
         """The run ids that an evaluation tested (its snapshot_name: one or a list)."""
         name = self.rows[run].get('snapshot_name')
         names = json.loads(name) if isinstance(name, str) and name.startswith('[') else [name]
-        found = [self.source(n if _given(n) else checkpoints.DEFAULT_NAME, run) for n in names]
+        found = [self.source(n if _given(n) else find.DEFAULT_NAME, run) for n in names]
         return [f[0] for f in found if f is not None]
 
 
@@ -490,7 +490,7 @@ def run_folder(name, snapshot_dir):
     folder = Path(snapshot_dir) / str(name)
     if folder.is_dir():
         return folder
-    path = checkpoints.resolve(name, snapshot_dir, say=print)
+    path = find.resolve(name, snapshot_dir, say=print)
     return path if path.is_dir() else path.parent
 
 
@@ -532,5 +532,3 @@ def main(argv=None):
             print(f'wrote {run_dir / "curves.png"}')
 
 
-if __name__ == '__main__':
-    main()

@@ -4,22 +4,22 @@ A step is forward, the loss (which may raise its temperature in place), backward
 update, and the accumulation of the loss, the first non-finite step and the metrics, all on the
 device. ``GraphedTrainStep`` captures that whole step once and replays it for every batch:
 MsdNet at batch 64 is thousands of small kernels, whose launch cost dominates an eager step.
-With ``members=K`` a step trains the K members of a pack (``multiexit.pack``) at once: the loss
+With ``members=K`` a step trains the K members of a pack (``multiexit.models.fused``) at once: the loss
 returns each member's, and the accumulators are per member.
 """
 import sys
 
 import torch
 
-from . import distributed, streams
-from .metrics import MultiExitAccuracy
-from .models.batchnorm import count_batches
+from ..accel import distributed, streams
+from ..metrics import MultiExitAccuracy
+from ..models.batchnorm import count_batches
 
 
 class TrainStep:
     """Eager training step; ``finish_epoch()`` returns what the epoch accumulated.
     ``cuda_streams``: the model's independent branches on parallel CUDA streams
-    (``multiexit.streams``; nothing changes on the CPU)."""
+    (``multiexit.accel.streams``; nothing changes on the CPU)."""
 
     def __init__(self, model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
                  cuda_streams=False, members=None):
@@ -168,7 +168,7 @@ class GraphedTrainStep(TrainStep):
         return True
 
 
-def build(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
+def build_step(model, loss_fn, optimizer, n_exits, acc_tops, device, amp=False, T=None,
           cuda_graph=False, compile=None, cuda_streams=False, members=None):
     """The training step: a GraphedTrainStep when ``cuda_graph`` (on CUDA), else the eager
     TrainStep.

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .inference import checked_thresholds
+from .shrinking import checked_thresholds
 
 
 class CaptureFailed(RuntimeError):

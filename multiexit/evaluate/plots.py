@@ -9,7 +9,6 @@ measured milliseconds per image of an early-exit mode (``exit_timing``).
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
 # x axes: anytime.csv column, budgeted.csv column, unit, label
 COSTS = {
     'macs': ('macs_all_heads', 'avg_macs', 1e6, 'multiply-accumulates per image (millions)'),

@@ -26,7 +26,7 @@ import copy
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Modules without weights that act on every channel alike: the fusion leaves them as they are.
 CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,

@@ -1,4 +1,4 @@
-"""Data sets stored as image files, in two layouts, as data sets of ``multiexit.datasets``.
+"""Data sets stored as image files, in two layouts, as data sets of ``multiexit.data``.
 
 - ``ImageFolder``: ``data_dir/train/<class>/...`` and ``data_dir/val/<class>/...``, read as
   torchvision's ImageFolder reads them: the classes are the sorted folder names of ``train/``
@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .data import check_class_sizes, check_split_sizes, split_selection
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
+from .cifar import check_class_sizes, check_split_sizes, split_selection
 from .image_loader import ImageLoader
 
 DOCS = 'docs/imagenet.md'

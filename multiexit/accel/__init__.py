@@ -1,0 +1,1 @@
+"""Speed machinery beside the data's path: CUDA graphs, CUDA streams, distributed training."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics over a split, the per-exit report, costs per exit, figures."""

@@ -1,0 +1,2 @@
+"""Developer tools, outside the library: the original's training mechanics (to measure and test
+against) and the count of kernel-launching ops."""
