@@ -48,7 +48,7 @@ def test_the_cifar_scripts_start_without_torchvision_or_dynamo():
     """torchvision's import (~2.5 s: it loads torch._dynamo) is paid only where images are
     read from folders or an ImageNet ResNet is built, not by every start of the CIFAR scripts;
     eval.py's cost count does not load torch._dynamo either (torch.optim does, in training)."""
-    code = ('import sys, eval, training_experiment; from multiexit import flops, models; '
+    code = ('import sys, eval, training_experiment; from multiexit import models; from multiexit.evaluate import flops; '
             'flops.exit_costs(models.build(dict(call="ResNet", depth=8))); '
             'print(sorted(m for m in sys.modules if m.split(".")[0] == "torchvision" '
             'or m.startswith("torch._dynamo")))')
