@@ -22,6 +22,7 @@ import torch
 from multiexit import data
 from multiexit.early_exit import timing
 from multiexit.early_exit.budgeted import budget_sweep
+from multiexit.config import PAPER_NET
 from multiexit.errors import ConfigError, SnapshotError, reported_as_one_line
 from multiexit.evaluate import flops, plots
 from multiexit.evaluate.report import (anytime_frame, exit_logits, exit_report, load_model,
@@ -29,17 +30,13 @@ from multiexit.evaluate.report import (anytime_frame, exit_logits, exit_report, 
 from multiexit.metrics import check_tops, default_tops
 from multiexit.progress import bar
 from multiexit.runs import find, table
-from multiexit.settings import plain
+from multiexit.checks import plain
 from multiexit.train import checkpoint
-from multiexit.train.training import resolve_device
+from multiexit.train.run import resolve_device
 from sacred_setup import SNAPSHOT_DIR, Experiment, refusing
 
 ex = Experiment('eval')  # runs in snapshots/
 
-PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11,
-                 nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
-                 nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
-                 exit_width=128, btneck_widths=[4, 4, 4])
 # The paper's data, for a file of the original code that comes without its training config.
 PAPER_VAL = dict(call='Cifar100', n_per_class=150, nval_per_class=50, seed=0)
 

@@ -11,6 +11,7 @@ Each run writes snapshots/<run id>/: config.json, run.json, cout.txt, metrics.js
 checkpoints (last.pt to resume, ep<N>.pt model snapshots).
 """
 import training_experiment
+from multiexit.config import PAPER_NET
 
 ex = training_experiment.experiment('train_cifar')  # runs in snapshots/, the settings of every script
 
@@ -21,22 +22,7 @@ def config():
     # are those of every training script: training_experiment.py.
     data_dir = 'data'  # holds cifar-100-python/ (downloaded there through torchvision if missing)
 
-    cf_net = dict(  # the network: MsdNet as in the paper (5,067,588 parameters, 11 exits)
-        call='MsdNet',
-        in_shape=32,  # input size: 32 (CIFAR) or 224 (ImageNet stem, with n_scales=4)
-        out_dim=100,  # number of classes
-        n_scales=3,  # feature scales: 32x32, 16x16, 8x8
-        n_exits=11,  # classifiers, one after each block
-        nlayers_to_exit=4,  # layers in the first block
-        nlayers_between_exits=2,  # layers in every later block
-        nplanes_mulv=[6, 12, 24],  # channel multiplier per scale
-        nplanes_addh=1,  # growth of the base width per layer
-        nplanes_init=1,  # base width of the first layer
-        prune='min',  # scale pruning: 'min' (drop the finest scales at the very end), 'max' or None
-        plane_reduction=0.5,  # width factor of the two transition layers (0 = none)
-        exit_width=128,  # channels of the exit heads' convs
-        btneck_widths=[4, 4, 4],  # bottleneck factor per scale
-    )
+    cf_net = PAPER_NET  # the network: MsdNet as in the paper (5,067,588 parameters, 11 exits)
     cf_loss = dict(  # the training loss: distillation-based training with annealed temperature
         call='DistillationBasedLoss',  # or 'DistillationLossConstTemp' (+ T) or 'ClassificationOnlyLoss'
         n_exits=None,  # None: as many as cf_net has (11); a number must match cf_net's

@@ -19,40 +19,34 @@ import sys
 import threading
 import traceback
 
-import torch
-
-from multiexit.runs import find
+from multiexit import checks
 from multiexit.accel import distributed
-from multiexit import settings as checks
-from multiexit.errors import (ConfigError, EXIT_CODE, EXIT_CODE_INTERRUPTED, TrainingInterrupted,
-                              UserError, reported_as_one_line)
+from multiexit.config import TrainConfig, shared_defaults, shared_docs
+from multiexit.errors import (EXIT_CODE, EXIT_CODE_INTERRUPTED, ConfigError, Resume,
+                              TrainingInterrupted, UserError, reported_as_one_line, started_with)
 from multiexit.progress import strip_progress
-from multiexit.train.training import train, train_pack
+from multiexit.runs import find
+from multiexit.train.api import build_run, train_alone, train_packs
 from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, explicit_keys, refuse
 # after sacred_setup, which quiets the warning that importing sacred prints
 from sacred.arg_parser import get_config_updates  # noqa: E402
+from sacred.config.config_dict import ConfigDict  # noqa: E402
 from sacred.metrics_logger import MetricsLogger, linearize_metrics  # noqa: E402
 
 BEAT_S = 10  # between two writes of a pack member's run.json, cout.txt and metrics.json
 
 
-def settings():
-    # A sacred config scope: each local variable is a setting, its comment is what print_config
-    # shows.
-    gpu = 0 if torch.cuda.is_available() else -1  # CUDA device ordinal; -1 = CPU (torchrun: 0 or -1)
-    snapshot_name = 'test:0'  # a name for this run; eval.py finds its snapshots by it
-    parent_snapshot = None  # resume from a run id, snapshot name or checkpoint path (None: fresh)
-    generate_fake_data = False  # write a small generated data set of cf_trn's kind to data_dir if absent
-    save_interval = 0  # 0: keep the snapshot with the best validation acc1_avg; N: every N epochs
-    amp = True  # CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU
-    channels_last = True  # CUDA: NHWC memory format for model and batches; ignored on CPU
-    compile = False  # CUDA: torch.compile mode ('default', 'max-autotune', 'reduce-overhead')
-    cuda_graph = True  # CUDA: replay the whole training step as one captured CUDA graph
-    cuda_streams = True  # CUDA, one process: MsdNet's scales and exit heads on parallel streams
-    deterministic = False  # CUDA: deterministic algorithms, for bit-exact reruns (slower)
-    cudnn_benchmark = False  # CUDA: time cuDNN's algorithms per conv shape (MsdNet has ~100 shapes)
-    sync_bn = False  # torchrun: BatchNorm statistics of the global batch, not each process's part
-    ddp_timeout_s = 600  # torchrun: a process waiting this long for the others fails the job
+class SharedSettings(ConfigDict):
+    """The settings that every training script has (``multiexit.config.TrainConfig``): their
+    defaults, with their comments for print_config."""
+
+    def __init__(self):
+        super().__init__(shared_defaults())
+
+    def __call__(self, fixed=None, preset=None, fallback=None):
+        summary = super().__call__(fixed, preset, fallback)
+        summary.docs.update(shared_docs())
+        return summary
 
 
 def check_config(config, command_name, logger):
@@ -60,7 +54,7 @@ def check_config(config, command_name, logger):
     a resumed run keeps the seed of the run it continues (its data order and augmentation)
     unless the command line gives one."""
     with reported_as_one_line():
-        checks.check(config)
+        TrainConfig.check(config)
         if config.get('parent_snapshot') and 'seed' not in config:
             seed = find.recorded_seed(config['parent_snapshot'], SNAPSHOT_DIR)
             if seed is not None:
@@ -81,22 +75,58 @@ def experiment(name):
     """The sacred Experiment of the training script ``<name>.py``: its runs go to SNAPSHOT_DIR
     (written by rank 0 alone under torchrun, where the other ranks log only errors), it has the
     shared ``settings`` and their checks, and its main function trains with
-    ``multiexit.train.training.train``."""
+    ``multiexit.train.api``."""
     main_rank = distributed.env_rank() == 0
     ex = Experiment(name, observed=main_rank,
                     log_level=logging.INFO if main_rank else logging.ERROR)
-    ex.config(settings)
+    ex.configurations.append(SharedSettings())
     ex.config_hook(check_config)
 
     @ex.main
     def main(_run, _config, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
-        # train() reads _config; the dicts are parameters so that sacred accepts the keys that
+        # main reads _config; the dicts are parameters so that sacred accepts the keys that
         # named configs and `with cf_net.depth=...` add to them
         warn_ignored(_config, explicit_keys(_run))
         run_dir = _run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved'
-        return train(_config, run_dir, SNAPSHOT_DIR, _run.log_scalar, f'{ex.path}.py',
-                     refused=lambda: refuse(_run))
+        return train(_config, run_dir, _run, f'{ex.path}.py')
     return ex
+
+
+def train(config, run_dir, sacred_run, script):
+    """What a training script's main does with its sacred ``config``: under torchrun, join the
+    process group; build the run (bad input: one line, and the run leaves nothing behind);
+    train it; print a summary line; return the sacred result. ``run_dir``: the run folder of
+    sacred's observer (rank 0's is used)."""
+    gpu = config['gpu']
+    with reported_as_one_line(), distributed.process_group(gpu, config['ddp_timeout_s']), \
+            started_with(distributed.launch_command(script)):
+        try:
+            if isinstance(gpu, (list, tuple)):
+                raise ConfigError(f'gpu={list(gpu)}: one process per GPU, under torchrun: '
+                                  f'{distributed.torchrun_command(gpu, sys.argv)}')
+            if distributed.env_rank() == 0:
+                os.makedirs(run_dir, exist_ok=True)
+            else:
+                run_dir = None  # ranks other than 0 write nothing
+            run = build_run(TrainConfig.of(config), run_dir, SNAPSHOT_DIR,
+                            log_scalar=sacred_run.log_scalar)
+        except UserError:
+            refuse(sacred_run)
+            raise
+        first = run.epoch + 1
+        return summary(run, first, train_alone(run))
+
+
+def summary(run, first, val):
+    """The line that a run ends with (to its log) and its sacred result, once it trained from
+    epoch ``first`` to the end, ``val`` its last validation metrics."""
+    best_epoch, best_val = run.checkpointer.best_epoch, run.checkpointer.best_val
+    at = f' at epoch {best_epoch}' if best_epoch is not None else ''
+    run.log(f'{run.run_dir}: trained epochs {first} to {run.epoch}; best validation top-1 '
+            f'(mean over exits) {100 * best_val:.2f} %{at}; evaluate it with: '
+            f'python3 eval.py with snapshot_name={run.run_dir}')
+    return {'epoch': run.epoch, 'best_epoch': best_epoch, 'best_val_acc1_avg': best_val,
+            **{f'val.{k}': v for k, v in val.items()}}
 
 
 def run_commandline(ex):
@@ -171,7 +201,7 @@ class PackMember:
 
 def run_pack(ex, members, script):
     """``python3 train_pack.py``: train ``members`` (each the ``with`` arguments of one run of
-    ``ex``, the experiment of ``script``) as packs (``multiexit.train.training.train_pack``), each a
+    ``ex``, the experiment of ``script``) as packs (``multiexit.train.api.train_packs``), each a
     sacred run of its own in SNAPSHOT_DIR (``PackMember``). Returns the exit code: 0 when every
     run completed, 130 when a signal stopped them (with one more line: the command that resumes
     the pack), 2 when one failed with bad input or a loss that turned non-finite. Bad input
@@ -186,12 +216,12 @@ def run_pack(ex, members, script):
     stop = threading.Event()
     beating = threading.Thread(target=_beat, args=(records, stop), daemon=True)
     beating.start()
+    command = distributed.launch_command(script)
     try:
-        with reported_as_one_line():
+        with reported_as_one_line(), started_with(command):
             try:
-                runs = train_pack([r.config for r in records], [r.dir for r in records],
-                                  SNAPSHOT_DIR, [r.log for r in records],
-                                  [r.log_scalar for r in records], script)
+                runs = [build_pack_member(record) for record in records]
+                vals = train_packs(runs)
             except UserError:
                 stop.set()
                 beating.join()
@@ -211,15 +241,35 @@ def run_pack(ex, members, script):
     finally:
         stop.set()
         beating.join()
-    codes = [record.finish(run.error or run.result) for record, run in zip(records, runs)]
+    for run in runs:
+        if run.error is not None:
+            run.error.command = command
+    codes = [record.finish(run.error or summary(run, record.first_epoch, val))
+             for record, run, val in zip(records, runs, vals)]
     if EXIT_CODE_INTERRUPTED in codes:
-        stopped = [shlex.split(run.continuation() or shlex.join(record.updates))
+        stopped = [shlex.split(_continuation(run) or shlex.join(record.updates))
                    for record, run, code in zip(records, runs, codes)
                    if code == EXIT_CODE_INTERRUPTED]
         print(f'interrupted: to resume the pack: {pack_command(script, stopped)}',
               file=sys.stderr, flush=True)
         return EXIT_CODE_INTERRUPTED
     return max(codes)
+
+
+def build_pack_member(record):
+    """The Run of a pack member (a ``PackMember``), its output and metrics going to its record."""
+    os.makedirs(record.dir, exist_ok=True)
+    run = build_run(TrainConfig.of(record.config), record.dir, SNAPSHOT_DIR, log=record.log,
+                    log_scalar=record.log_scalar)
+    record.first_epoch = run.epoch + 1
+    return run
+
+
+def _continuation(run):
+    """What follows ``with`` in the command that continues ``run`` from its newest complete
+    training state; None where no epoch finished."""
+    last = run.checkpointer.last_good
+    return Resume(last[0].parent).updates() if last else None
 
 
 def pack_command(script, members):

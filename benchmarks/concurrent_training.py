@@ -3,7 +3,7 @@
     python3 benchmarks/concurrent_training.py --procs 1 2 4 --seconds 10
 
 Each process is what one cell of the paper's grid runs: the paper's MsdNet + DBT at batch 64
-with train_cifar.py's CUDA defaults (multiexit.train.training.Run's), on random images. The processes
+with train_cifar.py's CUDA defaults (multiexit.config.TrainConfig's), on random images. The processes
 warm up (cuDNN autotuning, the CUDA graph capture), wait for each other at a barrier, then train
 for ``--seconds``; each reports its images/s and the total is their sum. This says how many grid
 cells should share a GPU. Writes a JSON with the exact command (``--json``).
@@ -24,7 +24,7 @@ from train_throughput import (BATCH, ROOT, RUN_DEFAULTS, default_switches,  # no
                               fake_cifar, paper_step)
 
 from multiexit.data.cifar import DATASETS, DeviceLoader  # noqa: E402
-from multiexit.train.training import train_epoch  # noqa: E402
+from multiexit.train.loop import train_epoch  # noqa: E402
 
 
 def worker(barrier, seconds, results, index):

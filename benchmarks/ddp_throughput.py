@@ -26,7 +26,8 @@ from multiexit.accel import distributed  # noqa: E402
 from multiexit import losses, models  # noqa: E402
 from multiexit.data.cifar import DATASETS, DeviceLoader  # noqa: E402
 from multiexit.train.step import TrainStep  # noqa: E402
-from multiexit.train.training import resolve_device, train_epoch  # noqa: E402
+from multiexit.train.loop import train_epoch  # noqa: E402
+from multiexit.train.run import resolve_device  # noqa: E402
 
 PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
                   global_scale=2.0 * 5 / 11)

@@ -1,13 +1,44 @@
 """Errors caused by the user's input (data, configuration, snapshots).
 
-Scripts report them as one line and exit non-zero instead of printing a traceback.
+Scripts report them as one line and exit non-zero instead of printing a traceback. A message
+that says how to resume a run carries that as data (``Resume``): the library does not know the
+command line that started it, so the script that reports the error sets ``command``.
 """
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 
-class UserError(Exception):
+class Resume:
+    """The part of a message that says how to continue the run in ``run_dir`` with the settings
+    it recorded (its config.json), ``extra`` settings after them."""
+
+    def __init__(self, run_dir, extra=''):
+        self.run_dir, self.extra = Path(run_dir), extra
+
+    def updates(self):
+        """What follows ``with`` on the command line that resumes the run."""
+        config = self.run_dir / 'config.json'
+        return ((f'{config} ' if config.is_file() else '') + f'parent_snapshot={self.run_dir}'
+                + (f' {self.extra}' if self.extra else ''))
+
+
+class _Told:
+    """An error whose message is its parts, strings and ``Resume``s; ``command``: how the
+    script that reports it is started (``accel.distributed.launch_command``)."""
+    command = 'python3 <training script>'
+
+    def __str__(self):
+        return ''.join(f'{self.command} with {part.updates()}' if isinstance(part, Resume)
+                       else str(part) for part in self.args)
+
+    def resumes(self):
+        """The runs that the message says how to resume."""
+        return [part for part in self.args if isinstance(part, Resume)]
+
+
+class UserError(_Told, Exception):
     """Something the user can fix; the message says what is wrong and what to do."""
 
 
@@ -35,7 +66,7 @@ class PeerLostError(UserError):
     """Another process of a torchrun job failed or stopped answering."""
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(_Told, KeyboardInterrupt):
     """SIGINT/SIGTERM stopped training; the message says how to resume.
 
     A KeyboardInterrupt, so that sacred marks the run INTERRUPTED rather than FAILED.
@@ -44,6 +75,17 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 EXIT_CODE = 2
 EXIT_CODE_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def started_with(command):
+    """Errors raised in the block that say how to resume a run name ``command``: how the script
+    reporting them was started (``accel.distributed.launch_command``)."""
+    try:
+        yield
+    except (UserError, TrainingInterrupted) as e:
+        e.command = command
+        raise
 
 
 @contextlib.contextmanager

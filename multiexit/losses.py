@@ -1,5 +1,5 @@
 """The three training losses of the original code, called as ``loss(logits_list, y)``, and
-``PackLoss``: those of a pack's members (``multiexit.models.fused``) as one.
+``distillation_loss``, which a pack's ``train.pack.PackLoss`` computes for all its members.
 
 Unlabelled examples carry the label -100: they add no cross-entropy, only distillation terms.
 The exits' logits are stacked into one (exits, batch, classes) tensor, so that every op of a
@@ -44,7 +44,7 @@ def teacher_confidence(logits, T):
     return F.softmax(logits.detach().float() / T, dim=-1).amax(dim=-1).mean(dim=-1)
 
 
-def _over_classes(t):
+def over_classes(t):
     """A per-member (K,) tensor shaped to divide (K, batch, classes) logits; a scalar as it is."""
     return t if t.dim() == 0 else t[:, None, None]
 
@@ -55,7 +55,7 @@ def distillation_loss(logits_list, y, T, C, global_scale):
     original's Python floats were. ``C`` and ``global_scale`` are floats, or for a pack float64
     tensors (K,) like ``T``, which give every member its own loss (K,)."""
     z = torch.stack(logits_list)  # (exits, [K,] batch, classes); the teacher last
-    T32, weight = _over_classes(T.float()), (T ** 2 * C).float()
+    T32, weight = over_classes(T.float()), (T ** 2 * C).float()
     solo = isinstance(C, float)
     labelled = z if not solo or C != 1.0 else z[-1:]  # with C == 1 the early exits see no labels
     total = (1.0 - C if solo else (1.0 - C).float()) * cross_entropy(labelled, y)
@@ -118,45 +118,6 @@ class DistillationBasedLoss(DistillationLossConstTemp):
             confidence = teacher_confidence(logits_list[-1], T.float())
             hot = distributed.mean_over_ranks(confidence) > self.maxprob
             self.temperature.copy_(torch.where(hot, T * self.Tmult, T))
-        return loss
-
-
-class PackLoss(nn.Module):
-    """The losses of a pack's K members as one: ``loss(logits_list, y)`` with every exit's logits
-    (K, B, classes) and y (K, B) returns each member's loss (K,), as its own loss module would
-    (``member_losses``, in order) up to the order of floating-point sums, with the same
-    gradients.
-
-    The three losses are ``distillation_loss`` with per-member C, global_scale and T:
-    ClassificationOnlyLoss is C = 0 and global_scale = 1, DistillationLossConstTemp keeps its T,
-    and DBT members raise theirs by their Tmult after a training call while their teacher's mean
-    max-probability exceeds their maxprob. ``temperature`` (K,) float64 is each member's T.
-    """
-
-    def __init__(self, member_losses):
-        super().__init__()
-        first = member_losses[0]
-        self.n_exits, self.acc_tops = first.n_exits, first.acc_tops
-        per_member = lambda get, dtype=torch.float64: torch.tensor(
-            [get(m) for m in member_losses], dtype=dtype)
-        distils = lambda m: isinstance(m, DistillationLossConstTemp)
-        anneals = lambda m: isinstance(m, DistillationBasedLoss)
-        self.register_buffer('C', per_member(lambda m: m.C if distils(m) else 0.0))
-        self.register_buffer('global_scale', per_member(
-            lambda m: m.global_scale if distils(m) else 1.0))
-        self.register_buffer('temperature', per_member(lambda m: m.T if distils(m) else 1.0))
-        # float32, as a solo DBT compares its float32 confidence with the float maxprob; 1 for
-        # the members that keep their T, which no confidence exceeds
-        self.register_buffer('maxprob', per_member(lambda m: m.maxprob if anneals(m) else 1.0,
-                                                   torch.float32))
-        self.register_buffer('Tmult', per_member(lambda m: m.Tmult if anneals(m) else 1.0))
-
-    def forward(self, logits_list, y):
-        T = self.temperature
-        loss = distillation_loss(logits_list, y, T, self.C, self.global_scale)
-        if self.training:
-            confidence = teacher_confidence(logits_list[-1], _over_classes(T.float()))
-            self.temperature.copy_(torch.where(confidence > self.maxprob, T * self.Tmult, T))
         return loss
 
 

@@ -7,17 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / 'data'
 SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
 # Set by .ci/run: there the reference is always present, so a test that needs it must not skip.
 REQUIRE_REFERENCE = 'MULTIEXIT_REQUIRE_REFERENCE'
-
-# The paper's network (reference README section 1).
-PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11,
-                 nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
-                 nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
-                 exit_width=128, btneck_widths=[4, 4, 4])
 
 # A temperature that moves: maxprob far below the confidence of a fresh 100-class teacher (about
 # 0.02) makes DBT raise T from the first step, so a resume that lost T does not go unnoticed.

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DATA, PAPER_NET
+from conftest import DATA
+from multiexit.config import PAPER_NET
 from multiexit import losses, models
 from multiexit.errors import ConfigError
 from multiexit.evaluate import flops

@@ -1,5 +1,5 @@
 """K models of one architecture folded into one network, whose every kernel does the K models'
-work (horizontal fusion): what lets a pack of runs (``training.Pack``) train them at once.
+work (horizontal fusion): what lets a pack of runs (``train.pack.PackedRuns``) train them at once.
 
 A step of a small network such as the paper's MsdNet is thousands of small kernels launched one
 after another; a GPU runs them no faster for one model than for K. Folded, the K members' channels
@@ -9,7 +9,7 @@ sit side by side in one tensor (member k's are the k-th of K equal parts of dim 
   member's channels), a BatchNorm one BatchNorm over K times the channels (each channel has its own
   statistics anyway), pooling and ReLU act on every channel as they are;
 - a head's ``nn.Linear`` is one batched matrix product (``PackedLinear``), whose output puts the
-  members first: every exit's logits are (K, B, classes), as ``losses.PackLoss`` and
+  members first: every exit's logits are (K, B, classes), as ``train.pack.PackLoss`` and
   ``metrics.MultiExitAccuracy(members=K)`` take them;
 - the models' own channel operations (MsdNet's concatenations, the ResNet shortcut's zero
   channels) go through ``models.base.cat_channels`` and ``pad_channels``, which the fusion tells
@@ -18,7 +18,7 @@ sit side by side in one tensor (member k's are the k-th of K equal parts of dim 
 So the number of kernels per step is one model's whatever K, and a member computes exactly what
 its model computes alone, up to the order of floating-point sums. Its weights, BatchNorm statistics
 and optimizer state are parts of the fused tensors: ``fuse`` stacks them, ``load_members`` and
-``optimizer_states_to_members`` copy them back into the members' own models and optimizers, which
+``train.pack.optimizer_states_to_members`` copy them back into the members' own models and optimizers, which
 hold what a solo run of that member would (its checkpoints are ordinary state dicts).
 """
 import copy
@@ -156,66 +156,3 @@ def load_members(fused, models):
         own = model.state_dict()
         for name, tensor in fused.state_dict().items():
             own[name].copy_(member_part(tensor, k, own[name].shape))
-
-
-def _state_tensor(value, param):
-    return torch.is_tensor(value) and value.shape == param.shape
-
-
-def optimizer_states_from_members(optimizer, fused, member_optimizers, models):
-    """The state of ``optimizer`` (over ``fused.parameters()``) from the members' optimizers
-    (each over its model's parameters): a momentum buffer is the stack of theirs. Either every
-    member has a state (resumed from a training state) or none does."""
-    params = [list(m.parameters()) for m in models]
-    for i, p in enumerate(fused.parameters()):
-        states = [opt.state.get(ps[i]) for opt, ps in zip(member_optimizers, params)]
-        if not any(states):
-            continue
-        if not all(states):
-            raise ConfigError('the members of a pack resume either all from a training state '
-                              '(last.pt) or all from weights (ep<N>.pt); train them apart')
-        optimizer.state[p] = {
-            key: stack_members([s[key] for s in states], p) if _state_tensor(value, params[0][i])
-            else value for key, value in states[0].items()}
-
-
-def optimizer_states_to_members(optimizer, fused, member_optimizers, models):
-    """Copy every member's part of ``optimizer``'s state into its own optimizer."""
-    for k, (opt, model) in enumerate(zip(member_optimizers, models)):
-        for p, own in zip(fused.parameters(), model.parameters()):
-            if p in optimizer.state:
-                opt.state[own] = {key: member_part(value, k, own.shape).clone()
-                                  if torch.is_tensor(value) else value
-                                  for key, value in optimizer.state[p].items()}
-
-
-class MemberBatches:
-    """The loaders of K members as one: each step, x (B, K * C, H, W), member k's batch in the
-    k-th part of the channels (the fused network's input), and y (K, B). Every member's loader
-    must give as many batches, of the same sizes (``check``)."""
-
-    def __init__(self, loaders, what):
-        self.loaders, self.what = loaders, what
-        self.members, self.world_size = len(loaders), 1
-        self.device = loaders[0].device
-
-    def set_epoch(self, epoch):
-        for loader in self.loaders:
-            loader.set_epoch(epoch)
-        self.check()  # zip would silently cut the longer members' epochs
-
-    def check(self):
-        """ConfigError unless every member's loader has as many examples in as many batches."""
-        sizes = [(len(loader), loader.order.n_examples()) for loader in self.loaders]
-        if len(set(sizes)) > 1:
-            listed = ', '.join(f'{n} examples in {b} batches' for b, n in sizes)
-            raise ConfigError(f'the members of a pack need the same number of {self.what} '
-                              f'examples and batches; they have {listed}')
-
-    def __len__(self):
-        return len(self.loaders[0])
-
-    def __iter__(self):
-        for batches in zip(*self.loaders):
-            xs, ys = zip(*batches)
-            yield torch.cat(xs, dim=1), torch.stack(ys)

@@ -8,12 +8,14 @@ each with its ``cf_net``, epoch and validation metrics.
 torch is imported by the functions that read or write checkpoints only: finding runs by name
 (``multiexit.runs``, the grid) needs no torch, whose import takes seconds.
 """
+import math
 import os
 import pickle
 import secrets
+import shutil
 from pathlib import Path
 
-from ..errors import SnapshotError
+from ..errors import CheckpointWriteError, Resume, SnapshotError
 
 LAST = 'last.pt'
 
@@ -103,3 +105,58 @@ def unpack_model(ckpt, path, cf_net_default=None):
         return ckpt, cf_net_default, {}
     raise SnapshotError(f'{path} is not a multiexit checkpoint nor a state dict')
 
+
+
+class Checkpointer:
+    """Writes one run's checkpoints into ``run_dir`` and keeps their account, as timm's
+    CheckpointSaver does: after every epoch ``last.pt``, the training state that continues the
+    run exactly; and a model snapshot ``ep<N>.pt`` of the best epoch so far by validation
+    acc1_avg (``save_interval`` 0: the previous best goes once last.pt names the new one) or of
+    every ``save_interval``-th epoch. Only the main process ``writes``; every process keeps the
+    same account. ``last_good``: (path, epoch) of the newest complete training state, or None.
+    """
+
+    def __init__(self, run_dir, save_interval, writes=True):
+        self.run_dir, self.save_interval, self.writes = Path(run_dir), save_interval, writes
+        self.best_val, self.best_epoch = -math.inf, None
+        self.last_good = None
+
+    def continue_from(self, path, epoch, best_val, best_epoch):
+        """Take over the account of the run whose training state ``path`` holds ``epoch``;
+        its best snapshot so far moves along into this run."""
+        self.best_val, self.best_epoch = best_val, best_epoch
+        self.last_good = (Path(path), epoch)
+        best = Path(path).parent / f'ep{best_epoch}.pt'
+        if self.writes and best_epoch is not None and best.is_file() and not self.save_interval:
+            shutil.copy2(best, self.run_dir / best.name)
+
+    def save(self, epoch, val_metrics, training_state, model_snapshot):
+        """The checkpoints of ``epoch``, validated with ``val_metrics``: ``training_state()`` and
+        ``model_snapshot()`` give the contents (after the account is updated, which the training
+        state holds). CheckpointWriteError if a file cannot be written (the previous training
+        state is intact)."""
+        new_best = not self.save_interval and val_metrics['acc1_avg'] > self.best_val
+        old_best = self.best_epoch
+        if new_best:
+            self.best_epoch = epoch
+        self.best_val = max(self.best_val, val_metrics['acc1_avg'])
+        if self.writes:
+            try:
+                if new_best or (self.save_interval and epoch % self.save_interval == 0):
+                    save_atomic(model_snapshot(), self.run_dir / f'ep{epoch}.pt')
+                save_atomic(training_state(), self.run_dir / LAST)
+            except OSError as e:
+                raise CheckpointWriteError(
+                    f'could not write a checkpoint to {self.run_dir} ({e.strerror or e}); ',
+                    *self.resume_parts(), ' once the problem (disk space?) is fixed') from None
+            if new_best and old_best is not None:  # only once last.pt names the new best
+                (self.run_dir / f'ep{old_best}.pt').unlink(missing_ok=True)
+        self.last_good = (self.run_dir / LAST, epoch)
+
+    def resume_parts(self):
+        """The parts of a message that say where the last complete state is and how to continue
+        from it."""
+        if self.last_good is None:
+            return ('no epoch had finished, so there is nothing to resume: start the run again',)
+        path, epoch = self.last_good
+        return f'{path} holds epoch {epoch}; resume with: ', Resume(path.parent)

@@ -1,12 +1,10 @@
-"""What a training configuration may hold, checked before anything is built or loaded.
+"""The checks of settings: rules for single values, and for the ``cf_*`` dicts (``Section``).
 
-``check(config)`` raises one ConfigError for the first bad value: the key, the value and what
-is expected. It covers the numeric and switch settings of the training scripts and of
-``cf_loss``, ``cf_opt``, ``cf_scheduler``, ``cf_trn`` and ``cf_val`` (where a key is present;
-keys that the chosen classes do not take are the builders' to report), and that every ``call``
-names a class and every key of a ``cf_*`` dict is an argument of some class of its kind.
-``classes(section)`` is what a ``call`` may name; ``ignored_keys`` lists the keys that the
-chosen ``call`` does not take (left behind by another class, which sacred's merged dicts keep).
+``config.TrainConfig`` attaches a rule to every training setting; a bad value is one ConfigError
+with the key, the value and what is expected. A ``Section`` checks that its ``call`` names a
+class and that every key is an argument of some class of its kind (keys that the chosen class
+does not take are the builders' to drop: ``ignored_keys``), then its keys' own rules.
+``classes(section)`` is what a ``call`` may name.
 """
 import difflib
 import inspect
@@ -95,28 +93,34 @@ DATA = {'n_per_class': integer(1, optional=True), 'nval_per_class': integer(1),
         'n_unl_per_class': integer(0, optional=True), 'lab_unl_ratio': integers(0, length=2),
         'seed': integer(0), 'augment': SWITCH, 'image_size': integer(1),
         'n_workers': integer(0, optional=True)}
-RULES = {
-    'n_epochs': integer(1), 'batch_size': integer(1), 'val_batch_size': integer(1),
-    'save_interval': integer(0), 'ddp_timeout_s': number(0, low_open=True),
-    'data_dir': PATH, 'generate_fake_data': SWITCH, 'compile': one_of(*COMPILE_MODES),
-    **{switch: SWITCH for switch in ('amp', 'channels_last', 'cuda_graph', 'cuda_streams',
-                                     'deterministic', 'cudnn_benchmark', 'sync_bn')},
-    'cf_loss': {'C': number(0, 1), 'maxprob': number(0, 1),
-                'global_scale': number(0, low_open=True), 'T': number(0, low_open=True),
-                'Tmult': number(1), 'n_exits': integer(1, optional=True),
-                'acc_tops': integers(1, optional=True)},
-    'cf_opt': {'lr': number(0, low_open=True), 'momentum': number(0, 1),
-               'dampening': number(0, 1), 'weight_decay': number(0), 'nesterov': SWITCH,
-               'eps': number(0, low_open=True), 'betas': numbers(0, 1, 2), 'alpha': number(0),
-               'amsgrad': SWITCH},
-    'cf_scheduler': {'milestones': integers(0), 'gamma': number(0, low_open=True),
-                     'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)},
-    'cf_trn': DATA,
-    'cf_val': DATA,
-}
+LOSS = {'C': number(0, 1), 'maxprob': number(0, 1), 'global_scale': number(0, low_open=True),
+        'T': number(0, low_open=True), 'Tmult': number(1), 'n_exits': integer(1, optional=True),
+        'acc_tops': integers(1, optional=True)}
+OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': number(0, 1),
+       'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
+       'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}
+SCHEDULER = {'milestones': integers(0), 'gamma': number(0, low_open=True),
+             'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)}
 
 
-def _check_value(key, value, rule):
+class Section:
+    """The rule of a ``cf_*`` dict: a known ``call``, known keys, and ``rules`` for the values of
+    the keys it holds."""
+
+    def __init__(self, rules=None):
+        self.rules = rules or {}
+
+    def check(self, key, cf):
+        _check_calls_and_keys(key, cf)
+        for sub, rule in self.rules.items():
+            if sub in cf:
+                check_value(f'{key}.{sub}', cf[sub], rule)
+
+
+def check_value(key, value, rule):
+    """ConfigError unless ``value`` of the setting ``key`` follows ``rule``."""
+    if isinstance(rule, Section):
+        return rule.check(key, value)
     what, ok = rule
     if not ok(value):
         raise ConfigError(f'{key}={plain(value)!r}: expected {what}')
@@ -157,31 +161,6 @@ def _check_calls_and_keys(section, cf):
             raise ConfigError(f'{section}.{key}: {call} takes no such setting'
                               f'{_closest(key, known)}; it takes '
                               f'{", ".join(sorted(_arguments(family[call])))}')
-
-
-def check(config):
-    """Raise ConfigError for the first bad value of a training ``config`` (module docstring)."""
-    for key, rule in RULES.items():
-        if key not in config:
-            continue
-        if isinstance(rule, dict):
-            _check_calls_and_keys(key, config[key])
-            for sub, sub_rule in rule.items():
-                if sub in config[key]:
-                    _check_value(f'{key}.{sub}', config[key][sub], sub_rule)
-        else:
-            _check_value(key, config[key], rule)
-    if 'cf_net' in config:
-        _check_calls_and_keys('cf_net', config['cf_net'])  # its values: the models' checks
-    trn = config.get('cf_trn', {})
-    if trn.get('n_per_class') is not None and trn.get('nval_per_class', 0) >= trn['n_per_class']:
-        raise ConfigError(f"cf_trn.nval_per_class={trn['nval_per_class']} must be below "
-                          f"cf_trn.n_per_class={trn['n_per_class']}: the validation images are "
-                          'drawn from those of each class, the rest are for training')
-    if trn.get('n_unl_per_class') and not any(trn.get('lab_unl_ratio') or ()):
-        raise ConfigError(f"cf_trn.n_unl_per_class={trn['n_unl_per_class']} needs "
-                          "cf_trn.lab_unl_ratio=[r_lab, r_unl], e.g. '[1, 1]': how many "
-                          'labelled and unlabelled images an epoch interleaves')
 
 
 def ignored_keys(section, cf, keys):

@@ -1,0 +1,94 @@
+"""The training loop, written once, over a job: a run alone (``train.solo.Solo``) or runs of one
+network fused into one (``train.pack.PackedRuns``). A job has ``runs``, a ``train_loader`` and
+``lr()``, and per epoch ``train_epoch``, ``next_epoch``, ``validate``, ``scatter`` and
+``rng_states``, each giving one entry per run; every run keeps its own checkpoints and log."""
+import contextlib
+import signal
+import threading
+import time
+
+from ..accel import distributed
+from ..errors import PeerLostError, TrainingInterrupted
+from ..progress import bar
+
+
+def train_epoch(step, loader, progress=None):
+    """One epoch of ``step`` (a ``train.step.TrainStep``) over ``loader``: (mean losses,
+    metrics dicts, indices of the first step whose loss was not finite or None), one of each per
+    member of the step. With a sharded ``loader`` (each rank its part of every batch, the step's
+    model wrapped in DDP), those of the global batches, the same on every rank."""
+    step.start_epoch()
+    for x, y in (progress(loader) if progress else loader):
+        step(x, y)
+    return step.finish_epoch(loader.world_size)  # host sync, once per epoch
+
+
+def fit(job):
+    """Train every run of ``job`` up to its ``n_epochs``; returns (each run's last validation
+    metrics, {} where it trained no epoch; the signal that stopped training, or None).
+
+    A run whose loss turns non-finite, or whose checkpoint cannot be written, stops with that
+    error in its ``error`` (nothing of that epoch saved), and the others go on. SIGINT and
+    SIGTERM abandon the epoch in progress: every run still training gets a TrainingInterrupted
+    that says how to resume it from its last finished epoch (saved atomically in last.pt).
+    Under torchrun, a collective that fails because another process failed or stopped
+    answering gives PeerLostError, with the same instructions."""
+    runs, last_val, stopped_by = job.runs, [{} for _ in job.runs], None
+    for run in runs:
+        run.error = None
+    lead = runs[0]
+    progress = (lambda desc: lambda it: bar(it, desc)) if lead.is_main else (lambda desc: None)
+    try:
+        with stopping_on_signals():
+            while active := [run for run in runs if run.training]:
+                start, epoch = time.time(), active[0].epoch
+                job.train_loader.set_epoch(epoch)
+                lr = job.lr()
+                losses, trn, bad = job.train_epoch(progress(f'epoch {epoch + 1}/{lead.n_epochs}'))
+                for run, bad_step in zip(runs, bad):
+                    if run in active and bad_step is not None:
+                        run.error = run.non_finite(bad_step)
+                if not (active := [run for run in active if run.error is None]):
+                    break
+                job.next_epoch(active)  # after the epoch: epochs 0..149 at the first lr (torch 0.4)
+                for run in active:
+                    run.epoch += 1
+                val = job.validate(progress('validation'))
+                job.scatter()
+                for i, (run, rngs) in enumerate(zip(runs, job.rng_states())):
+                    if run in active:
+                        run.end_epoch(losses[i], trn[i], val[i], lr, time.time() - start, *rngs)
+                        last_val[i] = val[i]
+    except KeyboardInterrupt as e:
+        stopped_by = str(e) or 'SIGINT'
+        for run in runs:
+            if run.training:
+                run.error = TrainingInterrupted(f'{stopped_by} during epoch {run.epoch + 1}; ',
+                                                *run.checkpointer.resume_parts())
+    except RuntimeError as e:
+        if not distributed.is_peer_failure(e):
+            raise
+        for run in runs:
+            if run.training:
+                when = f' during epoch {run.epoch + 1}'
+                run.error = PeerLostError(f'{distributed.peer_failure(e, when)}; ',
+                                          *run.checkpointer.resume_parts())
+    return last_val, stopped_by
+
+
+@contextlib.contextmanager
+def stopping_on_signals():
+    """SIGTERM stops the block as SIGINT does (a KeyboardInterrupt that names it), where the
+    handler can be installed (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
