@@ -25,7 +25,7 @@ from ..accel import distributed
 from ..data import cifar
 from ..errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
                       SnapshotError, TrainingInterrupted, UserError, reported_as_one_line)
-from ..evaluate.report import GraphedForward, evaluate
+from ..evaluate.passes import GraphedForward, evaluate
 from ..metrics import check_tops, default_tops
 from ..models import fused
 from ..progress import bar
@@ -137,10 +137,10 @@ def step_without_optimizer(scheduler):
 
 
 def train_epoch(step, loader, progress=None):
-    """One epoch of ``step`` (a ``step.TrainStep``) over ``loader``; returns (mean loss,
-    metrics dict, index of the first step whose loss was not finite or None). With a sharded
-    ``loader`` (each rank its part of every batch, the step's model wrapped in DDP), the results
-    are those of the global batches, the same on every rank."""
+    """One epoch of ``step`` (a ``step.TrainStep``) over ``loader``; returns (mean losses,
+    metrics dicts, indices of the first step whose loss was not finite or None), lists of one
+    per member. With a sharded ``loader`` (each rank its part of every batch, the step's model
+    wrapped in DDP), the results are those of the global batches, the same on every rank."""
     step.start_epoch()
     for x, y in (progress(loader) if progress else loader):
         step(x, y)
@@ -480,13 +480,9 @@ class Pack:
         self.step = build_step(step, self.loss_fn, self.optimizer, lead.n_exits,
                                      lead.acc_tops, lead.device, amp=lead.amp, T=self.T,
                                      cuda_graph=graphed, compile=lead.compile,
-                                     cuda_streams=lead.cuda_streams, members=self.members)
+                                     cuda_streams=lead.cuda_streams, members=self.members or 1)
         self.val_forward = (GraphedForward(self.model, amp=lead.amp,
                                            cuda_streams=lead.cuda_streams) if graphed else None)
-
-    def _listed(self, result):
-        """What the step or the evaluation returns, as one entry per run."""
-        return result if self.members else [result]
 
     def _active(self):
         return [run for run in self.runs if run.error is None and run.epoch < run.n_epochs]
@@ -533,8 +529,7 @@ class Pack:
             self.train_loader.set_epoch(active[0].epoch)
             lr = self.optimizer.param_groups[0]['lr']
             desc = f'epoch {active[0].epoch + 1}/{lead.n_epochs}'
-            loss, trn, bad = map(self._listed, train_epoch(self.step, self.train_loader,
-                                                           progress(desc)))
+            loss, trn, bad = train_epoch(self.step, self.train_loader, progress(desc))
             for run, bad_step in zip(self.runs, bad):
                 if run in active and bad_step is not None:
                     run.error = run.non_finite(bad_step)
@@ -547,9 +542,9 @@ class Pack:
                     step_without_optimizer(run.scheduler)
                 run.epoch += 1
             distributed.broadcast_buffers(self.model)  # evaluate and save rank 0's BN statistics
-            val = self._listed(evaluate(self.model, self.val_loader, lead.n_exits,
-                                        lead.acc_tops, self.T, progress('validation'),
-                                        amp=lead.amp, forward=self.val_forward))
+            val = evaluate(self.model, self.val_loader, lead.n_exits, lead.acc_tops, self.T,
+                           progress('validation'), amp=lead.amp, forward=self.val_forward,
+                           members=self.members or 1)
             self._to_runs()
             for i, run in enumerate(self.runs):
                 if run in active:
