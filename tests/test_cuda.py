@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_inference import SyncsInForward
+from recorded_graphs import SyncsInForward
 from test_models import TINY
 
 from conftest import PAPER_NET, ROOT, pythonpath, run_script

@@ -9,15 +9,13 @@ import sys
 
 import pytest
 import torch
+from recorded_graphs import RecordedGraphs, SyncsInForward
 from test_models import TINY
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT
 from multiexit import models
 from multiexit.early_exit.rule import confidences, exit_indices
 from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
-from multiexit.accel.cuda_graph import CaptureFailed
 from multiexit.early_exit.latency import LatencyExit
 from multiexit.early_exit.shrinking import early_exit_predict
 from multiexit.early_exit.streaming import StreamingExit
@@ -209,61 +207,6 @@ def test_latency_syncs_once_per_block_until_the_image_has_left(net):
     assert runner.syncs == int((exits + 1).clamp(max=n_exits - 1).sum())
 
 
-# Ops a CUDA graph cannot capture: they need the host to read the device, or an output shape
-# that depends on the data.
-SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-           torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default,
-           torch.ops.aten._unique2.default}
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        masked = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) and any(
-            i is not None and i.dtype == torch.bool for i in args[1])
-        if func in SYNCING or masked:
-            raise CaptureFailed(f'{func} needs a host sync or a data-dependent shape')
-        out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
-        return out
-
-
-class RecordedGraphs:
-    """A CPU stand-in for ``accel.cuda_graph.CudaGraphs``: a capture records the aten ops of a step
-    (and fails on any that a CUDA graph cannot hold); a replay runs those ops again on the same
-    tensors and leaves each result where the capture's result lies, as a graph replays its
-    kernels on fixed memory. The step's Python code does not run again, so what it computed on
-    the host at capture (a size, a buffer) is frozen, as in a graph."""
-
-    def __init__(self):
-        self.replays = self.pools = 0
-
-    def new_pool(self):
-        self.pools += 1
-
-    def warm_up(self, steps):
-        return [step() for step in steps]
-
-    def capture(self, step):
-        recorder = _Recorder()
-        with recorder:
-            out = step()
-        ops = [op for op in recorder.ops if not op[0].is_view]  # a view stays one in place
-
-        def replay():
-            self.replays += 1
-            for func, args, kwargs, out in ops:
-                result = func(*args, **kwargs)
-                for static, new in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
-                    if isinstance(static, torch.Tensor) and static is not new:
-                        static.copy_(new)
-        return replay, out
-
-
 @pytest.mark.parametrize('mode', ['streaming', 'latency'])
 def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
     """With steps captured once per batch size and replayed (the tails of a stream captured in
@@ -292,20 +235,6 @@ def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
         assert runner.captures > len(runner.replays)  # the longer stream captured again
     else:
         assert runner.captures == n_exits
-
-
-class SyncsInForward(torch.nn.Module):
-    """``module`` (whose output is a list), with a host sync: not capturable."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        out = self.module(x)
-        if out[-1].sum().item() > 1e30:
-            raise AssertionError
-        return out
 
 
 @pytest.mark.parametrize('cls', [StreamingExit, LatencyExit])

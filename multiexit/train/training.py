@@ -444,19 +444,21 @@ class Pack:
             check_packable(self.runs)
             for run in self.runs:
                 run.in_pack = True
-            self.model = fused.fuse([run.model for run in self.runs], always=True)
+            self.model = models.fused.fuse([run.model for run in self.runs], always=True)
             if lead.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.loss_fn = losses.PackLoss([run.loss_fn for run in self.runs]).to(lead.device)
             self.optimizer = build_optimizer(lead.settings['cf_opt'], self.model.parameters(),
                                              lead.device)
-            fused.optimizer_states_from_members(self.optimizer, self.model,
+            models.fused.optimizer_states_from_members(self.optimizer, self.model,
                                                [run.optimizer for run in self.runs],
                                                [run.model for run in self.runs])
             self.scheduler = scheduler_at(lead.settings['cf_scheduler'], self.optimizer,
                                           lead.epoch)
-            self.train_loader = fused.MemberBatches([r.train_loader for r in self.runs], 'training')
-            self.val_loader = fused.MemberBatches([r.val_loader for r in self.runs], 'validation')
+            self.train_loader = models.fused.MemberBatches([r.train_loader for r in self.runs],
+                                                           'training')
+            self.val_loader = models.fused.MemberBatches([r.val_loader for r in self.runs],
+                                                         'validation')
             self.train_loader.check()
             self.val_loader.check()
             step = self.model

@@ -1,0 +1,103 @@
+"""A CPU stand-in for CUDA graphs (``accel.cuda_graph.CudaGraphs``), so that the CPU tests run
+every captured function through capture and replay; and a module that cannot be captured."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from multiexit.accel.cuda_graph import CaptureFailed
+
+# Ops a CUDA graph cannot capture: they need the host to read the device, or an output shape
+# that depends on the data.
+SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+           torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default,
+           torch.ops.aten._unique2.default}
+
+
+def written(func, args, kwargs):
+    """The tensors that ``func`` writes in place (its mutable arguments)."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            out += list(value) if isinstance(value, (list, tuple)) else [value]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the ops that run, fails on any a graph cannot hold, and keeps a copy of every
+    tensor before its first write (``undo`` puts them back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.saved, self._seen = [], [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        masked = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in SYNCING or masked:
+            raise CaptureFailed(f'{func} needs a host sync or a data-dependent shape')
+        for t in written(func, args, kwargs):
+            if id(t) not in self._seen:
+                self._seen.add(id(t))
+                self.saved.append((t, t.clone()))
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def undo(self):
+        with torch.no_grad():
+            for t, before in reversed(self.saved):
+                t.copy_(before)
+
+
+class RecordedGraphs:
+    """A CPU stand-in for ``accel.cuda_graph.CudaGraphs``. A capture records the aten ops of a
+    step (and fails on any that a CUDA graph cannot hold), then undoes what they wrote, as
+    nothing runs during a real capture; a replay runs those ops again on the same tensors and
+    leaves each result where the capture's result lies, as a graph replays its kernels on fixed
+    memory. The step's Python code does not run again, so what it computed on the host at
+    capture (a size, a buffer, a learning rate) is frozen, as in a graph."""
+
+    def __init__(self):
+        self.warm_ups = self.replays = self.pools = 0
+
+    def new_pool(self):
+        self.pools += 1
+
+    def warm_up(self, steps):
+        self.warm_ups += len(steps)
+        return [step() for step in steps]
+
+    def capture(self, step):
+        recorder = _Recorder()
+        try:
+            with recorder:
+                captured = step()
+        finally:
+            recorder.undo()
+        ops = [op for op in recorder.ops if not op[0].is_view]  # a view stays one in place
+
+        def replay():
+            self.replays += 1
+            with torch.no_grad():  # the ops as kernels: below autograd
+                for func, args, kwargs, out in ops:
+                    result = func(*args, **kwargs)
+                    for static, new in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
+                        if isinstance(static, torch.Tensor) and static is not new:
+                            static.copy_(new)
+        return replay, captured
+
+
+class SyncsInForward(torch.nn.Module):
+    """``module`` (whose output is a list), with a host sync: not capturable."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        out = self.module(x)
+        if out[-1].sum().item() > 1e30:
+            raise AssertionError
+        return out
