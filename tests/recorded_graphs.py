@@ -13,19 +13,19 @@ SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.de
            torch.ops.aten._unique2.default}
 
 
-def written(func, args, kwargs):
-    """The tensors that ``func`` writes in place (its mutable arguments)."""
-    out = []
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = args[i] if i < len(args) else kwargs.get(arg.name)
-            out += list(value) if isinstance(value, (list, tuple)) else [value]
-    return [t for t in out if isinstance(t, torch.Tensor)]
+def is_view(func, args, kwargs, out):
+    """Whether the op returned a view of an input (``to`` may, or may copy)."""
+    storage = lambda t: t.untyped_storage().data_ptr()
+    inputs = {storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    return func.is_view and all(storage(t) in inputs for t in tree_flatten(out)[0]
+                                if isinstance(t, torch.Tensor))
 
 
 class _Recorder(TorchDispatchMode):
     """Records the ops that run, fails on any a graph cannot hold, and keeps a copy of every
-    tensor before its first write (``undo`` puts them back)."""
+    tensor an op reads or writes before the first (``undo`` puts them back). Every tensor, not
+    those the schemas mark as written: native_batch_norm's do not mark the running statistics
+    that it updates."""
 
     def __init__(self):
         super().__init__()
@@ -37,8 +37,9 @@ class _Recorder(TorchDispatchMode):
             i is not None and i.dtype == torch.bool for i in args[1])
         if func in SYNCING or masked:
             raise CaptureFailed(f'{func} needs a host sync or a data-dependent shape')
-        for t in written(func, args, kwargs):
-            if id(t) not in self._seen:
+        for t in tree_flatten((args, kwargs))[0]:
+            if (isinstance(t, torch.Tensor) and id(t) not in self._seen
+                    and torch._debug_has_internal_overlap(t) != 1):  # expanded: never written
                 self._seen.add(id(t))
                 self.saved.append((t, t.clone()))
         out = func(*args, **kwargs)
@@ -76,7 +77,7 @@ class RecordedGraphs:
                 captured = step()
         finally:
             recorder.undo()
-        ops = [op for op in recorder.ops if not op[0].is_view]  # a view stays one in place
+        ops = [op for op in recorder.ops if not is_view(*op)]  # a view stays one in place
 
         def replay():
             self.replays += 1
