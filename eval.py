@@ -21,12 +21,12 @@ import torch
 
 from multiexit import data
 from multiexit.early_exit import timing
-from multiexit.early_exit.budgeted import budget_sweep
 from multiexit.config import PAPER_NET
+from multiexit.early_exit.thresholds import budget_sweep
 from multiexit.errors import ConfigError, SnapshotError, reported_as_one_line
 from multiexit.evaluate import flops, plots
-from multiexit.evaluate.report import (anytime_frame, exit_logits, exit_report, load_model,
-                                       per_exit_table)
+from multiexit.evaluate.passes import exit_logits, load_model
+from multiexit.evaluate.report import anytime_frame, exit_report, per_exit_table
 from multiexit.metrics import check_tops, default_tops
 from multiexit.progress import bar
 from multiexit.runs import find, table

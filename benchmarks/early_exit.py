@@ -4,9 +4,9 @@
     python3 benchmarks/early_exit.py --device cuda      # batch sizes 1, 16, 256 and 1024
     python3 benchmarks/early_exit.py --snapshot 3       # a trained run: its validation/test images
 
-For each budget q, per-exit thresholds are fitted (``budgeted.fit_thresholds``) on the model's
-confidences on calibration images so that the shares of samples leaving at the exits are
-p_k ∝ q^k. For each batch size B, a stream of other images (--batches full batches, at least
+For each budget q, per-exit thresholds are fitted (``early_exit.thresholds.fit_thresholds``) on
+the model's confidences on calibration images so that the shares of samples leaving at the exits
+are p_k ∝ q^k. For each batch size B, a stream of other images (--batches full batches, at least
 --min-images) runs through the full forward pass (``model(x)`` on batches of B, replayed as a
 CUDA graph on a GPU) and through every early-exit mode at B:
   streaming  ``streaming.StreamingExit``: a queue in front of every block, full batches only
@@ -50,9 +50,10 @@ sys.path.insert(0, str(ROOT))
 from multiexit.runs import find  # noqa: E402
 from multiexit import data, models  # noqa: E402
 from multiexit.evaluate import flops  # noqa: E402
-from multiexit.early_exit.budgeted import (confidences, exit_indices, fit_thresholds,
-                                           geometric_fractions, mean_cost)
-from multiexit.evaluate.report import GraphedForward, load_model  # noqa: E402
+from multiexit.early_exit.rule import confidences, exit_indices  # noqa: E402
+from multiexit.early_exit.thresholds import (fit_thresholds, geometric_fractions,  # noqa: E402
+                                             mean_cost)
+from multiexit.evaluate.passes import GraphedForward, load_model  # noqa: E402
 from multiexit.early_exit.shrinking import early_exit_predict  # noqa: E402
 from multiexit.early_exit.latency import LatencyExit  # noqa: E402
 from multiexit.early_exit.fixed_size import synchronize  # noqa: E402

@@ -58,7 +58,7 @@ from multiexit import losses, models  # noqa: E402
 from multiexit.models.fused import fuse  # noqa: E402
 from multiexit.train.step import build_step  # noqa: E402
 from multiexit.data.cifar import write_fake_cifar  # noqa: E402
-from multiexit.evaluate.report import evaluate  # noqa: E402
+from multiexit.evaluate.passes import evaluate  # noqa: E402
 from tools.kernel_count import count_ops  # noqa: E402
 from multiexit.train.training import Pack, Run, build_optimizer, train_epoch  # noqa: E402
 
@@ -88,7 +88,6 @@ class First:
     def __init__(self, loader, n):
         self.loader, self.n = loader, n
         self.world_size, self.device = 1, loader.device
-        self.members = getattr(loader, 'members', None)
 
     def __iter__(self):
         return itertools.islice(iter(self.loader), self.n)
@@ -132,7 +131,7 @@ def time_pack(runs, device, warmup, steps, val_batches, fused):
     for timed in (False, False, True):  # warm-up (cuDNN), capture, then timed
         start = time.perf_counter()
         evaluate(trainer.model, val, lead.n_exits, lead.acc_tops, trainer.T, amp=lead.amp,
-                 forward=trainer.val_forward)
+                 forward=trainer.val_forward, members=trainer.members or 1)
         sync(device)
     out['val_images_per_s'] = val_batches * EVAL_BATCH * k / (time.perf_counter() - start)
     if device.type == 'cuda':
@@ -202,7 +201,7 @@ def ops_train_step(net, k, batch=2):
                losses.build(dict(METHODS[1], n_exits=len(model.exits))))
     opt = build_optimizer(dict(OPT, foreach=True), model.parameters(), torch.device('cpu'))
     step = build_step(model, loss_fn, opt, len(model.exits), (1, 5), 'cpu',
-                            T=loss_fn.temperature, members=k)
+                            T=loss_fn.temperature, members=k or 1)
     x = torch.randn(batch, 3 * (k or 1), 32, 32)
     y = torch.randint(0, 100, (k, batch) if k else (batch,))
     step(x, y)  # the optimizer's state is created at the first step

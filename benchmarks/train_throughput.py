@@ -63,7 +63,7 @@ from multiexit import losses, models  # noqa: E402
 from tools import reference_style  # noqa: E402
 from multiexit.train.step import build_step  # noqa: E402
 from multiexit.data.cifar import DATASETS, DeviceLoader  # noqa: E402
-from multiexit.evaluate.report import GraphedForward, evaluate  # noqa: E402
+from multiexit.evaluate.passes import GraphedForward, evaluate  # noqa: E402
 from tools.kernel_count import cuda_kernels  # noqa: E402
 from multiexit.train.training import Run, train_epoch  # noqa: E402
 

@@ -41,22 +41,23 @@ def check_tops(acc_tops, n_classes, holder):
 
 
 class MultiExitAccuracy:
-    """Accumulates hits on the device; ``compute()`` is the only host sync. With ``members=K``,
-    those of the K members of a pack (``multiexit.models.fused``) apart: every exit's logits are
-    (K, B, classes), the labels (K, B), the temperature (K,), and ``compute()`` returns a list."""
+    """Accumulates hits on the device; ``compute()`` is the only host sync. Those of ``members``
+    runs apart (K >= 1: the members of a pack, ``multiexit.models.fused``, or a run alone):
+    every exit's logits are (K, B, classes), the labels (K, B), the temperature (K,), or for
+    K = 1 also (B, classes), (B,) and a scalar; ``compute()`` returns one dict per member."""
 
-    def __init__(self, n_exits, acc_tops=(1, 5), device='cpu', members=None):
+    def __init__(self, n_exits, acc_tops=(1, 5), device='cpu', members=1):
         self.n_exits = n_exits
         self.acc_tops = tuple(acc_tops)
         self.device = torch.device(device)
         self.members = members
-        per = () if members is None else (members,)
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)
-        self._hits = zeros(2, self.n_exits, *per, len(self.acc_tops))  # [clf | ens, exit, top]
-        self._n_labelled = zeros(*per)
-        self._n = zeros(*per)
-        self._maxprob = zeros(*per)
-        self._adj_maxprob = zeros(*per)
+        # [clf | ens, exit, member, top]
+        self._hits = zeros(2, self.n_exits, members, len(self.acc_tops))
+        self._n_labelled = zeros(members)
+        self._n = zeros(members)
+        self._maxprob = zeros(members)
+        self._adj_maxprob = zeros(members)
         self._with_temperature = False
 
     def reset(self):
@@ -65,8 +66,8 @@ class MultiExitAccuracy:
             t.zero_()
 
     def _topk_hits(self, scores, y, labelled):
-        """(exits, [members,] tops) number of labelled examples whose label is in the top t."""
-        pred = scores.topk(max(self.acc_tops), dim=-1).indices  # (E, [K,] B, kmax)
+        """(exits, members, tops) number of labelled examples whose label is in the top t."""
+        pred = scores.topk(max(self.acc_tops), dim=-1).indices  # (E, K, B, kmax)
         hit = (pred == y[None, ..., None]) & labelled[None, ..., None]
         cum = hit.cumsum(dim=-1)
         return torch.stack([cum[..., t - 1].sum(dim=-1) for t in self.acc_tops], dim=-1)
@@ -74,7 +75,10 @@ class MultiExitAccuracy:
     @torch.no_grad()
     def update(self, logits_list, y, T=None):
         """Add a batch. ``T`` (the loss's temperature) adds ``adj_maxprob``."""
-        logits = torch.stack([z.detach().float() for z in logits_list])  # (E, [K,] B, C)
+        K = self.members
+        logits = torch.stack([z.detach().float().reshape(K, -1, z.shape[-1])
+                              for z in logits_list])  # (E, K, B, C)
+        y = y.reshape(K, -1)
         labelled = y != IGNORE
         prob = F.softmax(logits, dim=-1)
         ensemble = prob.cumsum(dim=0)  # argmax of the running sum = of the running mean
@@ -85,7 +89,7 @@ class MultiExitAccuracy:
         self._maxprob += prob[-1].amax(dim=-1).sum(dim=-1)
         if T is not None:
             self._with_temperature = True
-            T = T if T.dim() == 0 else T.float()[:, None, None]
+            T = T.float().reshape(K, 1, 1)
             self._adj_maxprob += F.softmax(logits[-1] / T, dim=-1).amax(dim=-1).sum(dim=-1)
 
     def sum_over_ranks(self):
@@ -97,14 +101,11 @@ class MultiExitAccuracy:
             p.copy_(total.view_as(p))
 
     def compute(self):
-        """Dict {name: float}, in the order of ``metric_names``; with ``members``, one per
-        member."""
+        """A list of one dict {name: float} per member, in the order of ``metric_names``."""
         parts = [self._hits, self._n_labelled, self._n, self._maxprob, self._adj_maxprob]
         hits, *totals = [t.view_as(p) for t, p in zip(  # host sync
             torch.cat([p.flatten() for p in parts]).cpu().split([p.numel() for p in parts]),
             parts)]
-        if self.members is None:
-            return self._named(hits, *totals)
         return [self._named(hits[:, :, k], *(t[k] for t in totals)) for k in range(self.members)]
 
     def _named(self, hits, n_lab, n, maxprob, adj):

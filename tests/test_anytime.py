@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multiexit import models
-from multiexit.early_exit import budgeted
+from multiexit.early_exit.thresholds import budget_sweep
 from multiexit.evaluate import flops, plots
 from multiexit.evaluate.report import (anytime_frame, exit_report, expected_calibration_error,
                                        per_exit_table)
@@ -122,7 +122,7 @@ def test_figures_overlay_snapshots_named_by_their_labels(tmp_path, monkeypatch):
                                               for c in costs])
         anytime.append(anytime_frame(report, 3).assign(snapshot=name))
         val = random_logits(seed=10 + seed)
-        sweeps.append(budgeted.budget_sweep(*val, logits, labels, costs).assign(snapshot=name))
+        sweeps.append(budget_sweep(*val, logits, labels, costs).assign(snapshot=name))
     anytime, sweeps = pd.concat(anytime), pd.concat(sweeps)
     labels = {'dbt': 'DBT: dbt:0 (run 2)', 'standard': 'standard: std:0 (run 6)'}
     plots.anytime_figure(anytime, tmp_path / 'anytime.png', labels)

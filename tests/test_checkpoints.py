@@ -211,7 +211,7 @@ def forced_validation(monkeypatch, scores):
         out = real(model, *args, **kwargs)
         epoch = min(set(scores) - set(seen))
         seen[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-        return dict(out, acc1_avg=scores[epoch])
+        return [dict(out[0], acc1_avg=scores[epoch])]  # a run alone: one member
 
     monkeypatch.setattr(training, 'evaluate', forced)
     return seen

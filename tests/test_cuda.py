@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_inference import SyncsInForward
+from recorded_graphs import SyncsInForward
 from test_models import TINY
 
 from conftest import PAPER_NET, ROOT, pythonpath, run_script
@@ -18,7 +18,8 @@ from multiexit import data, losses, models
 from multiexit.accel import streams
 from multiexit.data.cifar import DATASETS, DeviceLoader
 from multiexit.data.folders import write_fake_image_folders
-from multiexit.early_exit import budgeted
+from multiexit.early_exit.rule import confidences, exit_indices
+from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
 from multiexit.early_exit.latency import LatencyExit
 from multiexit.early_exit.shrinking import early_exit_predict
 from multiexit.early_exit.streaming import StreamingExit
@@ -103,7 +104,7 @@ def test_one_fp32_step_on_cuda_equals_the_cpu_step():
         before = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
         step.start_epoch()
         step(*fixed_batch(device))
-        loss, _, bad = step.finish_epoch()
+        [loss], _, [bad] = step.finish_epoch()
         after = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
         out[str(device)] = loss, after, after - before
         assert bad is None
@@ -120,7 +121,7 @@ def trajectory(step, loss_fn, batch, n):
     for _ in range(n):
         step.start_epoch()
         step(*batch)
-        loss, _, bad = step.finish_epoch()
+        [loss], _, [bad] = step.finish_epoch()
         assert bad is None
         losses_.append(loss)
         temps.append(loss_fn.T)
@@ -324,16 +325,16 @@ def noise_net():
     net.eval()
     with torch.inference_mode():
         calib = torch.stack(net(torch.randn(256, 3, 32, 32, generator=g).to(CUDA)))
-    return net, g, budgeted.confidences(calib.cpu())[0]
+    return net, g, confidences(calib.cpu())[0]
 
 
 def test_early_exit_on_cuda_gives_the_budgeted_decisions(noise_net):
     net, g, calib = noise_net
     x = torch.randn(256, 3, 32, 32, generator=g).to(CUDA)
     with torch.inference_mode():
-        conf, _ = budgeted.confidences(torch.stack(net(x)).cpu())
-    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, 0.7))
-    expected = budgeted.exit_indices(conf, thresholds)
+        conf, _ = confidences(torch.stack(net(x)).cpu())
+    thresholds = fit_thresholds(calib, geometric_fractions(11, 0.7))
+    expected = exit_indices(conf, thresholds)
     assert expected.unique().numel() >= 5  # several exits used: the comparison means something
     _, exit_of = early_exit_predict(net, x, thresholds)
     assert exit_of.is_cuda
@@ -348,8 +349,8 @@ def simulated(net, x, thresholds, batch_size):
     forward pass in batches of ``batch_size``, on the CPU."""
     with torch.inference_mode():
         logits = torch.cat([torch.stack(net(b)) for b in x.split(batch_size)], dim=1).cpu()
-    conf, pred = budgeted.confidences(logits)
-    exits = budgeted.exit_indices(conf, thresholds)
+    conf, pred = confidences(logits)
+    exits = exit_indices(conf, thresholds)
     at_exit = lambda t: t.gather(0, exits[None])[0]
     return at_exit(pred), exits, at_exit(conf), conf
 
@@ -389,7 +390,7 @@ def test_streaming_on_cuda_replays_graphs_and_decides_bit_for_bit_as_the_full_pa
     x = torch.randn(640, 3, 32, 32, generator=g).to(CUDA)
     runner = StreamingExit(net, 64, tail_sizes=[])
     for q in (0.7, 1.5):
-        thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, q))
+        thresholds = fit_thresholds(calib, geometric_fractions(11, q))
         pred, exits, conf, _ = simulated(net, x, thresholds, 64)
         assert exits.unique().numel() >= 5  # several exits used: the comparison means something
         got = runner.run(x, thresholds)
@@ -412,7 +413,7 @@ def test_streaming_on_cuda_with_its_default_tail_graphs(noise_net):
     threshold (another batch size, other kernels)."""
     net, g, calib = noise_net
     x = torch.randn(1000, 3, 32, 32, generator=g).to(CUDA)
-    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, 0.7))
+    thresholds = fit_thresholds(calib, geometric_fractions(11, 0.7))
     pred, exits, conf, all_conf = simulated(net, x, thresholds, 256)
     runner = StreamingExit(net, 256)
     assert runner.tail_sizes == [1, 4, 16, 64]
@@ -430,7 +431,7 @@ def test_latency_on_cuda_replays_graphs_and_syncs_once_per_block(
         noise_net, deterministic_cudnn, monkeypatch, sync_debug_off_afterwards):
     net, g, calib = noise_net
     x = torch.randn(48, 3, 32, 32, generator=g).to(CUDA)
-    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(11, 0.7))
+    thresholds = fit_thresholds(calib, geometric_fractions(11, 0.7))
     pred, exits, conf, _ = simulated(net, x, thresholds, 1)
     runner = LatencyExit(net, 1)
     got = runner.run(x, thresholds)
@@ -452,9 +453,9 @@ def test_every_registered_model_early_exits_on_cuda_graphs(name):
     net = models.build(TINY[name]).to(CUDA).eval()
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        calib, _ = budgeted.confidences(torch.stack(net(
+        calib, _ = confidences(torch.stack(net(
             torch.randn(48, 3, 32, 32, generator=g).to(CUDA))).cpu())
-    thresholds = budgeted.fit_thresholds(calib, budgeted.geometric_fractions(3, 1.0))
+    thresholds = fit_thresholds(calib, geometric_fractions(3, 1.0))
     x = torch.randn(64, 3, 32, 32, generator=g).to(CUDA)
     for runner in (StreamingExit(net, 8, tail_sizes=[]), LatencyExit(net, 4)):
         pred, exits, conf, all_conf = simulated(net, x, thresholds, runner.batch_size)

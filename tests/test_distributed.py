@@ -16,7 +16,7 @@ from multiexit import losses, models
 from multiexit.accel import distributed
 from multiexit.data import cifar
 from multiexit.errors import ConfigError
-from multiexit.evaluate.report import evaluate, load_model
+from multiexit.evaluate.passes import evaluate, load_model
 from multiexit.train.step import TrainStep
 from multiexit.train.training import Run, train_epoch
 
@@ -71,7 +71,7 @@ def train_steps(rank, world_size):
     if world_size > 1:
         model, step_model = distributed.wrap(model, torch.device('cpu'), sync_bn=True)
     step = TrainStep(step_model, loss, opt, 3, (1, 5), 'cpu', T=loss.loss.temperature)
-    mean_loss, metrics, bad = train_epoch(step, train_loader(rank, world_size))
+    [mean_loss], [metrics], [bad] = train_epoch(step, train_loader(rank, world_size))
     return dict(losses=loss.values, mean_loss=mean_loss, metrics=metrics, bad=bad,
                 T=loss.loss.T, state=model.state_dict(), model=model)
 
@@ -97,8 +97,8 @@ def worker(rank, world_size, tmp):
     try:
         out = train_steps(rank, world_size)
         model = out.pop('model')
-        out['val_sharded'] = evaluate(model, val_loader(rank, world_size), 3)
-        out['val_whole'] = evaluate(model, val_loader(), 3)
+        [out['val_sharded']] = evaluate(model, val_loader(rank, world_size), 3)
+        [out['val_whole']] = evaluate(model, val_loader(), 3)
         out['T_disagreeing'] = temperatures(rank)
         try:
             smoke = dict(call='Cifar100', n_per_class=20, nval_per_class=5)
@@ -250,7 +250,7 @@ def test_checkpoint_loads_in_one_process_and_gives_the_logged_validation(ddp_run
     model, cf_net, _ = load_model(run / 'last.pt', 'cpu')  # strict
     config = read(run / 'config.json')
     loader, _ = cifar.build_split(config['cf_val'], 'val', work / 'data' / 'smoke', 250, 'cpu')
-    val = evaluate(model, loader, cf_net['n_exits'])
+    [val] = evaluate(model, loader, cf_net['n_exits'])
     logged = read(run / 'metrics.json')
     for name in ('acc1_avg', 'acc5_clf0', 'acc1_ens2'):
         assert val[name] == logged[f'val.{name}']['values'][-1], name

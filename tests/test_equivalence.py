@@ -42,7 +42,7 @@ def ours(images, labels, amp=False):
     for i in range(STEPS):
         part = slice(i * BATCH, (i + 1) * BATCH)
         loader = DeviceLoader(images[part], labels[part], BATCH, SPEC.mean, SPEC.std, 'cpu')
-        loss, _, bad = train_epoch(step, loader)
+        [loss], _, [bad] = train_epoch(step, loader)
         assert bad is None
         out.append(loss)
     return np.array(out), loss_fn.T

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
+from recorded_graphs import RecordedGraphs, SyncsInForward
 from test_models import TINY
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT
 from multiexit import models
-from multiexit.early_exit import budgeted
-from multiexit.early_exit.fixed_size import CaptureFailed
+from multiexit.early_exit.rule import confidences, exit_indices
+from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
 from multiexit.early_exit.latency import LatencyExit
 from multiexit.early_exit.shrinking import early_exit_predict
 from multiexit.early_exit.streaming import StreamingExit
@@ -61,12 +60,12 @@ def test_early_exit_equals_budgeted_decisions_and_skips_computation(net, q):
     n_exits = len(net.exits)
     net.eval()
     with torch.inference_mode():
-        val_conf, _ = budgeted.confidences(torch.stack(net(images(64, seed=1))))
+        val_conf, _ = confidences(torch.stack(net(images(64, seed=1))))
         x = images(48, seed=2)
         logits = torch.stack(net(x))
-    thresholds = budgeted.fit_thresholds(val_conf, budgeted.geometric_fractions(n_exits, q))
-    conf, _ = budgeted.confidences(logits)
-    expected = budgeted.exit_indices(conf, thresholds)
+    thresholds = fit_thresholds(val_conf, geometric_fractions(n_exits, q))
+    conf, _ = confidences(logits)
+    expected = exit_indices(conf, thresholds)
     assert expected.unique().numel() == n_exits  # every exit is used: the check means something
 
     net.train()  # early_exit_predict must run in eval mode, and restore the mode
@@ -86,12 +85,12 @@ def test_a_confidence_equal_to_its_threshold_leaves(net, k):
     nobody leave, so exit k sees the whole batch, as in the full forward pass."""
     x = images(16, seed=4)
     with torch.inference_mode():
-        conf, _ = budgeted.confidences(torch.stack(net.eval()(x)))
+        conf, _ = confidences(torch.stack(net.eval()(x)))
     n_exits = len(net.exits)
     tied = conf[k].argsort()[len(x) // 2]  # a median sample: some above it leave, some below stay
     thresholds = [math.inf] * n_exits
     thresholds[k], thresholds[-1] = conf[k, tied].item(), -math.inf
-    expected = budgeted.exit_indices(conf, thresholds)
+    expected = exit_indices(conf, thresholds)
     assert expected[tied] == k and (expected == n_exits - 1).any()
     _, exits = early_exit_predict(net, x, thresholds)
     assert torch.equal(exits, expected)
@@ -110,8 +109,8 @@ def test_all_leave_at_the_first_exit(net):
 def fitted(model, q, seed=1):
     """Thresholds for exit shares ∝ q^k, fitted on the confidences of 48 other images."""
     with torch.inference_mode():
-        conf, _ = budgeted.confidences(torch.stack(model.eval()(images(48, seed))))
-    return budgeted.fit_thresholds(conf, budgeted.geometric_fractions(len(model.exits), q))
+        conf, _ = confidences(torch.stack(model.eval()(images(48, seed))))
+    return fit_thresholds(conf, geometric_fractions(len(model.exits), q))
 
 
 def simulated(model, x, thresholds, batch_size):
@@ -119,8 +118,8 @@ def simulated(model, x, thresholds, batch_size):
     pass, run in batches of ``batch_size``."""
     with torch.inference_mode():
         logits = torch.cat([torch.stack(model.eval()(b)) for b in x.split(batch_size)], dim=1)
-    conf, pred = budgeted.confidences(logits)
-    exits = budgeted.exit_indices(conf, thresholds)
+    conf, pred = confidences(logits)
+    exits = exit_indices(conf, thresholds)
     at_exit = lambda t: t.gather(0, exits[None])[0]
     return at_exit(pred), exits, at_exit(conf)
 
@@ -208,59 +207,6 @@ def test_latency_syncs_once_per_block_until_the_image_has_left(net):
     assert runner.syncs == int((exits + 1).clamp(max=n_exits - 1).sum())
 
 
-# Ops a CUDA graph cannot capture: they need the host to read the device, or an output shape
-# that depends on the data.
-SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-           torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default,
-           torch.ops.aten._unique2.default}
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        masked = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) and any(
-            i is not None and i.dtype == torch.bool for i in args[1])
-        if func in SYNCING or masked:
-            raise CaptureFailed(f'{func} needs a host sync or a data-dependent shape')
-        out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
-        return out
-
-
-class RecordedGraphs:
-    """A CPU stand-in for ``step_graphs.CudaGraphs``: a capture records the aten ops of a step
-    (and fails on any that a CUDA graph cannot hold); a replay runs those ops again on the same
-    tensors and leaves each result where the capture's result lies, as a graph replays its
-    kernels on fixed memory. The step's Python code does not run again, so what it computed on
-    the host at capture (a size, a buffer) is frozen, as in a graph."""
-
-    def __init__(self):
-        self.replays = 0
-
-    def warm_up(self, steps):
-        for step in steps:
-            step()
-
-    def capture(self, step):
-        recorder = _Recorder()
-        with recorder:
-            step()
-        ops = [op for op in recorder.ops if not op[0].is_view]  # a view stays one in place
-
-        def replay():
-            self.replays += 1
-            for func, args, kwargs, out in ops:
-                result = func(*args, **kwargs)
-                for static, new in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
-                    if isinstance(static, torch.Tensor) and static is not new:
-                        static.copy_(new)
-        return replay
-
-
 @pytest.mark.parametrize('mode', ['streaming', 'latency'])
 def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
     """With steps captured once per batch size and replayed (the tails of a stream captured in
@@ -289,20 +235,6 @@ def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
         assert runner.captures > len(runner.replays)  # the longer stream captured again
     else:
         assert runner.captures == n_exits
-
-
-class SyncsInForward(torch.nn.Module):
-    """``module`` (whose output is a list), with a host sync: not capturable."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        out = self.module(x)
-        if out[-1].sum().item() > 1e30:
-            raise AssertionError
-        return out
 
 
 @pytest.mark.parametrize('cls', [StreamingExit, LatencyExit])

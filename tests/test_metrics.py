@@ -42,7 +42,7 @@ def test_values_over_several_batches_equal_brute_force():
     m = MultiExitAccuracy(4, (1, 5))
     for sl in (slice(0, 20), slice(20, 45), slice(45, 50)):
         m.update([z[sl] for z in logits], y[sl], T)
-    got = m.compute()
+    [got] = m.compute()
     expected = brute_force(logits, y, (1, 5), 3.0)
     assert list(got) == metric_names(4, (1, 5), True)
     accuracies = [k for k in got if k.startswith('acc')]
@@ -56,10 +56,11 @@ def test_values_over_several_batches_equal_brute_force():
 def test_reset_and_no_temperature():
     m = MultiExitAccuracy(2, (1,))
     m.update([torch.eye(3), torch.eye(3)], torch.tensor([0, 1, 2]))
-    assert m.compute()['acc1_clf1'] == 1.0 and 'adj_maxprob' not in m.compute()
+    [got] = m.compute()
+    assert got['acc1_clf1'] == 1.0 and 'adj_maxprob' not in got
     m.reset()
     m.update([torch.eye(3), torch.eye(3)], torch.tensor([1, 2, 0]))
-    assert m.compute()['acc1_avg'] == 0.0
+    assert m.compute()[0]['acc1_avg'] == 0.0
 
 
 def test_training_step_reports_adj_maxprob_at_the_temperature_it_trained_with():
@@ -75,7 +76,7 @@ def test_training_step_reports_adj_maxprob_at_the_temperature_it_trained_with():
     with torch.no_grad():
         teacher = model(x)[-1]  # training mode, as in the step: the same logits
     step(x, y)
-    _, metrics, _ = step.finish_epoch()
+    _, [metrics], _ = step.finish_epoch()
     assert loss.T == pytest.approx(1.05)  # raised once, after the step's metrics
     expected = F.softmax(teacher, dim=1).amax(dim=1).mean().item()
     assert metrics['adj_maxprob'] == pytest.approx(expected, rel=1e-6)

@@ -17,8 +17,9 @@ from test_anytime import assert_png
 
 from conftest import RISING_T, ROOT, pythonpath, run_script
 from multiexit import data
-from multiexit.early_exit import budgeted
-from multiexit.evaluate.report import exit_logits, load_model
+from multiexit.early_exit.rule import confidences
+from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
+from multiexit.evaluate.passes import exit_logits, load_model
 from multiexit.metrics import metric_names
 
 SMALL = ['smoke', 'cf_scheduler.milestones=[1]', RISING_T]
@@ -248,9 +249,9 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
     cf_val = read(snaps / '1' / 'config.json')['cf_val']
     val_loader = data.build(cf_val).loader('val', workdir / 'data' / 'smoke', 250, 'cpu')
-    val_conf = budgeted.confidences(exit_logits(model, val_loader)[0])[0]
+    val_conf = confidences(exit_logits(model, val_loader)[0])[0]
     for row in geometric.itertuples():
-        fitted = budgeted.fit_thresholds(val_conf, budgeted.geometric_fractions(3, row.param))
+        fitted = fit_thresholds(val_conf, geometric_fractions(3, row.param))
         assert [row.threshold0, row.threshold1] == pytest.approx(fitted[:2].tolist(), rel=1e-5)
     for mode in ('streaming', 'latency'):  # the budgeted curves in ms per image
         shares = budget[[f'exited{k}' for k in range(3)]].to_numpy()

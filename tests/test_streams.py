@@ -34,7 +34,7 @@ def test_the_cpu_training_step_is_the_same_with_streams_on(name):
         step.start_epoch()
         for _ in range(2):
             step(x, y)
-        loss, _, _ = step.finish_epoch()
+        [loss], _, _ = step.finish_epoch()
         states.append((loss, model.state_dict()))
     (loss_off, off), (loss_on, on) = states
     assert loss_on == loss_off

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, pythonpath, run_script
 from multiexit.evaluate import flops
-from multiexit.evaluate.report import load_model
+from multiexit.evaluate.passes import load_model
 from multiexit.metrics import metric_names
 from multiexit.runs.table import load_runs
 

@@ -1,2 +1,3 @@
-"""Early exit: the exit rule, thresholds and budgets, and the ways of running it (a shrinking
-batch, streaming, one image at a time) with their measured time."""
+"""Early exit: one rule (``rule``), its thresholds and budgets (``thresholds``), the three ways
+of running it (``shrinking``; ``streaming`` and ``latency`` on ``fixed_size`` steps, which
+replay as CUDA graphs on a GPU) and their measured time per exit (``timing``)."""

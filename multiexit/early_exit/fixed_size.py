@@ -7,55 +7,20 @@ back (queue lengths, whether to go on) goes through ``FixedSizeRunner.host_value
 the syncs.
 """
 import contextlib
-import sys
 import time
 
 import torch
 
-from .shrinking import checked_thresholds
-
-
-class CaptureFailed(RuntimeError):
-    pass
-
-
-class CudaGraphs:
-    """Warm-up on a side stream and capture of steps into CUDA graphs that share one memory pool:
-    they run one after another on one stream, and nothing a graph allocates is read after its
-    replay except the outputs its runner keeps referenced, so sharing is safe in any replay
-    order."""
-
-    def __init__(self, device):
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-
-    def warm_up(self, steps):
-        """Runs ``steps`` eagerly on a side stream (lazy initialisation, cuDNN plans)."""
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for step in steps:
-                step()
-        current.wait_stream(side)
-
-    def capture(self, step):
-        """A function that replays ``step`` as captured (nothing runs during the capture)."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):  # host sync (once per capture)
-                step()
-        except Exception as e:  # noqa: BLE001 - the eager step is still correct
-            first = (str(e).strip().splitlines() or [''])[0]
-            torch.cuda.synchronize(self.device)
-            raise CaptureFailed(f'{type(e).__name__}: {first}') from e
-        return graph.replay
+from ..accel.cuda_graph import CaptureFailed, CudaGraphs, warn_eager
+from .rule import checked_thresholds
 
 
 class FixedSizeRunner:
     """What the streaming and latency runners share: the model in eval mode, thresholds in a
     device tensor read by the steps, steps of fixed sizes captured lazily (all blocks of a size
-    at once, inside ``sandbox``) and the count of host syncs.
+    at once, inside ``sandbox``) and the count of host syncs. The graphs of a runner
+    (``accel.cuda_graph.CudaGraphs``, or ``graphs``, a stand-in for tests) share one memory
+    pool: they replay one after another, and the runner keeps only their outputs referenced.
 
     Subclasses define ``_step(k, size)`` (no host sync, no data-dependent shape) and
     ``pending``, a tensor whose zeros leave no image pending (every queue empty, no image
@@ -92,6 +57,13 @@ class FixedSizeRunner:
         self.syncs += 1
         return t.tolist()
 
+    def drop_graphs(self):
+        """Forget the captured steps (their buffers are replaced); the next captures start a
+        new memory pool."""
+        self.replays = {}
+        if self.graphs is not None:
+            self.graphs.new_pool()
+
     def run_step(self, k, size):
         if self.graphs is None:
             return self._step(k, size)
@@ -107,11 +79,10 @@ class FixedSizeRunner:
             try:
                 self.graphs.warm_up(steps)
                 for k, step in enumerate(steps):  # in order: step k may read step k-1's outputs
-                    self.replays[(k, size)] = self.graphs.capture(step)
+                    self.replays[(k, size)], _ = self.graphs.capture(step)
                     self.captures += 1
             except CaptureFailed as e:
-                print(f'warning: CUDA graph capture of an early-exit step failed ({e}); '
-                      f'running it eagerly', file=sys.stderr, flush=True)
+                warn_eager('an early-exit step', e, 'running it eagerly')
                 self.graphs, self.replays = None, {}
 
     @contextlib.contextmanager

@@ -8,14 +8,14 @@ of the batch goes on, and stops there if none does.
 import torch
 
 from .fixed_size import FixedSizeRunner
-from .shrinking import exit_step
+from .rule import exit_step
 
 
 class LatencyExit(FixedSizeRunner):
     """Early exit of ``batch_size`` images at a time (1: one image).
 
     ``run(x, thresholds)`` returns, per image of ``x``, the prediction, the exit it left at and
-    its confidence there, as ``budgeted.exit_indices`` decides them on the full forward pass.
+    its confidence there, as ``rule.exit_indices`` decides them on the full forward pass.
     The images of a batch run together until the last has left (one that has left is still
     computed, masked, while another goes on). Host syncs: one per block run but the last (whether
     to go on), and the captures.

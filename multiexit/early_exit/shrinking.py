@@ -1,44 +1,11 @@
-"""Early-exit inference: a sample leaves at the first exit k whose max-softmax is >=
-``thresholds[k]`` (the last exit takes the rest) and is no longer computed after it. Every way of
-running it decides as ``budgeted.exit_indices`` does on the full forward pass's confidences:
-
-- ``early_exit_predict`` (here): one batch that shrinks as samples leave, one host sync per block;
-- ``streaming.StreamingExit``: throughput; a queue of pending images in front of every block, which
-  only ever runs on full batches (CUDA graphs on a GPU);
-- ``latency.LatencyExit``: one image, or a small fixed batch, at a time (CUDA graphs on a GPU).
-
-Uses the model contract of ``multiexit.models``: ``h = model.blocks[k](h)`` and
-``model.exits[k](model.exit_features(h))``.
+"""Early exit on one batch that shrinks as samples leave (one host sync per block), deciding
+as ``rule.exit_indices`` does on the full forward pass's confidences. The other ways of running
+the rule keep fixed sizes (``fixed_size``): ``streaming.StreamingExit`` (throughput) and
+``latency.LatencyExit`` (one image, or a small fixed batch, at a time).
 """
 import torch
 
-from .budgeted import confidences
-
-
-def tree_map(fn, h, *others):
-    """``fn`` applied to every tensor of a block's output, a tensor or a list of per-scale tensors
-    in which a pruned scale is None (MsdNet), with the matching parts of ``others``."""
-    if h is None:
-        return None
-    if isinstance(h, (list, tuple)):
-        return type(h)(tree_map(fn, *parts) for parts in zip(h, *others))
-    return fn(h, *others)
-
-
-def exit_step(model, k, h):
-    """(block k's output, confidence and prediction of exit k) for block k's input ``h``."""
-    h = model.blocks[k](h)
-    conf, pred = confidences(model.exits[k](model.exit_features(h)))
-    return h, conf, pred
-
-
-def checked_thresholds(model, thresholds):
-    """``thresholds`` as float32 on the CPU, the precision in which ``budgeted.exit_indices``
-    compares them, whatever precision compares them here."""
-    n_exits = len(model.exits)
-    if len(thresholds) != n_exits:
-        raise ValueError(f'{len(thresholds)} thresholds for {n_exits} exits')
-    return torch.as_tensor(thresholds, dtype=torch.float32).cpu()
+from .rule import checked_thresholds, exit_step, tree_map
 
 
 @torch.inference_mode()

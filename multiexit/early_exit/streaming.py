@@ -13,7 +13,7 @@ import math
 import torch
 
 from .fixed_size import FixedSizeRunner
-from .shrinking import exit_step, tree_map
+from .rule import exit_step, tree_map
 
 HEAD, LENGTH = 0, 1  # columns of the queue counters: position of the oldest entry, entries
 
@@ -55,7 +55,7 @@ class StreamingExit(FixedSizeRunner):
     """Early exit over a stream of images, every block at ``batch_size``.
 
     ``run(x, thresholds)`` returns, per image of ``x``, the prediction, the exit it left at and
-    its confidence there (max-softmax), as ``budgeted.exit_indices`` decides them on the full
+    its confidence there (max-softmax), as ``rule.exit_indices`` decides them on the full
     forward pass. Rounds of steps: in each, every block (deepest first) runs on the full batches
     its queue held at the round's start (block 0 on at most ``wave_batches`` of them, which bounds
     every queue at ``(wave_batches + 1) * batch_size`` entries); a block whose queue holds less
@@ -98,7 +98,7 @@ class StreamingExit(FixedSizeRunner):
         self.pred = torch.zeros(n + 1, dtype=torch.int64, device=self.device)
         self.exit = torch.zeros_like(self.pred)
         self.conf = torch.zeros(n + 1, dtype=torch.float32, device=self.device)
-        self.replays = {}
+        self.drop_graphs()
 
     def _step(self, k, size):
         q, count = self.queues[k], self.counters[k]

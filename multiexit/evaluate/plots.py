@@ -4,7 +4,7 @@
 The x axis is ``macs_all_heads``: what a prediction at exit k costs when exits 0..k have been
 evaluated on the way, as in anytime and budgeted early exit; so the anytime points and the
 budgeted curves of one snapshot meet at the exits. The budgeted figure can also have panels in
-measured milliseconds per image of an early-exit mode (``exit_timing``).
+measured milliseconds per image of an early-exit mode (``early_exit.timing``).
 """
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

@@ -1,108 +1,12 @@
-"""Evaluation: metrics over a loader, loading a snapshot to evaluate, the per-exit report
-(accuracy, calibration, cost) and its table."""
-import sys
-
+"""The per-exit report of a trained model (accuracy, calibration, cost) and its table."""
 import pandas as pd
 import torch
 
-from .. import models
-from ..accel import streams
 from ..early_exit.timing import TIME_COLUMNS
-from ..errors import SnapshotError
 from ..losses import IGNORE
 from ..metrics import MultiExitAccuracy
-from ..train import checkpoint
 
 ECE_BINS = 15
-
-
-class GraphedForward:
-    """``model(x)`` in eval mode, replayed as a CUDA graph for batches of the first full shape.
-
-    The first batch runs eagerly (cuDNN autotuning), the next of the same shape is captured;
-    later batches of that shape are copied into the static input and replayed, other shapes (a
-    last, smaller batch) run eagerly. The returned logits are the graph's static outputs: use
-    them before the next call. The graph reads the weights and BatchNorm statistics in place, so
-    it stays valid while training updates them. A failed capture prints one warning line and
-    leaves the forward pass eager. ``cuda_streams``: the model's independent branches on
-    parallel streams (``multiexit.accel.streams``), in the warm-up as in the graph.
-    """
-
-    def __init__(self, model, amp=False, cuda_streams=False):
-        self.model, self.amp, self.cuda_streams = model, amp, cuda_streams
-        self.graph = self.shape = self.static_x = self.static_out = None
-        self.warm = self.failed = False
-
-    def _eager(self, x):
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp,
-                            cache_enabled=False), streams.parallel(x.device, self.cuda_streams):
-            return self.model(x)
-
-    def __call__(self, x):
-        if self.graph is not None and x.shape == self.shape:
-            self.static_x.copy_(x)
-            self.graph.replay()
-            return self.static_out
-        if self.failed or self.graph is not None or x.device.type != 'cuda':
-            return self._eager(x)
-        if not self.warm:
-            self.warm = True
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                out = self._eager(x)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            return out
-        graph, self.static_x = torch.cuda.CUDAGraph(), x.clone()
-        try:
-            with torch.cuda.graph(graph):  # host sync (once)
-                self.static_out = self._eager(self.static_x)
-        except Exception as e:  # noqa: BLE001 - the eager forward is still correct
-            first = (str(e).strip().splitlines() or [''])[0]
-            print(f'warning: CUDA graph capture of the evaluation forward failed '
-                  f'({type(e).__name__}: {first}); evaluating eagerly', file=sys.stderr,
-                  flush=True)
-            self.failed, self.static_x, self.static_out = True, None, None
-            torch.cuda.synchronize(x.device)
-            return self._eager(x)
-        self.graph, self.shape = graph, x.shape
-        graph.replay()
-        return self.static_out
-
-
-@torch.inference_mode()
-def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp=False,
-             forward=None):
-    """Metrics of ``model`` over ``loader``; ``T`` (a loss temperature) adds adj_maxprob;
-    ``amp``: bf16 autocast; ``forward``: what computes the logits (default: ``model``; a
-    ``GraphedForward`` of it on CUDA). A sharded ``loader`` gives every rank the metrics of the
-    whole split (each example counted once). A fused ``model`` of K members with their
-    ``loader`` (``pack.MemberBatches``) gives a list, each member's metrics."""
-    model.eval()
-    metrics = MultiExitAccuracy(n_exits, acc_tops, loader.device,
-                                getattr(loader, 'members', None))
-    batches = progress(loader) if progress else loader
-    for x, y in batches:
-        if forward is None:
-            with torch.autocast(loader.device.type, torch.bfloat16, enabled=amp):
-                logits = model(x)
-        else:
-            logits = forward(x)
-        metrics.update(logits, y, T)
-    if loader.world_size > 1:
-        metrics.sum_over_ranks()
-    return metrics.compute()  # host sync, once
-
-
-@torch.inference_mode()
-def exit_logits(model, loader, progress=None):
-    """(logits (exits, N, classes) float32, labels (N,)) on the CPU, in ``loader``'s order."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in progress(loader) if progress else loader:
-        logits.append(torch.stack(model(x)).float())
-        labels.append(y)
-    return torch.cat(logits, dim=1).cpu(), torch.cat(labels).cpu()  # host sync, once
 
 
 def expected_calibration_error(logits, labels, n_bins=ECE_BINS):
@@ -123,10 +27,10 @@ def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None):
     """Flat dict: the accuracy metrics of ``metrics.metric_names`` and, per exit k,
     ``ece_clf{k}``, ``macs_clf{k}``, ``macs_all_heads_clf{k}`` and ``params_clf{k}``
     (``costs`` from ``flops.exit_costs``), and ``ms_streaming_clf{k}`` and ``ms_latency_clf{k}``
-    with ``exit_times`` (from ``exit_timing.exit_ms``)."""
+    with ``exit_times`` (from ``early_exit.timing.exit_ms``)."""
     acc = MultiExitAccuracy(len(logits), acc_tops)
     acc.update(list(logits), labels)
-    report = acc.compute()
+    report = acc.compute()[0]
     ece = expected_calibration_error(logits, labels)
     per_exit = [('ece', ece)] + [(c, [row[c] for row in costs])
                                  for c in ('macs', 'macs_all_heads', 'params')]
@@ -150,19 +54,6 @@ def anytime_frame(report, n_exits, acc_tops=(1, 5)):
         row.update({c: report[f'{c}_clf{k}'] for c in costs})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def load_model(path, device, cf_net_default=None):
-    """(model in eval mode, cf_net, checkpoint dict) from a checkpoint file."""
-    ckpt = checkpoint.load(path)
-    state, cf_net, extra = checkpoint.unpack_model(ckpt, path, cf_net_default)
-    model = models.build(cf_net)
-    try:
-        models.load_original_state_dict(model, state)
-    except RuntimeError as e:
-        raise SnapshotError(f'{path} does not fit cf_net={dict(cf_net)} (a different '
-                            f'architecture?): {str(e).splitlines()[0]}') from None
-    return model.to(device).eval(), cf_net, extra
 
 
 def per_exit_table(frame, acc_tops=(1, 5)):

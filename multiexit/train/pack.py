@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import PACK_SHARED, as_text, changed_settings
 from ..errors import ConfigError
-from ..evaluate.report import evaluate
+from ..evaluate.passes import evaluate
 from ..losses import (DistillationBasedLoss, DistillationLossConstTemp, distillation_loss,
                       over_classes, teacher_confidence)
 from ..models.fused import fuse, load_members, member_part, stack_members

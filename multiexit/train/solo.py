@@ -1,7 +1,7 @@
 """A run trained alone (``Solo``): what ``train.loop.fit`` drives, as it drives a fused pack of
 runs (``train.pack.PackedRuns``), and the steps both build (``build_steps``)."""
 from ..accel import distributed
-from ..evaluate.report import GraphedForward, evaluate
+from ..evaluate.passes import GraphedForward, evaluate
 from .loop import train_epoch
 from .rng import rng_state
 from .step import build_step

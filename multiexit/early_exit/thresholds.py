@@ -1,8 +1,7 @@
-"""Budgeted batch classification from per-exit softmax outputs computed once (MSDNet's
-``dynamic_evaluate``, Huang et al. 2018).
+"""Thresholds and budgets of the early-exit rule (``rule``), from per-exit softmax outputs
+computed once: budgeted batch classification (MSDNet's ``dynamic_evaluate``, Huang et al. 2018).
 
-A sample leaves at the first exit k whose max-softmax reaches ``thresholds[k]``; the last exit
-takes the rest. By then it has run blocks 0..k and heads 0..k, so it costs
+A sample that leaves at exit k has run blocks 0..k and heads 0..k, so it costs
 ``macs_all_heads[k]`` (``flops.exit_costs``). Thresholds are fitted on the validation split and
 applied to the test split.
 """
@@ -12,14 +11,10 @@ import pandas as pd
 import torch
 
 from ..losses import IGNORE
+from .rule import confidences, exit_indices
 
 GEOMETRIC_QS = tuple(p / 20 for p in range(1, 40))  # MSDNet's sweep: q = 0.05, 0.10, ..., 1.95
 GLOBAL_LEVELS = 41  # quantile levels 0, 1/40, ..., 1 of the validation confidences
-
-
-def confidences(logits):
-    """(max-softmax, argmax) over the classes (last dimension): (exits, N) from (exits, N, C)."""
-    return torch.softmax(logits.float(), dim=-1).max(dim=-1)
 
 
 def geometric_fractions(n_exits, q):
@@ -46,13 +41,6 @@ def fit_thresholds(conf, fractions):
         running &= conf[k] < thresholds[k]
     thresholds[-1] = -math.inf
     return thresholds
-
-
-def exit_indices(conf, thresholds):
-    """Exit of each sample: the first k with ``conf[k] >= thresholds[k]``, else the last."""
-    stays = conf < torch.as_tensor(thresholds, dtype=conf.dtype, device=conf.device)[:, None]
-    stays[-1] = False
-    return stays.int().cumprod(dim=0).sum(dim=0)
 
 
 def mean_cost(exits, exit_costs):
