@@ -196,7 +196,7 @@ def ops_train_step(net, k, batch=2):
     per list of tensors as on CUDA), alone (k None) or as a fused pack of k."""
     members = _models(k or 1, net)
     model = fuse(members, always=True) if k else members[0]
-    loss_fn = (losses.PackLoss([losses.build(dict(METHODS[i % 3], n_exits=len(model.exits)))
+    loss_fn = (PackLoss([losses.build(dict(METHODS[i % 3], n_exits=len(model.exits)))
                                 for i in range(k)]) if k else
                losses.build(dict(METHODS[1], n_exits=len(model.exits))))
     opt = build_optimizer(dict(OPT, foreach=True), model.parameters(), torch.device('cpu'))

@@ -9,7 +9,10 @@ from test_anytime import SMALL_NET
 
 from multiexit.errors import SnapshotError
 from multiexit.runs import find
-from multiexit.train import checkpoint, training
+from multiexit.config import TrainConfig
+from multiexit.train import checkpoint, solo
+from multiexit.train.api import train_alone
+from multiexit.train.run import Run
 
 
 def test_atomic_save_roundtrip_leaves_no_temporary(tmp_path):
@@ -170,17 +173,20 @@ def tiny_run(data_dir, run_dir, n_epochs, save_interval=0, parent_snapshot=None,
     log_scalar = (lambda name, value, ep: logged.setdefault(name, {}).update({ep: value})
                   ) if logged is not None else None
     loss = dict(call='DistillationBasedLoss', acc_tops=[1], C=0.5, maxprob=0.5)
-    return training.Run(TINY_NET, loss, TINY_DATA, dict(TINY_DATA, augment=False),
-                        dict(call='SGD', lr=0.1, momentum=0.9), MILESTONE, 50, 50, n_epochs,
-                        save_interval, data_dir, -1, 0, run_dir, parent_snapshot=parent_snapshot,
-                        log=lambda *a: None, log_scalar=log_scalar)
+    cfg = TrainConfig(cf_net=TINY_NET, cf_loss=loss, cf_trn=TINY_DATA,
+                      cf_val=dict(TINY_DATA, augment=False), cf_opt=dict(call='SGD', lr=0.1,
+                                                                         momentum=0.9),
+                      cf_scheduler=MILESTONE, batch_size=50, val_batch_size=50,
+                      n_epochs=n_epochs, save_interval=save_interval, data_dir=data_dir, gpu=-1,
+                      seed=0, parent_snapshot=parent_snapshot)
+    return Run(cfg, run_dir, log=lambda *a: None, log_scalar=log_scalar)
 
 
 @pytest.fixture(scope='module')
 def two_epochs(fake_data, tmp_path_factory):
     """A run of 2 epochs that kept a model snapshot after each (ep1.pt, ep2.pt)."""
     run = tiny_run(fake_data, tmp_path_factory.mktemp('parent'), 2, save_interval=1)
-    run.fit()
+    train_alone(run)
     return run.run_dir
 
 
@@ -197,7 +203,7 @@ def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_e
     assert run.epoch == parent_epoch and run.parent_path == path
     for k, v in snapshot['model'].items():
         assert torch.equal(run.model.state_dict()[k], v), k
-    run.fit()
+    train_alone(run)
     assert logged['lr'] == pytest.approx(expected_lr)
     assert checkpoint.load(tmp_path / 'last.pt')['epoch'] == 3
 
@@ -205,7 +211,7 @@ def test_resume_from_a_model_snapshot_continues_the_lr_schedule(fake_data, two_e
 def forced_validation(monkeypatch, scores):
     """Validation gives the acc1_avg ``scores[epoch - 1]``; returns {epoch: the model's weights
     then, and the ep<N>.pt files of every folder involved just before its checkpoints}."""
-    real, seen = training.evaluate, {}
+    real, seen = solo.evaluate, {}
 
     def forced(model, *args, **kwargs):
         out = real(model, *args, **kwargs)
@@ -213,7 +219,7 @@ def forced_validation(monkeypatch, scores):
         seen[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         return [dict(out[0], acc1_avg=scores[epoch])]  # a run alone: one member
 
-    monkeypatch.setattr(training, 'evaluate', forced)
+    monkeypatch.setattr(solo, 'evaluate', forced)
     return seen
 
 
@@ -227,9 +233,9 @@ def test_best_snapshot_is_the_best_validation_epoch_not_the_last(fake_data, tmp_
     epoch 2 of 3 (the validation score is forced; the weights are those each epoch trained)."""
     weights = forced_validation(monkeypatch, {1: 0.2, 2: 0.5, 3: 0.3})
     run = tiny_run(fake_data, tmp_path, 3)
-    run.fit()
+    train_alone(run)
     assert ep_files(tmp_path) == ['ep2.pt']
-    assert (run.best_epoch, run.best_val) == (2, 0.5)
+    assert (run.checkpointer.best_epoch, run.checkpointer.best_val) == (2, 0.5)
     best = checkpoint.load(tmp_path / 'ep2.pt')
     assert best['epoch'] == 2 and best['val_metrics']['acc1_avg'] == 0.5
     assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
@@ -245,17 +251,18 @@ def test_a_resumed_run_carries_the_best_snapshot_along(fake_data, tmp_path, monk
     and replaces it only with a better epoch; the parent's folder is left as it was."""
     forced_validation(monkeypatch, {1: 0.5, 2: 0.2, 3: 0.3, 4: 0.6})
     parent = tiny_run(fake_data, tmp_path / 'parent', 2)
-    parent.fit()
+    train_alone(parent)
     best = (tmp_path / 'parent' / 'ep1.pt').read_bytes()
     resumed = tiny_run(fake_data, tmp_path / 'resumed', 3,
                        parent_snapshot=str(tmp_path / 'parent'))
     assert ep_files(resumed.run_dir) == ['ep1.pt']
     assert (resumed.run_dir / 'ep1.pt').read_bytes() == best
-    resumed.fit()  # epoch 3: 0.3, not better than epoch 1's 0.5
-    assert ep_files(resumed.run_dir) == ['ep1.pt'] and resumed.best_epoch == 1
+    train_alone(resumed)  # epoch 3: 0.3, not better than epoch 1's 0.5
+    assert ep_files(resumed.run_dir) == ['ep1.pt'] and resumed.checkpointer.best_epoch == 1
     resumed.n_epochs = 4
-    resumed.fit()  # epoch 4: 0.6, the new best
-    assert ep_files(resumed.run_dir) == ['ep4.pt'] and (resumed.best_epoch, resumed.best_val) == (
-        4, 0.6)
+    train_alone(resumed)  # epoch 4: 0.6, the new best
+    best_now = resumed.checkpointer
+    assert ep_files(resumed.run_dir) == ['ep4.pt'] and (best_now.best_epoch,
+                                                        best_now.best_val) == (4, 0.6)
     assert ep_files(tmp_path / 'parent') == ['ep1.pt']
     assert (tmp_path / 'parent' / 'ep1.pt').read_bytes() == best

@@ -1,7 +1,6 @@
 """The CUDA path: loaders, numerics against the CPU, the default fast step (bf16, channels_last,
 fused SGD, CUDA graph), the scripts, resume, evaluation, early exit (its graphed streaming and
 latency modes) and torchrun. Skipped without a GPU; `benchmarks/gpu_check.py` runs them on one."""
-import inspect
 import json
 import os
 import subprocess
@@ -24,7 +23,11 @@ from multiexit.early_exit.latency import LatencyExit
 from multiexit.early_exit.shrinking import early_exit_predict
 from multiexit.early_exit.streaming import StreamingExit
 from multiexit.train.step import GraphedTrainStep, build_step
-from multiexit.train.training import Pack, Run, train_epoch
+from multiexit.config import TrainConfig, shared_defaults
+from multiexit.train.api import train_alone
+from multiexit.train.loop import fit
+from multiexit.train.pack import PackedRuns
+from multiexit.train.run import Run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -33,7 +36,7 @@ SPEC = DATASETS['Cifar100']
 PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
                   global_scale=2.0 * 5 / 11)
 OPT = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
-RUN_DEFAULTS = {k: v.default for k, v in inspect.signature(Run.__init__).parameters.items()}
+RUN_DEFAULTS = shared_defaults()
 # generated data: 30 training images per class, of which 10 for validation (2,000 + 1,000)
 SCRIPT_DATA = ['generate_fake_data=True', 'cf_trn.n_per_class=30', 'cf_trn.nval_per_class=10']
 
@@ -525,9 +528,12 @@ def cuda_run(data, run_dir, seed, cf_loss, **switches):
     its trajectories by 1e-2 in 5 steps, on the CPU as well)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     trn = dict(call='Cifar10', n_per_class=18, nval_per_class=5, augment=True, seed=seed)
-    return Run(PACK_NET, dict(cf_loss, acc_tops=[1]), trn, dict(trn, augment=False),
-               dict(call='SGD', **dict(OPT, lr=0.01)), dict(call='StepLR', step_size=5), 16, 50,
-               1, 0, data, 0, seed, run_dir, log=lambda *a: None, **switches)
+    cfg = TrainConfig(cf_net=PACK_NET, cf_loss=dict(cf_loss, acc_tops=[1]), cf_trn=trn,
+                      cf_val=dict(trn, augment=False),
+                      cf_opt=dict(call='SGD', **dict(OPT, lr=0.01)),
+                      cf_scheduler=dict(call='StepLR', step_size=5), batch_size=16,
+                      val_batch_size=50, n_epochs=1, data_dir=data, gpu=0, seed=seed, **switches)
+    return Run(cfg, run_dir, log=lambda *a: None)
 
 
 def losses_of(loss_fn):
@@ -550,14 +556,14 @@ def test_a_pack_on_cuda_trains_each_member_as_its_solo_run(pack_data, tmp_path, 
     for seed, loss in PACK_MEMBERS:
         run = cuda_run(pack_data, tmp_path / f'solo{seed}', seed, loss, amp=amp)
         calls = losses_of(run.loss_fn)
-        run.fit()
+        train_alone(run)
         solo.append((run, calls))
     runs = [cuda_run(pack_data, tmp_path / f'm{seed}', seed, loss, amp=amp)
             for seed, loss in PACK_MEMBERS]
-    packed = Pack(runs)
+    packed = PackedRuns(runs)
     assert isinstance(packed.step, GraphedTrainStep)
     calls = losses_of(packed.loss_fn)
-    packed.fit()
+    fit(packed)
     assert not packed.step.eager_only and all(r.error is None for r in runs)
     for k, ((alone, solo_calls), member) in enumerate(zip(solo, runs)):
         assert len(calls) == len(solo_calls) == 8
@@ -579,9 +585,9 @@ def test_a_pack_replays_its_graph_as_its_eager_step(pack_data, tmp_path):
         runs = [cuda_run(pack_data, tmp_path / f'{graph}{seed}', seed, loss, amp=False,
                          cuda_graph=graph, deterministic=True)
                 for seed, loss in PACK_MEMBERS]
-        packed = Pack(runs)
+        packed = PackedRuns(runs)
         calls = losses_of(packed.loss_fn)
-        val = packed.fit()
+        val, _ = fit(packed)
         out.append((calls, val, [r.model.state_dict() for r in runs]))
     (eager, eager_val, eager_w), (graphed, graphed_val, graphed_w) = out
     np.testing.assert_allclose(np.array([c[0] for c in graphed]), np.array([c[0] for c in eager]),

@@ -18,7 +18,9 @@ from multiexit.data import cifar
 from multiexit.errors import ConfigError
 from multiexit.evaluate.passes import evaluate, load_model
 from multiexit.train.step import TrainStep
-from multiexit.train.training import Run, train_epoch
+from multiexit.config import TrainConfig
+from multiexit.train.loop import train_epoch
+from multiexit.train.run import Run
 
 NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayers_to_exit=2,
            nlayers_between_exits=1, nplanes_mulv=[2, 4, 8], nplanes_addh=1, nplanes_init=1,
@@ -102,8 +104,11 @@ def worker(rank, world_size, tmp):
         out['T_disagreeing'] = temperatures(rank)
         try:
             smoke = dict(call='Cifar100', n_per_class=20, nval_per_class=5)
-            Run(NET, LOSS, smoke, smoke, dict(call='SGD', lr=0.1), dict(call='StepLR', step_size=1),
-                15, 10, 1, 0, tmp / 'no_data', -1, 0, None if rank else tmp)
+            Run(TrainConfig(cf_net=NET, cf_loss=LOSS, cf_trn=smoke, cf_val=smoke,
+                            cf_opt=dict(call='SGD', lr=0.1),
+                            cf_scheduler=dict(call='StepLR', step_size=1), batch_size=15,
+                            val_batch_size=10, n_epochs=1, data_dir=tmp / 'no_data', gpu=-1,
+                            seed=0), None if rank else tmp)
         except ConfigError as e:
             out['odd_batch_error'] = str(e)
         torch.save(out, tmp / f'rank{rank}.pt')

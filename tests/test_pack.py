@@ -1,5 +1,5 @@
-"""Runs trained as one fused network (multiexit.models.fused, training.Pack): each member trains as its
-solo run does, is a run of its own on disk, and stops, fails and resumes as one; in this process,
+"""Runs trained as one fused network (multiexit.models.fused, train.pack.PackedRuns): each
+member trains as its solo run does, is a run of its own on disk, and stops, fails and resumes as one; in this process,
 on generated data, fp32 on the CPU."""
 import contextlib
 import json
@@ -12,8 +12,12 @@ from test_models import TINY
 from multiexit import losses, models
 from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from multiexit.models.fused import fuse, member_part
-from multiexit.train import checkpoint, training
-from multiexit.train.training import Pack, Run
+from multiexit.config import TrainConfig
+from multiexit.train import checkpoint, pack
+from multiexit.train.api import train_alone
+from multiexit.train.loop import fit
+from multiexit.train.pack import PackedRuns, PackLoss
+from multiexit.train.run import Run
 from tools.kernel_count import count_ops
 
 MSDNET = dict(TINY['MsdNet'], out_dim=None)
@@ -35,9 +39,11 @@ MEMBERS = [
 def make_run(data_dir, run_dir, seed, cf_loss, net=MSDNET, n_epochs=2, parent=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     trn = dict(DATA, seed=seed)
-    return Run(net, dict(cf_loss, acc_tops=[1]), trn, dict(trn, augment=False), OPT, SCHEDULE,
-               8, 40, n_epochs, 0, data_dir, -1, seed, run_dir, parent_snapshot=parent,
-               log=lambda *a: None)
+    cfg = TrainConfig(cf_net=net, cf_loss=dict(cf_loss, acc_tops=[1]), cf_trn=trn,
+                      cf_val=dict(trn, augment=False), cf_opt=OPT, cf_scheduler=SCHEDULE,
+                      batch_size=8, val_batch_size=40, n_epochs=n_epochs, data_dir=data_dir,
+                      gpu=-1, seed=seed, parent_snapshot=parent)
+    return Run(cfg, run_dir, log=lambda *a: None)
 
 
 @contextlib.contextmanager
@@ -96,12 +102,12 @@ def _trained(net, fake_data, tmp):
     for seed, loss in MEMBERS:
         run = make_run(fake_data, tmp / f'solo{seed}', seed, loss, net)
         calls = recorded(run.loss_fn)
-        run.fit()
+        train_alone(run)
         solo.append((run, calls))
     runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net) for seed, loss in MEMBERS]
-    packed = Pack(runs)
+    packed = PackedRuns(runs)
     calls = recorded(packed.loss_fn)
-    assert [r.error for r in runs] == [None] * 3 and packed.fit() and len(calls) == 50
+    assert [r.error for r in runs] == [None] * 3 and fit(packed)[0] and len(calls) == 50
     return net, solo, runs, calls
 
 
@@ -183,7 +189,7 @@ def test_kernels_per_step_stay_those_of_one_model():
             torch.manual_seed(seed)
             members.append(models.build(TINY['MsdNet']))
         fused = fuse(members)
-        loss_fn = losses.PackLoss([losses.DistillationBasedLoss(0.5, 0.5, 3)] * k)
+        loss_fn = PackLoss([losses.DistillationBasedLoss(0.5, 0.5, 3)] * k)
         x, y = torch.randn(2, 3 * k, 32, 32), torch.randint(0, 10, (k, 2))
         return count_ops(lambda: loss_fn(fused(x), y).sum().backward())[0]
     assert count(2) == count(5)
@@ -203,7 +209,7 @@ def one_epoch(trained, fake_data, tmp_path_factory):
     runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net, n_epochs=1)
             for seed, loss in MEMBERS]
     with no_onednn():
-        Pack(runs).fit()
+        fit(PackedRuns(runs))
     return runs
 
 
@@ -213,7 +219,7 @@ def test_a_pack_resumes_all_its_members_exactly(trained, one_epoch, fake_data, t
             for (seed, loss), m in zip(MEMBERS, one_epoch)]
     assert [r.epoch for r in runs] == [1, 1, 1]
     with no_onednn():
-        Pack(runs).fit()
+        fit(PackedRuns(runs))
     for run, ref in zip(runs, uninterrupted):
         mine, theirs = (checkpoint.load(r.run_dir / 'last.pt') for r in (run, ref))
         assert mine['epoch'] == 2 and same_state(mine['model'], theirs['model']) == []
@@ -229,7 +235,7 @@ def test_one_member_resumes_alone_as_its_solo_run_would(trained, one_epoch, fake
     run = make_run(fake_data, tmp_path, seed, loss, net, parent=str(member.run_dir))
     assert run.epoch == 1 and run.loss_fn.T > 1
     with no_onednn():
-        run.fit()
+        train_alone(run)
     mine, theirs = (checkpoint.load(r.run_dir / 'last.pt') for r in (run, alone))
     assert same_state(mine['model'], theirs['model']) == []
     assert torch.equal(mine['loss']['temperature'], theirs['loss']['temperature'])
@@ -246,7 +252,7 @@ def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fa
             make_run(fake_data, tmp_path / 'bad', 1, dict(MEMBERS[2][1], global_scale=1e38),
                      net, n_epochs=1)]
     with no_onednn():
-        Pack(runs).fit()
+        fit(PackedRuns(runs))
     ok, bad = runs
     assert ok.error is None and isinstance(bad.error, NonFiniteLossError)
     assert str(bad.error) == ('non-finite training loss at epoch 1, step 1; nothing of this '
@@ -261,25 +267,25 @@ def test_a_member_whose_loss_turns_non_finite_fails_alone(trained, one_epoch, fa
 def interrupt_epoch_2(monkeypatch, signal_name):
     """The second training epoch (of the process) stops as ``signal_name`` stops it; returns
     the real ``train_epoch``."""
-    real, calls = training.train_epoch, []
+    real, calls = pack.train_epoch, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt(signal_name)
         return real(*args, **kwargs)
-    monkeypatch.setattr(training, 'train_epoch', interrupted)
+    monkeypatch.setattr(pack, 'train_epoch', interrupted)
     return real
 
 
 def test_a_signal_stops_every_member_as_it_stops_a_solo_run(fake_data, tmp_path, monkeypatch):
     interrupt_epoch_2(monkeypatch, 'SIGTERM')
     runs = [make_run(fake_data, tmp_path / str(seed), seed, loss) for seed, loss in MEMBERS[:2]]
-    Pack(runs).fit()
+    fit(PackedRuns(runs))
     for run in runs:
         assert isinstance(run.error, TrainingInterrupted) and run.epoch == 1
         assert str(run.error) == (f'SIGTERM during epoch 2; {run.run_dir}/last.pt holds epoch 1; '
-                                  f'resume with: python3 train_cifar.py with '
+                                  f'resume with: python3 <training script> with '
                                   f'parent_snapshot={run.run_dir}')
 
 
@@ -294,7 +300,7 @@ def test_runs_that_cannot_share_a_pack_are_refused(fake_data, tmp_path, change, 
     runs = [make_run(fake_data, tmp_path / '0', 0, MEMBERS[0][1], net),
             make_run(fake_data, tmp_path / '1', 1, MEMBERS[1][1], net, **change)]
     with pytest.raises(ConfigError, match=message):
-        Pack(runs)
+        PackedRuns(runs)
 
 
 # --- train_pack.py: every member a sacred run of its own (in this process) ---
@@ -382,7 +388,7 @@ def test_a_signal_stops_every_member_and_the_pack_resumes_exactly(
     assert lines[-1] == (f'interrupted: to resume the pack: python3 train_pack.py --member '
                          f'{snapshots}/1/config.json parent_snapshot={snapshots}/1 --member '
                          f'{snapshots}/2/config.json parent_snapshot={snapshots}/2')
-    monkeypatch.setattr(training, 'train_epoch', real)
+    monkeypatch.setattr(pack, 'train_epoch', real)
     assert train_pack_main(*lines[-1].split('python3 train_pack.py ')[1].split()) == 0
     _, uninterrupted = packed_runs
     for resumed, ref in (('3', '1'), ('4', '2')):
@@ -425,9 +431,9 @@ def test_runs_with_other_numbers_of_steps_cannot_share_a_pack(fake_data, tmp_pat
     with pytest.raises(ConfigError, match='the members of a pack need the same number of '
                                           'training examples and batches; they have 200 examples '
                                           'in 25 batches, 200 examples in 12 batches'):
-        Pack(runs)
+        PackedRuns(runs)
     runs[1].train_loader.order.batch_size = 8
-    group = Pack(runs)
+    group = PackedRuns(runs)
     runs[1].train_loader.order.batch_size = 16  # a loader that changes after the pack was built
     with pytest.raises(ConfigError, match='200 examples in 25 batches, 200 examples in 12'):
         group.train_loader.set_epoch(1)

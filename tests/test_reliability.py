@@ -14,7 +14,9 @@ import torch
 from conftest import RISING_T, ROOT, pythonpath, run_script
 from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
 from multiexit.train import checkpoint
-from multiexit.train.training import Run
+from multiexit.config import TrainConfig
+from multiexit.train.api import train_alone
+from multiexit.train.run import Run
 
 # A tiny WideResNet whose dropout draws random numbers while training, so that a resume that
 # lost the RNG states shows, with a temperature that moves.
@@ -147,15 +149,16 @@ def small_run(workdir, tmp_path):
 
     def make(n_epochs, run_dir=tmp_path / 'run'):
         run_dir.mkdir(exist_ok=True)
-        return Run(config['cf_net'], config['cf_loss'], config['cf_trn'], config['cf_val'],
-                   config['cf_opt'], config['cf_scheduler'], 64, 250, n_epochs, 0,
-                   workdir / 'data' / 'smoke', -1, 0, run_dir, log=lambda *a: None)
+        cfg = TrainConfig.of(dict(config, batch_size=64, val_batch_size=250, n_epochs=n_epochs,
+                                  save_interval=0, data_dir=workdir / 'data' / 'smoke', gpu=-1,
+                                  seed=0, parent_snapshot=None))
+        return Run(cfg, run_dir, log=lambda *a: None)
     return make
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(small_run, monkeypatch):
     run = small_run(1)
-    run.fit()
+    train_alone(run)
     last = run.run_dir / 'last.pt'
     before = last.read_bytes()
     run.n_epochs = 3
@@ -169,13 +172,13 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(small_
 
     monkeypatch.setattr(run.loss_fn, 'forward', poisoned)
     with pytest.raises(NonFiniteLossError, match=r'epoch 2, step 3;.*holds epoch 1'):
-        run.fit()
+        train_alone(run)
     assert last.read_bytes() == before
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(small_run, monkeypatch):
     run = small_run(1)
-    run.fit()
+    train_alone(run)
     last = run.run_dir / 'last.pt'
     before = last.read_bytes()
     run.n_epochs = 2
@@ -185,7 +188,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(small_run, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', disk_full)
     with pytest.raises(CheckpointWriteError, match=r'No space left on device.*holds epoch 1'):
-        run.fit()
+        train_alone(run)
     assert last.read_bytes() == before
     assert sorted(p.name for p in run.run_dir.iterdir()) == sorted(['last.pt', 'ep1.pt'])
 
@@ -197,9 +200,9 @@ def test_resuming_a_different_architecture_is_refused(workdir, small_run, tmp_pa
     with pytest.raises(SnapshotError, match=r'was trained with another cf_net \(widen_factor 1 '
                                             rf'-> 2\); resume with its settings: .* with '
                                             rf'{parent}/config.json parent_snapshot={parent}$'):
-        Run(config['cf_net'], config['cf_loss'], config['cf_trn'], config['cf_val'],
-            config['cf_opt'], config['cf_scheduler'], 64, 250, 5, 0, workdir / 'data' / 'smoke',
-            -1, 0, tmp_path, parent_snapshot=str(parent))
+        Run(TrainConfig.of(dict(config, batch_size=64, val_batch_size=250, n_epochs=5,
+                                 save_interval=0, data_dir=workdir / 'data' / 'smoke', gpu=-1,
+                                 seed=0, parent_snapshot=str(parent))), tmp_path)
 
 
 class Payload:

@@ -1,12 +1,14 @@
 """Resuming with settings that differ from the parent's: what carries over, what takes the new
-value, and what is refused (multiexit.train.training.Run, in this process, on generated data)."""
+value, and what is refused (multiexit.train.run.Run, in this process, on generated data)."""
 import json
 
 import pytest
 
 from multiexit.data.cifar import write_fake_cifar
 from multiexit.errors import ConfigError
-from multiexit.train.training import Run
+from multiexit.config import TrainConfig
+from multiexit.train.api import train_alone
+from multiexit.train.run import Run
 
 DBT_RISING = dict(call='DistillationBasedLoss', maxprob=0.015)  # T rises from the first step
 
@@ -30,12 +32,12 @@ def run(config, run_dir, **changes):
                            for k, v in changes.items()}}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / 'config.json').write_text(json.dumps(config))  # what sacred records
-    return Run.from_config(config, run_dir, run_dir.parent, None, 'train_cifar.py')
+    return Run(TrainConfig.of(config), run_dir, run_dir.parent)
 
 
 def trained(config, run_dir, **changes):
     """The folder of a run of one epoch."""
-    run(config, run_dir, n_epochs=1, **changes).fit()
+    train_alone(run(config, run_dir, n_epochs=1, **changes))
     return run_dir
 
 

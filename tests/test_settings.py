@@ -1,9 +1,14 @@
-"""multiexit.settings: every setting's type and range, checked before anything is built."""
+"""multiexit.config and multiexit.checks: every setting written once, its type and range checked
+before anything is built; the scripts' settings, the checks and the resume comparison agree."""
+import dataclasses
 import importlib
 
 import pytest
 
-from multiexit import settings
+from multiexit import checks
+from multiexit.checks import Section
+from multiexit.config import (FIELDS, PACK_SHARED, RUN_SETTINGS, SHARED, TrainConfig,
+                              shared_defaults, shared_docs)
 from multiexit.errors import ConfigError
 
 
@@ -22,16 +27,21 @@ def with_value(config, key, value):
     return changed
 
 
+RULES = {f.name: f.metadata['rule'] for f in FIELDS if f.metadata['rule'] is not None}
+
+
 @pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet'])
 def test_the_defaults_pass(script):
-    settings.check(defaults(script))
+    TrainConfig.check(defaults(script))
+    TrainConfig.of(dict(defaults(script), seed=0))
 
 
 def bad_values():
     """(key, bad value) for every rule: a wrong type, and a value out of its range."""
     out = []
-    for key, rule in settings.RULES.items():
-        for sub, (what, ok) in (rule.items() if isinstance(rule, dict) else [(None, rule)]):
+    for key, rule in RULES.items():
+        rules = rule.rules.items() if isinstance(rule, Section) else [(None, rule)]
+        for sub, (what, ok) in rules:
             name = f'{key}.{sub}' if sub else key
             candidates = ['abc', 3, -1, 0, 1.5, [0.1], 5, float('nan'), True]
             out += [(name, v) for v in candidates if not ok(v)][:3]
@@ -52,7 +62,7 @@ def test_every_bad_value_names_the_key_the_value_and_what_is_expected(key, value
     if key in CALLS:
         config = with_value(config, f'{key.partition(".")[0]}.call', CALLS[key])
     with pytest.raises(ConfigError) as e:
-        settings.check(with_value(config, key, value))
+        TrainConfig.check(with_value(config, key, value))
     assert str(e.value).startswith(f'{key}={value!r}: expected ')
 
 
@@ -61,7 +71,7 @@ def test_sacred_containers_do_not_show_in_the_message():
 
     config = with_value(defaults('train_cifar'), 'cf_opt.lr', ReadOnlyList([0.1]))
     with pytest.raises(ConfigError, match=r'^cf_opt.lr=\[0.1\]: expected a number > 0$'):
-        settings.check(config)
+        TrainConfig.check(config)
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -77,14 +87,14 @@ def test_sacred_containers_do_not_show_in_the_message():
 ])
 def test_unknown_calls_and_keys_and_inconsistent_sizes(key, value, message):
     with pytest.raises(ConfigError) as e:
-        settings.check(with_value(defaults('train_cifar'), key, value))
+        TrainConfig.check(with_value(defaults('train_cifar'), key, value))
     assert message in str(e.value)
 
 
 def test_ignored_keys_are_those_the_call_does_not_take():
     cf_loss = dict(defaults('train_cifar')['cf_loss'], call='ClassificationOnlyLoss')
-    assert settings.ignored_keys('cf_loss', cf_loss, {'C', 'acc_tops', 'nope'}) == ['C']
-    assert settings.ignored_keys('cf_loss', cf_loss, {'call', 'n_exits'}) == []
+    assert checks.ignored_keys('cf_loss', cf_loss, {'C', 'acc_tops', 'nope'}) == ['C']
+    assert checks.ignored_keys('cf_loss', cf_loss, {'call', 'n_exits'}) == []
 
 
 @pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet'])
@@ -94,6 +104,43 @@ def test_every_setting_of_the_defaults_has_a_rule(script):
         if key in ('cf_net', 'gpu', 'snapshot_name', 'parent_snapshot'):
             continue
         if isinstance(value, dict):
-            assert {k for k in value if k != 'call'} <= set(settings.RULES[key]), key
+            assert {k for k in value if k != 'call'} <= set(RULES[key].rules), key
         else:
-            assert key in settings.RULES, key
+            assert key in RULES, key
+
+
+def test_a_train_config_checks_itself_when_made():
+    config = dict(defaults('train_cifar'), seed=0)
+    assert TrainConfig(**config).n_epochs == 300
+    with pytest.raises(ConfigError, match=r'^n_epochs=0: expected an integer >= 1$'):
+        TrainConfig(**dict(config, n_epochs=0))
+
+
+@pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet'])
+def test_the_scripts_settings_are_the_train_config(script):
+    """Every setting of a training script is a field of TrainConfig and back (sacred adds
+    ``seed``); the shared ones have the config's defaults, and print_config shows its
+    comments."""
+    config = defaults(script)
+    assert set(config) | {'seed'} == {f.name for f in FIELDS}
+    assert {k: config[k] for k in SHARED} == shared_defaults()
+    docs = {}
+    for scope in importlib.import_module(script).ex.configurations:
+        docs.update(scope(preset=config).docs)
+    assert {k: docs[k] for k in SHARED} == shared_docs()
+    assert all(shared_docs().values())
+
+
+def test_the_resume_comparison_and_the_pack_derive_from_the_train_config():
+    """A resume compares what a run is built from: every field but the scripts' own; the
+    settings a pack shares are among those."""
+    script_only = {f.name for f in FIELDS if f.metadata['script']}
+    assert script_only == {'snapshot_name', 'parent_snapshot', 'generate_fake_data',
+                           'ddp_timeout_s'}
+    assert set(RUN_SETTINGS) == {f.name for f in FIELDS} - script_only
+    assert set(PACK_SHARED) < set(RUN_SETTINGS)
+    assert {'cf_loss', 'cf_trn', 'cf_val', 'seed', 'data_dir', 'save_interval'}.isdisjoint(
+        PACK_SHARED)
+    config = TrainConfig(**{f.name: defaults('train_cifar').get(f.name, 0) for f in FIELDS})
+    assert list(config.run_settings()) == list(RUN_SETTINGS)
+    assert dataclasses.replace(config, snapshot_name='x').run_settings() == config.run_settings()

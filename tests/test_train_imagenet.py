@@ -148,14 +148,15 @@ def test_the_default_top_k_fits_a_data_set_of_fewer_than_5_classes(tmp_path):
     import train_imagenet
     from multiexit.data.folders import write_fake_image_folders
     from multiexit.errors import ConfigError
-    from multiexit.train.training import Run
+    from multiexit.config import TrainConfig
+    from multiexit.train.run import Run
 
     config = dict(train_imagenet.ex.run('print_config', named_configs=['smoke']).config)
     data = write_fake_image_folders(tmp_path / 'four', n_classes=4)
     config.update(data_dir=str(data), seed=0, **{split: dict(config[split], n_workers=0)
                                                  for split in ('cf_trn', 'cf_val')})
-    build = lambda cf_loss: Run.from_config(dict(config, cf_loss=cf_loss), tmp_path / 'run',
-                                            tmp_path, None, 'train_imagenet.py')
+    build = lambda cf_loss: Run(TrainConfig.of(dict(config, cf_loss=cf_loss)), tmp_path / 'run',
+                                tmp_path)
     assert config['cf_loss']['acc_tops'] is None
     assert build(config['cf_loss']).acc_tops == (1,)
     with pytest.raises(ConfigError, match=r'top-5 needs as many classes, ImageFolder has 4; '

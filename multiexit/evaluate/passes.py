@@ -42,7 +42,7 @@ class GraphedForward(GraphedCall):
 def evaluate(model, loader, n_exits, acc_tops=(1, 5), T=None, progress=None, amp=False,
              forward=None, members=1):
     """Metrics of ``model`` over ``loader``, a list of one dict per member: ``members`` K runs
-    fused in ``model`` with their ``loader`` (``fused.MemberBatches``), or 1 for a model alone.
+    fused in ``model`` with their ``loader`` (``train.pack.MemberBatches``), or 1 for a model alone.
     ``T`` (a loss temperature) adds adj_maxprob; ``amp``: bf16 autocast; ``forward``: what
     computes the logits (default: ``model``; a ``GraphedForward`` of it on CUDA). A sharded
     ``loader`` gives every rank the metrics of the whole split (each example counted once)."""

@@ -17,9 +17,10 @@ sit side by side in one tensor (member k's are the k-th of K equal parts of dim 
 
 So the number of kernels per step is one model's whatever K, and a member computes exactly what
 its model computes alone, up to the order of floating-point sums. Its weights, BatchNorm statistics
-and optimizer state are parts of the fused tensors: ``fuse`` stacks them, ``load_members`` and
-``train.pack.optimizer_states_to_members`` copy them back into the members' own models and optimizers, which
-hold what a solo run of that member would (its checkpoints are ordinary state dicts).
+and optimizer state are parts of the fused tensors: ``fuse`` stacks them, ``load_members`` (and
+``train.pack.optimizer_states_to_members``) copy them back into the members' own models (and
+optimizers), which hold what a solo run of that member would (its checkpoints are ordinary state
+dicts).
 """
 import copy
 

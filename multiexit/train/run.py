@@ -74,6 +74,7 @@ class Run:
         self.optimizer = build_optimizer(cfg.cf_opt, self.model.parameters(), self.device)
         parent = (resume.Parent(cfg.parent_snapshot, snapshot_dir, self.cf_net)
                   if cfg.parent_snapshot else None)
+        self.parent_path = parent.path if parent else None  # the checkpoint it resumed from
         if self.rank:
             torch.manual_seed(seed + self.rank)  # dropout: other masks than rank 0's
         self.epoch, self.error = 0, None
