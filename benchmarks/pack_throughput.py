@@ -8,11 +8,11 @@ alone, in one process on one device; what it projects for the paper's 45-cell gr
 Parts, in this order (each is recorded as it ends, so a time limit keeps what was measured;
 ``--deadline-s`` skips the parts that would start after it):
   op counts   (``--count-ops``, on the CPU whatever --device): the kernel-launching ops
-              (multiexit.kernel_count) of one forward and backward of K paper MsdNets with the
+              (tools.kernel_count) of one forward and backward of K paper MsdNets with the
               cross-entropy at batch 2, for one model alone, for ``torch.func.vmap`` over
               their stacked parameters (functional_call) and for the explicit fused network
               (multiexit.models.fused), K = 1, 3, 9; and of a whole training step alone and packed
-  solo        a run alone, as train_cifar.py trains it (training.Pack of one run, the default
+  solo        a run alone, as train_cifar.py trains it (train.solo.Solo, the default
               switches: on CUDA bf16, channels_last, fused SGD, the whole step as a CUDA graph,
               parallel streams); training and validation images/s
   packs       a pack of K (``--ks``, default 1, 3, 9, 15) with the same switches: the grid's
@@ -60,7 +60,11 @@ from multiexit.train.step import build_step  # noqa: E402
 from multiexit.data.cifar import write_fake_cifar  # noqa: E402
 from multiexit.evaluate.passes import evaluate  # noqa: E402
 from tools.kernel_count import count_ops  # noqa: E402
-from multiexit.train.training import Pack, Run, build_optimizer, train_epoch  # noqa: E402
+from multiexit.config import TrainConfig  # noqa: E402
+from multiexit.train.loop import train_epoch  # noqa: E402
+from multiexit.train.pack import PackedRuns, PackLoss  # noqa: E402
+from multiexit.train.run import Run, build_optimizer  # noqa: E402
+from multiexit.train.solo import Solo  # noqa: E402
 
 NETS = {'paper': dict(call='MsdNet'),  # its defaults are the paper's configuration
         'smoke': dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
@@ -103,18 +107,21 @@ def member_runs(k, net, data_dir, run_root, gpu):
         cf_loss = dict(METHODS[i % len(METHODS)], acc_tops=[1, 5])
         run_dir = Path(run_root) / f'{k}-{i}'
         run_dir.mkdir(parents=True)
-        runs.append(Run(dict(net, out_dim=100), cf_loss, cf_trn, dict(cf_trn, augment=False),
-                        OPT, SCHEDULE, BATCH, EVAL_BATCH, 300, 0, data_dir, gpu, seed, run_dir,
-                        log=lambda *a: None))
+        cfg = TrainConfig(cf_net=dict(net, out_dim=100), cf_loss=cf_loss, cf_trn=cf_trn,
+                          cf_val=dict(cf_trn, augment=False), cf_opt=OPT, cf_scheduler=SCHEDULE,
+                          batch_size=BATCH, val_batch_size=EVAL_BATCH, n_epochs=300,
+                          data_dir=data_dir, gpu=gpu, seed=seed)
+        runs.append(Run(cfg, run_dir, log=lambda *a: None))
     return runs
 
 
 def time_pack(runs, device, warmup, steps, val_batches, fused):
-    """Aggregate training and validation images/s of ``Pack(runs)``, its warm-up seconds (the
+    """Aggregate training and validation images/s of ``runs`` (as a ``PackedRuns``, or ``Solo``
+    for a run alone that is not ``fused``), its warm-up seconds (the
     eager steps and the capture of the graph) and its peak memory."""
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = Pack(runs, fused=fused)
+    trainer = PackedRuns(runs) if fused or len(runs) > 1 else Solo(runs[0])
     k, lead = len(runs), runs[0]
     trainer.train_loader.set_epoch(0)
     start = time.perf_counter()
@@ -131,7 +138,7 @@ def time_pack(runs, device, warmup, steps, val_batches, fused):
     for timed in (False, False, True):  # warm-up (cuDNN), capture, then timed
         start = time.perf_counter()
         evaluate(trainer.model, val, lead.n_exits, lead.acc_tops, trainer.T, amp=lead.amp,
-                 forward=trainer.val_forward, members=trainer.members or 1)
+                 forward=trainer.eval_forward, members=len(trainer.runs))
         sync(device)
     out['val_images_per_s'] = val_batches * EVAL_BATCH * k / (time.perf_counter() - start)
     if device.type == 'cuda':
@@ -210,7 +217,7 @@ def ops_train_step(net, k, batch=2):
 
 def op_counts(net):
     ks = (1, 3, 9)
-    return {'what': 'kernel-launching ops (multiexit.kernel_count) dispatched on the CPU, batch 2',
+    return {'what': 'kernel-launching ops (tools.kernel_count) dispatched on the CPU, batch 2',
             'forward_backward_ce': {
                 'alone': ops_alone(net),
                 'vmap': {str(k): ops_vmap(net, k) for k in ks},

@@ -25,7 +25,7 @@ Training modes (CUDA-only ones are skipped on the CPU); the ladder adds one chan
   compile_reduce_overhead  fused_sgd + torch.compile mode 'reduce-overhead' (CUDA graphs of
                      torch.compile's own)
   default            what train_cifar.py does by default on this device (the defaults of
-                     multiexit.train.training.Run)
+                     multiexit.config.TrainConfig)
   cudnn_benchmark    default + torch.backends.cudnn.benchmark (autotuning per conv shape) (CUDA)
 Evaluation (batch 250): reference (the original's validate()), eager (bf16, channels_last on
 CUDA), cuda_graph (the forward pass as a CUDA graph, CUDA), cuda_graph_streams (with parallel
@@ -43,7 +43,6 @@ Writes benchmarks/results/<date>-<device>.json (or --json).
 """
 import argparse
 import datetime
-import inspect
 import json
 import platform
 import resource
@@ -65,7 +64,8 @@ from multiexit.train.step import build_step  # noqa: E402
 from multiexit.data.cifar import DATASETS, DeviceLoader  # noqa: E402
 from multiexit.evaluate.passes import GraphedForward, evaluate  # noqa: E402
 from tools.kernel_count import cuda_kernels  # noqa: E402
-from multiexit.train.training import Run, train_epoch  # noqa: E402
+from multiexit.config import shared_defaults  # noqa: E402
+from multiexit.train.loop import train_epoch  # noqa: E402
 
 PAPER_NET = dict(call='MsdNet')  # its defaults are the paper's configuration
 PAPER_LOSS = dict(call='DistillationBasedLoss', n_exits=11, acc_tops=[1, 5], C=0.5, maxprob=0.5,
@@ -75,7 +75,7 @@ PAPER_OPT = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
 PAPER_RUN = dict(epochs=300, train_images=10_000, val_images=5_000)
 FULL_RUN = dict(epochs=300, train_images=45_000, val_images=5_000)
 BATCH, EVAL_BATCH = 64, 250
-RUN_DEFAULTS = {k: v.default for k, v in inspect.signature(Run.__init__).parameters.items()
+RUN_DEFAULTS = {k: v for k, v in shared_defaults().items()
                 if k in ('amp', 'channels_last', 'compile', 'cuda_graph', 'cuda_streams',
                          'cudnn_benchmark')}
 FAST = dict(channels_last=True, amp=True, fused=True)
@@ -170,7 +170,7 @@ def paper_step(device, reference_loss=False, channels_last=False, amp=False, fus
 
 
 def time_ours(device, images, labels, warmup, steps, **switches):
-    """Our loop (multiexit.train.training.train_epoch) with the given switches (``paper_step``'s);
+    """Our loop (multiexit.train.loop.train_epoch) with the given switches (``paper_step``'s);
     returns dict(images_per_s, warmup_epoch_s: compilation and capture included, first_step_s,
     kernels_per_step: on CUDA)."""
     step = paper_step(device, **switches)

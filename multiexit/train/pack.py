@@ -36,6 +36,7 @@ class PackedRuns:
         if lead.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = PackLoss([run.loss_fn for run in self.runs]).to(lead.device)
+        self.T = self.loss_fn.temperature
         self.optimizer = build_optimizer(lead.cfg.cf_opt, self.model.parameters(), lead.device)
         optimizer_states_from_members(self.optimizer, self.model,
                                       [run.optimizer for run in self.runs],
@@ -64,7 +65,7 @@ class PackedRuns:
     def validate(self, progress=None):
         lead = self.runs[0]
         return self._own(evaluate(self.model, self.val_loader, lead.n_exits, lead.acc_tops,
-                                  self.loss_fn.temperature, progress, amp=lead.amp,
+                                  self.T, progress, amp=lead.amp,
                                   forward=self.eval_forward, members=len(self.runs)))
 
     def _own(self, metrics):

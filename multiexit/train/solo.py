@@ -13,14 +13,13 @@ class Solo:
     evaluated, saved and restored (converted to cross-rank BatchNorm with ``sync_bn``)."""
 
     def __init__(self, run):
-        self.runs = [run]
-        self.run = run
-        model = run.model
+        self.runs, self.run = [run], run
+        trained = run.model
         if run.world_size > 1:
-            run.model, model = distributed.wrap(run.model, run.device, run.cfg.sync_bn)
+            run.model, trained = distributed.wrap(run.model, run.device, run.cfg.sync_bn)
+        self.model, self.T = run.model, getattr(run.loss_fn, 'temperature', None)
         self.train_loader, self.val_loader = run.train_loader, run.val_loader
-        self.step, self.eval_forward = build_steps(run, model, run.loss_fn, run.optimizer)
-        self.T = getattr(run.loss_fn, 'temperature', None)
+        self.step, self.eval_forward = build_steps(run, trained, run.loss_fn, run.optimizer)
 
     def lr(self):
         return self.run.optimizer.param_groups[0]['lr']
@@ -34,8 +33,8 @@ class Solo:
 
     def validate(self, progress=None):
         """[validation metrics], with rank 0's BatchNorm statistics (those that are saved)."""
-        distributed.broadcast_buffers(self.run.model)
-        return evaluate(self.run.model, self.val_loader, self.run.n_exits, self.run.acc_tops,
+        distributed.broadcast_buffers(self.model)
+        return evaluate(self.model, self.val_loader, self.run.n_exits, self.run.acc_tops,
                         self.T, progress, amp=self.run.amp, forward=self.eval_forward, members=1)
 
     def scatter(self):
