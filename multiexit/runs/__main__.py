@@ -62,6 +62,5 @@ def main(argv=None):
             print(f'wrote {run_dir / "curves.png"}')
 
 
-
 if __name__ == '__main__':
     main()

@@ -22,7 +22,7 @@ import torch
 
 from .. import data, losses, models, registry, settings
 from ..accel import distributed
-from ..data import cifar
+from ..data import order
 from ..errors import (CheckpointWriteError, ConfigError, NonFiniteLossError, PeerLostError,
                       SnapshotError, TrainingInterrupted, UserError, reported_as_one_line)
 from ..evaluate.report import GraphedForward, evaluate
@@ -170,7 +170,7 @@ class Run:
         settings.check(self.settings)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        cifar.check_divisible(batch_size, self.world_size)
+        order.check_divisible(batch_size, self.world_size)
         # rank 0's for all: a seed sacred drew differs per process; only rank 0 has a run dir
         seed, run_dir = distributed.from_main((seed, str(run_dir)))
         self.n_epochs, self.save_interval, self.script = n_epochs, save_interval, script
