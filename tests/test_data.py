@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from multiexit.data import cifar
+from multiexit.data import cifar, order, splits
 from multiexit.errors import ConfigError, DataError
 
 
@@ -19,13 +19,13 @@ def reference_labels(semantics):
 @pytest.mark.parametrize('key, n_per_class', [('150_50', 150), ('all_50', None)])
 @pytest.mark.parametrize('split', ['train', 'val'])
 def test_subset_indices_equal_the_original(semantics, reference_labels, split, key, n_per_class):
-    idx, label_map = cifar.subset_indices(reference_labels, split, n_per_class, 50, seed=0)
+    idx, label_map = splits.subset_indices(reference_labels, split, n_per_class, 50, seed=0)
     assert idx.tolist() == semantics['subsets'][f'{split}_{key}']
     assert label_map.tolist() == semantics['subsets']['label_map_seed0']
 
 
 def test_test_split_takes_everything_with_the_same_label_map(semantics, reference_labels):
-    idx, label_map = cifar.subset_indices(reference_labels, 'test', seed=0)
+    idx, label_map = splits.subset_indices(reference_labels, 'test', seed=0)
     assert idx.tolist() == list(range(50000))
     assert label_map.tolist() == semantics['subsets']['label_map_seed0']
 
@@ -123,7 +123,7 @@ def test_val_and_test_loaders_keep_every_example_in_order(fake_data):
 def test_label_map_is_applied_consistently(fake_data):
     images, raw = cifar.load_cifar('Cifar100', fake_data, train=False)
     loader, _ = cifar.build_split(dict(call='Cifar100', seed=0), 'test', fake_data, 250, 'cpu')
-    _, label_map = cifar.subset_indices(raw, 'test', seed=0, n_classes=100)
+    _, label_map = splits.subset_indices(raw, 'test', seed=0, n_classes=100)
     assert loader.labels.tolist() == label_map[raw].tolist()
 
 
@@ -154,11 +154,11 @@ def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
     labelled, 1:1), every epoch visits each labelled example once, paired with a new draw of
     unlabelled ones, so that over the epochs all of them are used."""
     labels = torch.tensor([-100] * 12 + [3] * 4)
-    order = cifar.EpochOrder(labels, 4, shuffle=True, lab_unl_ratio=(1, 1), seed=0)
+    epochs = order.EpochOrder(labels, 4, shuffle=True, lab_unl_ratio=(1, 1), seed=0)
     draws = []
     for epoch in range(20):
-        pos = order.positions(epoch).view(-1, 2)  # (labelled, unlabelled) pairs
-        assert len(pos) * 2 == order.n_examples()
+        pos = epochs.positions(epoch).view(-1, 2)  # (labelled, unlabelled) pairs
+        assert len(pos) * 2 == epochs.n_examples()
         assert sorted(pos[:, 0].tolist()) == [12, 13, 14, 15]
         draws.append(frozenset(pos[:, 1].tolist()))
         assert len(draws[-1]) == 4 and (labels[pos[:, 1]] == -100).all()
@@ -166,12 +166,12 @@ def test_semi_supervised_epochs_draw_the_unlabelled_examples_afresh():
 
 def test_unlabelled_images_never_enter_the_labelled_splits(fake_data):
     _, raw = cifar.load_cifar('Cifar100', fake_data, train=True)
-    unl = cifar.unlabelled_indices(raw, 4, seed=0, n_classes=100)
+    unl = splits.unlabelled_indices(raw, 4, seed=0, n_classes=100)
     assert len(unl) == 400 and all((raw[unl] == k).sum() == 4 for k in range(100))
     labels = raw.copy()
     labels[unl] = -100
     for split in ('train', 'val'):
-        idx, _ = cifar.subset_indices(labels, split, 8, 2, seed=0, n_classes=100)
+        idx, _ = splits.subset_indices(labels, split, 8, 2, seed=0, n_classes=100)
         assert not set(idx) & set(unl)
 
 

@@ -10,8 +10,10 @@ from test_anytime import assert_png
 
 from conftest import ROOT, pythonpath
 from multiexit.errors import ConfigError, SnapshotError
-from multiexit.runs.table import (WIDTH, load_runs, method_label, metric_summary, network_label,
-                                  parse_filter, plot_curves, run_history, select, summary)
+from multiexit.runs.curves import plot_curves, run_history
+from multiexit.runs.summary import WIDTH, summary
+from multiexit.runs.table import (load_runs, method_label, metric_summary, network_label,
+                                  parse_filter, select)
 
 VAL_AVG = [0.10, 0.30, 0.20]  # the best epoch is 2, not the last
 TRAIN_CONFIG = {'snapshot_name': 'grid/dbt/n25/s0', 'seed': 0, 'n_epochs': 3, 'amp': False,
@@ -316,7 +318,7 @@ def test_a_resumed_run_follows_its_parents_back_to_the_first_run(chain):
 
 def test_plot_takes_a_snapshot_name_and_draws_the_whole_chain(chain, monkeypatch):
     drawn = []
-    monkeypatch.setattr('multiexit.runs.table.Figure.savefig', lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr('multiexit.runs.curves.Figure.savefig', lambda fig, path: drawn.append(fig))
     plot_curves(chain / '3', chain / '3' / 'curves.png')
     [fig] = drawn
     assert list(fig.axes[1].lines[0].get_xdata()) == [1, 2, 3, 4, 5, 6]  # val top-1, exit 0

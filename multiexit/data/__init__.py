@@ -8,8 +8,8 @@ per class, augmentation, subset seed, ...), with:
 - ``loader(split, data_dir, batch_size, device, seed=0, channels_last=False, rank=0,
   world_size=1)``: batches ``(x, y)`` on ``device`` of 'train' (an order and augmentation
   seeded with (seed, epoch), the incomplete last batch dropped), 'val' (held out of the
-  training images) or 'test', this rank's part of every batch (``data.EpochOrder``). The
-  loader, a ``data.EpochLoader``, has ``set_epoch(epoch)``, ``len()`` (batches), ``labels``,
+  training images) or 'test', this rank's part of every batch (``order.EpochOrder``). The
+  loader, an ``order.EpochLoader``, has ``set_epoch(epoch)``, ``len()`` (batches), ``labels``,
   ``device`` and ``world_size``;
 - ``write_fake(data_dir)``: a small generated data set in its format (the ``smoke`` configs).
 

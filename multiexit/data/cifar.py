@@ -1,6 +1,6 @@
-"""What every data set shares (the original's subsets, the epoch order and each process's part
-of a batch) and CIFAR-10/100: the python-version pickles, and a loader that keeps the images on
-the training device as uint8 and augments whole batches there.
+"""CIFAR-10/100: the python-version pickles, and a loader that keeps the images on the training
+device as uint8 and augments whole batches there, in an ``order.EpochOrder``; the splits are
+drawn as the original drew them (``splits``).
 """
 import pickle
 import shutil
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
-from ..losses import IGNORE
+from .order import EpochLoader
+from .splits import check_class_sizes, check_split_sizes, split_selection
 
 
 @dataclass(frozen=True)
@@ -87,189 +88,6 @@ def load_cifar(call, data_dir, train, download=True):
             raise DataError(f'cannot read {folder / f} as a CIFAR pickle ({type(e).__name__}: {e}); '
                             f'delete {folder} and download it again') from None
     return np.concatenate(images), np.concatenate(labels)
-
-
-def subset_indices(labels, split, n_per_class=None, nval_per_class=None, seed=0, n_classes=None):
-    """Indices of a split and the label map, exactly as the original's SubsetSampler.
-
-    ``rs = RandomState(seed)``; the classes are permuted (label k becomes its position in the
-    permutation, ``label_map[k]``); per class in that order, ``n_per_class`` images are drawn
-    (all if None), of which ``nval_per_class`` form the validation split and the rest the
-    training split ('test' takes all of them). Labelled -100 images are never selected.
-    Returns (sorted int64 indices, int64 label_map).
-    """
-    labels = np.asarray(labels)
-    if split not in ('train', 'val', 'test'):
-        raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if split != 'test' and not nval_per_class:
-        raise ConfigError(f'the {split} split needs nval_per_class > 0')
-    n_classes = n_classes or int(labels.max()) + 1
-    rs = np.random.RandomState(seed)
-    classes = rs.choice(n_classes, n_classes, replace=False)
-    chosen = []
-    for k in classes:
-        ind = np.where(labels == k)[0]
-        if n_per_class:
-            ind = rs.choice(ind, n_per_class, replace=False)
-        if split == 'test':
-            chosen.append(ind)
-            continue
-        val = rs.choice(ind, int(nval_per_class), replace=False)
-        chosen.append(val if split == 'val' else np.setdiff1d(ind, val))
-    label_map = np.argsort(classes)
-    return np.sort(np.concatenate(chosen)).astype(np.int64), label_map.astype(np.int64)
-
-
-def unlabelled_indices(labels, n_unl_per_class, seed, n_classes):
-    """Images the semi-supervised setting treats as unlabelled (the original's dataset2semisup)."""
-    rs = np.random.RandomState(seed)
-    labels = np.asarray(labels)
-    out = [rs.choice(np.where(labels == k)[0], n_unl_per_class, replace=False)
-           for k in range(n_classes)]
-    return np.sort(np.concatenate(out)).astype(np.int64)
-
-
-def split_selection(labels, split, n_per_class, nval_per_class, seed, n_unl_per_class,
-                    n_classes):
-    """(indices, their labels) of a split, as the original selected them: ``n_unl_per_class``
-    images per class lose their label (``unlabelled_indices``; they join the training split
-    with label -100), then ``subset_indices`` draws the split from the rest and maps the
-    labels through its class permutation."""
-    labels = np.array(labels, dtype=np.int64)
-    unl = np.empty(0, dtype=np.int64)
-    if n_unl_per_class and split != 'test':
-        unl = unlabelled_indices(labels, n_unl_per_class, seed, n_classes)
-        labels[unl] = IGNORE
-    idx, label_map = subset_indices(labels, split, n_per_class if split != 'test' else None,
-                                    nval_per_class, seed, n_classes)
-    mapped = label_map[labels[idx]]
-    if split == 'train' and len(unl):
-        idx = np.concatenate([idx, unl])
-        mapped = np.concatenate([mapped, np.full(len(unl), IGNORE)])
-    return idx, mapped
-
-
-def check_divisible(batch_size, world_size):
-    """Training batches are split into equal parts, one per process."""
-    if batch_size % world_size:
-        raise ConfigError(f'batch_size={batch_size} is not divisible by the {world_size} '
-                          f'processes: each takes batch_size/{world_size} examples of every batch '
-                          f'(the global batch stays batch_size)')
-
-
-def check_class_sizes(labels, n_per_class, nval_per_class, n_unl_per_class, class_names, where):
-    """Every class of the training ``labels`` (of the data in ``where``) has the images that
-    ``cf_trn`` draws from it: n_per_class (None: all, of which nval_per_class for validation
-    and at least one for training), plus n_unl_per_class to leave unlabelled."""
-    n_unl = n_unl_per_class or 0
-    need = (n_per_class or nval_per_class + 1) + n_unl
-    counts = np.bincount(np.asarray(labels), minlength=len(class_names))
-    k = int(counts.argmin())
-    if counts[k] < need:
-        asked = (f'n_per_class={n_per_class}' if n_per_class else
-                 f'n_per_class=None (all: nval_per_class={nval_per_class} and at least one for '
-                 'training)') + (f' + n_unl_per_class={n_unl} = {need}' if n_unl else '')
-        raise ConfigError(f'cf_trn asks for {asked} images per class, but class '
-                          f'{class_names[k]} of {where} has {counts[k]}; lower '
-                          + ('n_per_class or n_unl_per_class' if n_unl else 'n_per_class'))
-
-
-def check_split_sizes(split, n_per_class, nval_per_class):
-    """The validation split is carved from the training images of every class."""
-    if split != 'test' and not nval_per_class:
-        raise ConfigError('nval_per_class must be > 0 (the validation split is carved from train)')
-    if n_per_class is not None and (n_per_class <= 0 or nval_per_class >= n_per_class):
-        raise ConfigError(f'need 0 < nval_per_class < n_per_class, got nval_per_class='
-                          f'{nval_per_class}, n_per_class={n_per_class}')
-
-
-class EpochOrder:
-    """Which examples an epoch visits, in which order, cut into batches, and each process's part.
-
-    Each epoch is one permutation (from a generator seeded with (seed, epoch), so a run resumed
-    at an epoch boundary sees the same data) cut into batches of ``batch_size``; with
-    ``drop_last`` the incomplete last one is dropped. With unlabelled examples (label -100) and
-    ``lab_unl_ratio=(r_lab, r_unl)``, epochs interleave r_lab labelled and r_unl unlabelled
-    examples as the original did.
-
-    Sharded (``world_size`` > 1, one order per rank): every rank computes the same batches and
-    takes the ``rank``-th of ``world_size`` consecutive parts of each, so the ranks together see
-    exactly the single-process batches, with the same number of steps. With ``drop_last``
-    (training) the parts must have equal sizes; otherwise they differ by at most one and every
-    example is seen once.
-    """
-
-    def __init__(self, labels, batch_size, shuffle=False, drop_last=False, lab_unl_ratio=(0, 0),
-                 seed=0, rank=0, world_size=1):
-        if drop_last:
-            check_divisible(batch_size, world_size)
-        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        unl = (torch.as_tensor(labels) == IGNORE).numpy()
-        self._lab_pos = np.where(~unl)[0]
-        self._unl_pos = np.where(unl)[0]
-        self.r_lab, self.r_unl = lab_unl_ratio
-        if len(self._unl_pos) and not (self.r_lab or self.r_unl):
-            raise ConfigError('unlabelled examples need lab_unl_ratio=(r_lab, r_unl), e.g. (1, 1)')
-
-    def positions(self, epoch):
-        """Order of the examples in ``epoch`` (CPU)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        lab, unl = torch.from_numpy(self._lab_pos), torch.from_numpy(self._unl_pos)
-        perm = lambda idx: idx[torch.randperm(len(idx), generator=g)] if self.shuffle else idx
-        if not len(unl) or self.r_unl == 0:
-            return perm(lab)
-        if self.r_lab == 0:
-            return perm(unl)
-        n_tup = min(len(lab) // self.r_lab, len(unl) // self.r_unl)
-        rows = torch.cat([perm(lab)[:n_tup * self.r_lab].view(self.r_lab, n_tup),
-                          perm(unl)[:n_tup * self.r_unl].view(self.r_unl, n_tup)])
-        return rows.T.reshape(-1)
-
-    def n_examples(self):
-        """How many examples every epoch visits (``len(positions(epoch))``, without drawing)."""
-        lab, unl = len(self._lab_pos), len(self._unl_pos)
-        if not unl or self.r_unl == 0:
-            return lab
-        if self.r_lab == 0:
-            return unl
-        return min(lab // self.r_lab, unl // self.r_unl) * (self.r_lab + self.r_unl)
-
-    def n_batches(self):
-        n = self.n_examples()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def batches(self, epoch, device='cpu'):
-        """(positions of the whole batch on ``device``, lo, hi) per batch: this rank's part is
-        ``[lo:hi]``, which is empty for a last evaluation batch smaller than the number of
-        ranks. The positions move to ``device`` once per epoch."""
-        pos = self.positions(epoch).to(device)
-        n = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
-        for start in range(0, n, self.batch_size):
-            idx = pos[start:start + self.batch_size]
-            b = len(idx)
-            yield idx, self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
-
-
-class EpochLoader:
-    """What the loaders of every data set (``multiexit.data``) share: their ``EpochOrder``,
-    the epoch that ``set_epoch`` chose, ``len()`` (its batches), and the device and memory
-    format of the batches."""
-
-    def __init__(self, labels, batch_size, device, shuffle=False, drop_last=False,
-                 lab_unl_ratio=(0, 0), seed=0, channels_last=False, rank=0, world_size=1):
-        self.order = EpochOrder(labels, batch_size, shuffle, drop_last, lab_unl_ratio, seed,
-                                rank, world_size)
-        self.world_size = world_size
-        self.device = torch.device(device)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.order.n_batches()
 
 
 class DeviceLoader(EpochLoader):

@@ -12,7 +12,7 @@
   column ``target``: on row i the label of image i + 1).
 
 The validation split is held out of the training images per class with a seed and the labels
-are permuted, exactly as for CIFAR (``data.split_selection``); the test split is the validation
+are permuted, exactly as for CIFAR (``splits.split_selection``); the test split is the validation
 folder. Each file list is made once per process, sorted; paths are kept as one numpy bytes array.
 """
 import functools
@@ -27,8 +27,8 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from .cifar import check_class_sizes, check_split_sizes, split_selection
 from .image_loader import ImageLoader
+from .splits import check_class_sizes, check_split_sizes, split_selection
 
 DOCS = 'docs/imagenet.md'
 

@@ -1,6 +1,6 @@
 """A loader of image files: loader processes decode and transform each image, the device
-normalises whole batches (``image_transforms``), in the same ``data.EpochOrder`` as CIFAR
-(``data.EpochLoader``)."""
+normalises whole batches (``image_transforms``), in the same ``order.EpochOrder`` as CIFAR
+(``order.EpochLoader``)."""
 import weakref
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
-from .cifar import EpochLoader
+from .order import EpochLoader
 from .image_transforms import BatchNormalize, TestTransform, TrainTransform, sample_seed
 
 

@@ -14,7 +14,7 @@ import torch
 from .. import data, losses, models, registry
 from ..accel import distributed
 from ..checks import classes
-from ..data.cifar import check_divisible
+from ..data.order import check_divisible
 from ..errors import CheckpointWriteError, ConfigError, NonFiniteLossError
 from ..metrics import check_tops, default_tops
 from . import resume

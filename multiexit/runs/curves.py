@@ -1,0 +1,71 @@
+"""Training curves of a run: the metrics of its whole parent_snapshot chain and their plot
+(``python3 -m multiexit.runs --plot``)."""
+from pathlib import Path
+
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..errors import SnapshotError
+from .lineage import Lineage, history
+from .table import flatten, load_runs, read_json, read_metrics
+
+
+def run_history(snapshot_dir, run):
+    """(metrics frame of run ``run``'s whole parent_snapshot chain, the chain's run ids)."""
+    snapshot_dir = Path(snapshot_dir)
+    table = load_runs(snapshot_dir, with_metrics=False, warn=lambda message: None)
+    rows = {row['run']: row for row in table.to_dict('records')}
+    if run not in rows:
+        raise SnapshotError(f'no run {run} in {snapshot_dir}/ (python3 -m multiexit.runs lists '
+                            f'the runs)')
+    chain = Lineage(snapshot_dir, rows).chain(run)
+    return history(chain, lambda r: read_metrics(snapshot_dir / r)), [r for r, _ in chain]
+
+
+def plot_curves(run_dir, path):
+    """Training curves of a run to a PNG, from the first run of its parent_snapshot chain:
+    train and validation top-1 of every exit, the temperature and the learning rate, per
+    epoch."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SnapshotError(f'no run folder {run_dir}')
+    frame, chain = run_history(run_dir.parent, run_dir.name)
+    exits = sorted(int(c.rsplit('clf', 1)[1]) for c in frame.columns
+                   if c.startswith('val.acc1_clf'))
+    if not exits:
+        raise SnapshotError(f'{run_dir} has no per-exit metrics to plot (metrics.json has no '
+                            f'val.acc1_clf<k>): not a training run, or no epoch finished')
+    name = flatten(read_json(run_dir, 'config.json', required=False)).get('snapshot_name', '')
+    fig = Figure(figsize=(11, 8), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    colors = colormaps['viridis']
+    for ax, split in zip(axes[0], ('train', 'val')):
+        for k in exits:
+            ax.plot(frame.index, 100 * frame[f'{split}.acc1_clf{k}'], marker='.',
+                    color=colors(k / max(len(exits) - 1, 1)), label=f'exit {k}')
+        ax.set(title=f'{split} top-1 per exit', xlabel='epoch', ylabel='top-1 accuracy (%)')
+        ax.legend(fontsize='small', ncol=2)
+    for ax, column, title in ((axes[1, 0], 'temperature', 'DBT temperature T'),
+                              (axes[1, 1], 'lr', 'learning rate')):
+        if column in frame:
+            ax.plot(frame.index, frame[column], marker='.')
+        else:
+            ax.text(0.5, 0.5, f'no {column} logged', ha='center', transform=ax.transAxes)
+        ax.set(title=title, xlabel='epoch')
+    if 'lr' in frame:
+        axes[1, 1].set_yscale('log')
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for resumed in chain[1:]:  # where each resumed run took over
+            first = read_metrics(run_dir.parent / resumed).index.min()
+            if pd.notna(first):
+                ax.axvline(first - 0.5, color='0.6', linestyle=':', linewidth=1)
+    runs = ' <- '.join(reversed(chain)) if len(chain) > 1 else run_dir.name
+    fig.suptitle(f'run {runs} {name}'.strip())
+    fig.tight_layout()
+    fig.savefig(path)
