@@ -26,13 +26,13 @@ def smoke(tmp_path_factory):
                 cf_trn=dict(config['cf_trn'], **small), cf_val=dict(config['cf_val'], **small))
 
 
-def run(config, run_dir, **changes):
+def run(config, run_dir, log=print, **changes):
     """A Run of ``config`` with ``changes`` (dicts are merged, as sacred merges them)."""
     config = {**config, **{k: dict(config[k], **v) if isinstance(v, dict) else v
                            for k, v in changes.items()}}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / 'config.json').write_text(json.dumps(config))  # what sacred records
-    return Run(TrainConfig.of(config), run_dir, run_dir.parent)
+    return Run(TrainConfig.of(config), run_dir, run_dir.parent, log=log)
 
 
 def trained(config, run_dir, **changes):
@@ -65,3 +65,15 @@ def test_another_optimizer_cannot_take_over_the_state(smoke, tmp_path):
                                           'which Adam cannot take over'):
         run(smoke, tmp_path / 'r', n_epochs=2, parent_snapshot=str(parent),
             cf_opt=dict(call='Adam', lr=1e-3))
+
+
+def test_what_a_run_fills_in_is_no_change_of_settings(smoke, tmp_path):
+    """cf_net.out_dim None (the data set's classes, which the run fills in) is no change when
+    it resumes: only n_epochs changes."""
+    said = []
+    parent = trained(smoke, tmp_path / 'p', cf_net=dict(out_dim=None))
+    resumed = run(smoke, tmp_path / 'r', said.append, n_epochs=2, parent_snapshot=str(parent),
+                  cf_net=dict(out_dim=None))
+    assert resumed.epoch == 1
+    assert said == [f'resuming {parent}/last.pt at epoch 1; these settings change from epoch 2 '
+                    'on: n_epochs 1 -> 2']

@@ -33,7 +33,7 @@ def restore(run, parent):
     a training state (last.pt) the optimizer's state under the run's cf_opt, DBT's temperature,
     the RNG states and the account of the checkpoints (best snapshot so far). The caller builds
     the scheduler from the run's cf_scheduler at the restored epoch."""
-    state, _, extra = checkpoint.unpack_model(parent.ckpt, parent.path, run.cfg.cf_net)
+    state, _, extra = checkpoint.unpack_model(parent.ckpt, parent.path, run.cf_net)
     try:
         load_original_state_dict(run.model, state)
     except RuntimeError as e:
@@ -65,7 +65,7 @@ def restore(run, parent):
     else:  # another number of processes: rank 0 continues, the others start their own
         set_rng_state(extra['rng'])
         if run.rank:
-            torch.manual_seed(run.cfg.seed + run.rank)
+            torch.manual_seed(run.seed + run.rank)
     run.checkpointer.continue_from(parent.path, run.epoch, extra['best_val'],
                                    extra['best_epoch'])
     run.log(f'resuming {parent.path} at epoch {run.epoch}'

@@ -59,7 +59,7 @@ class Run:
             raise ConfigError(f"cf_net out_dim={out_dim} but {cfg.cf_trn['call']} has "
                               f'{n_classes} classes')
         self.cf_net = dict(cfg.cf_net, out_dim=n_classes)  # None: as many as the data set has
-        self.cfg = cfg = type(cfg)(**{**vars(cfg), 'seed': seed, 'cf_net': self.cf_net})
+        self.cfg, self.seed = cfg, seed  # the settings as given (what a resume compares)
         torch.manual_seed(seed)
         self.model = models.build(self.cf_net).to(self.device)
         in_shape = getattr(self.model, 'in_shape', trn_data.input_size)
@@ -119,7 +119,7 @@ class Run:
                      channels_last=self.channels_last)
         with distributed.local_main_first():  # one download per machine
             self.train_loader = trn_data.loader('train', cfg.data_dir, cfg.batch_size,
-                                                self.device, seed=cfg.seed, **shard)
+                                                self.device, seed=self.seed, **shard)
         self.val_loader = val_data.loader('val', cfg.data_dir, cfg.val_batch_size, self.device,
                                           **shard)
         if len(self.train_loader) == 0:
@@ -138,7 +138,7 @@ class Run:
         return {'format': 'multiexit-train-1', 'epoch': self.epoch, 'cf_net': self.cf_net,
                 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'scheduler': self.scheduler.state_dict(), 'loss': self.loss_fn.state_dict(),
-                'seed': self.cfg.seed, 'best_val': self.checkpointer.best_val,
+                'seed': self.seed, 'best_val': self.checkpointer.best_val,
                 'best_epoch': self.checkpointer.best_epoch, 'rng': rng,
                 **({'rng_ranks': rng_ranks} if rng_ranks else {})}
 
