@@ -1,13 +1,25 @@
 """Check and measure the CUDA path in one command (at most about 8 minutes on an H100).
 
+    python3 benchmarks/gpu_check.py OUT_DIR --check all  # first, whenever a GPU is at hand
     python3 benchmarks/gpu_check.py OUT_DIR            # everything
     python3 benchmarks/gpu_check.py OUT_DIR --quick    # shorter timings, a first look
+
+``--check all`` decides everything pending in one call of at most 9 minutes on one H100
+(ALL_BUDGET_S, the stages' limits in LIMITS['all']), in this order: the CUDA tests (every place
+a CUDA graph is captured: the training step, the evaluation forward, each early-exit runner),
+then the decisive figure of each check: speed (training and evaluation images/s of the default
+path and its graph variants against the reference style), early exit (streaming and latency
+against the graphed full forward at batch sizes 1 and 256, and whether they decide as the
+simulation) and packs (packs of 9 and 15 paper MsdNets against one run alone, their memory, the
+grid's projection). Each stage's JSON is in OUT_DIR as soon as it ends (stages.json: every
+stage's status so far), so a call cut off still leaves what it finished.
 
 Stages, each in its own process with its own time limit (LIMITS), so that a failing or hanging
 stage is reported and the next one still runs:
   versions     the GPU, driver, CUDA, cuDNN, Python and torch
   sacred       installed from wheels (--wheels) into a temporary folder if it cannot be imported
-  cuda_tests   pytest tests/test_cuda.py
+  cuda_tests   pytest tests/test_cuda.py and every test file that skips without a GPU or is
+               marked ``cuda`` (cuda_test_files); counts in OUT_DIR/cuda_tests.json
   throughput   benchmarks/train_throughput.py, the modes without torch.compile (those measured
                before on fewer steps: they are launch bound), with the test counts
   compile      the same for cuda_graph_compile: torch.compile 'default' inside our whole-step
@@ -40,6 +52,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'benchmarks' / 'results'
 WHEELS = ('.whl', '../shared/device-wheels')  # relative to the repository
 # seconds per stage (limit, kept for the stages after it), for the full check and --quick, in
 # the order the stages run (2026-11-26, H100: tests 121 s, early exit 16 s, eager modes ~400
@@ -50,11 +63,18 @@ LIMITS = {False: dict(cuda_tests=(170, 200), throughput=(100, 110), compile=(120
                       max_autotune=(300, 0), concurrency=(90, 0)),
           True: dict(cuda_tests=(120, 100), throughput=(50, 60), compile=(80, 30),
                      profile=(20, 20), early_exit=(60, 0), kernels=(15, 0), pack=(100, 0),
-                     max_autotune=(120, 0), concurrency=(40, 0))}
+                     max_autotune=(120, 0), concurrency=(40, 0)),
+          # --check all: every stage keeps the sum of the later stages' limits; the CUDA tests
+          # have grown since their 121 s (11 tests), the quick throughput modes are 4, the
+          # early-exit sweep of two batch sizes took 16 s, and packs of 9 and 15 are new
+          'all': dict(cuda_tests=(230, 265), throughput=(80, 185), early_exit=(45, 140),
+                      pack=(140, 0))}
 OPT_IN = ('concurrency',)  # run only when named by --with
 # the stages of each issue's check (--check), each within its budget and one device call
 CHECKS = {'speed': ('cuda_tests', 'throughput', 'compile', 'profile', 'kernels', 'max_autotune'),
-          'early_exit': ('cuda_tests', 'early_exit'), 'pack': ('cuda_tests', 'pack')}
+          'early_exit': ('cuda_tests', 'early_exit'), 'pack': ('cuda_tests', 'pack'),
+          'all': ('cuda_tests', 'throughput', 'early_exit', 'pack')}
+BUDGET_S = {False: 470, True: 300, 'all': 520}  # 'all': one device call of at most 540 s
 # the eager modes, measured before, on few steps; the graphed ones on more
 THROUGHPUT = ['--steps', '120', '--eager-steps', '10', '--warmup', '6', '--modes',
               'reference,device_data,device_temperature,channels_last,amp,fused_sgd,cuda_graph,'
@@ -62,6 +82,18 @@ THROUGHPUT = ['--steps', '120', '--eager-steps', '10', '--warmup', '6', '--modes
 QUICK_THROUGHPUT = ['--steps', '60', '--eager-steps', '5', '--warmup', '5', '--modes',
                     'reference,cuda_graph,cuda_graph_streams,default']
 COMPILED = ['--steps', '100', '--warmup', '6', '--no-eval', '--modes']  # + the mode
+QUICK_EARLY_EXIT = ['--batch-sizes', '1', '256', '--repeats', '2']
+# packs of 9 (the grid's target: 8x the solo run) and 15 (memory) against one run alone
+DECISIVE_PACK = ['--ks', '1,9,15', '--micro-ks', '1,9', '--micro-dtypes', 'bf16']
+
+
+def cuda_test_files():
+    """tests/test_cuda.py and every other test file that skips without a GPU or is marked
+    ``cuda``."""
+    files = sorted((ROOT / 'tests').glob('test_*.py'))
+    return ['tests/test_cuda.py'] + [
+        f'tests/{f.name}' for f in files if f.name != 'test_cuda.py'
+        and any(mark in f.read_text() for mark in ('cuda.is_available()', 'mark.cuda'))]
 
 
 def versions():
@@ -117,7 +149,20 @@ class Checker:
 
     def _row(self, name, status, seconds, note):
         self.rows.append(dict(stage=name, status=status, seconds=round(seconds, 1), note=note))
+        self.write()
         return status
+
+    def note(self, status=None, note=None, append=''):
+        """Amend the last stage's row (and stages.json)."""
+        row = self.rows[-1]
+        row['status'] = status or row['status']
+        row['note'] = (row['note'] if note is None else note) + append
+        self.write()
+
+    def write(self):
+        """OUT_DIR/stages.json: every stage's row so far, rewritten as each one ends."""
+        (self.out / 'stages.json').write_text(json.dumps(dict(
+            rows=self.rows, elapsed_s=round(time.time() - self.start, 1)), indent=2) + '\n')
 
 
 def install_sacred(checker, wheels):
@@ -159,8 +204,7 @@ def failed_modes(checker, path):
     if path.is_file():
         errors = json.loads(path.read_text()).get('errors')
         if errors:
-            checker.rows[-1]['status'] = 'FAILED'
-            checker.rows[-1]['note'] = 'errors: ' + ', '.join(errors)
+            checker.note('FAILED', 'errors: ' + ', '.join(errors))
 
 
 MERGED = ('train_images_per_s', 'warmup_epoch_s', 'first_step_s', 'kernels_per_step', 'errors')
@@ -204,8 +248,7 @@ def compiled_stage(checker, name, mode, out, throughput, limit, reserve):
     if part.is_file():
         r = json.loads(part.read_text())
         if mode in r.get('first_step_s', {}):
-            checker.rows[-1]['note'] += (f" first step (compilation) {r['first_step_s'][mode]:.0f}"
-                                         f" s")
+            checker.note(append=f" first step (compilation) {r['first_step_s'][mode]:.0f} s")
         merge_modes(throughput, part)
 
 
@@ -214,7 +257,7 @@ def main():
     parser.add_argument('out', help='folder for the results (created)')
     parser.add_argument('--quick', action='store_true', help='shorter timings (a first look)')
     parser.add_argument('--budget-s', type=float, default=None,
-                        help='time for all stages (default 470, --quick 300)')
+                        help='time for all stages (default 470, --quick 300, --check all 520)')
     parser.add_argument('--wheels', default=None, help='folder of wheels for sacred (default: '
                         f'the first of {", ".join(WHEELS)} that holds some)')
     parser.add_argument('--skip', default='', help='stages to skip, comma-separated')
@@ -226,8 +269,11 @@ def main():
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_s or (300 if args.quick else 470)
-    limits = LIMITS[args.quick]
+    every = args.check == 'all'  # the decisive figures, within one device call
+    mode = 'all' if every else args.quick
+    budget = args.budget_s or BUDGET_S[mode]
+    limits = LIMITS[mode]
+    quick = args.quick or every
     checker = Checker(out, budget)
     skip = set(filter(None, args.skip.split(',')))
     chosen = set(filter(None, args.with_.split(',')))
@@ -236,7 +282,8 @@ def main():
         parser.error(f'unknown stages {sorted(unknown)}; known: {", ".join(limits)}')
     if args.check:
         skip |= set(limits) - set(CHECKS[args.check])
-    run = lambda name: name not in skip and (name not in OPT_IN or name in chosen)
+    run = lambda name: name in limits and name not in skip and (name not in OPT_IN
+                                                                  or name in chosen)
     py = sys.executable
 
     print('[versions]', flush=True)
@@ -246,20 +293,23 @@ def main():
 
     counts = None
     if run('cuda_tests'):
-        junit = out / 'cuda_tests.xml'
+        junit, files = out / 'cuda_tests.xml', cuda_test_files()
         _, output = checker.stage('cuda_tests', [py, '-m', 'pytest', '-v', '-rs', '-p',
-                                                 'no:cacheprovider', f'--junitxml={junit}',
-                                                 'tests/test_cuda.py'], *limits['cuda_tests'])
+                                                 'no:cacheprovider', '--durations=15',
+                                                 f'--junitxml={junit}', *files],
+                                  *limits['cuda_tests'])
         counts = test_counts(junit)
+        (out / 'cuda_tests.json').write_text(json.dumps(dict(
+            files=files, passed_failed_skipped=counts, row=checker.rows[-1]), indent=2) + '\n')
         if counts:
-            checker.rows[-1]['note'] = 'passed {}, failed {}, skipped {}'.format(*counts)
+            checker.note(note='passed {}, failed {}, skipped {}'.format(*counts))
 
     throughput = out / 'throughput.json'
     if run('throughput'):
         limit, reserve = limits['throughput']
         limit = min(limit, checker.left() - reserve)
         cmd = [py, 'benchmarks/train_throughput.py',
-               *(QUICK_THROUGHPUT if args.quick else THROUGHPUT), '--json', throughput]
+               *(QUICK_THROUGHPUT if quick else THROUGHPUT), '--json', throughput]
         if counts:
             cmd += ['--cuda-tests', ','.join(map(str, counts))]
         checker.stage('throughput', cmd, limit, reserve)
@@ -273,17 +323,15 @@ def main():
                                   out / 'profile.json'], *limits['profile'])
     if run('early_exit'):
         early_exit = out / 'early_exit.json'
-        quick = ['--batch-sizes', '1', '256', '--repeats', '2'] if args.quick else []
         checker.stage('early_exit', [py, 'benchmarks/early_exit.py', '--device', 'cuda',
-                                     '--calibration', '1024', *quick, '--out', early_exit],
-                      *limits['early_exit'])
+                                     '--calibration', '1024', *(QUICK_EARLY_EXIT if quick else []),
+                                     '--out', early_exit], *limits['early_exit'])
         if early_exit.is_file():
             e = json.loads(early_exit.read_text())
             if not all(r['identical'] for r in e['gpu_speedup']):
-                checker.rows[-1]['status'] = 'FAILED'
-                checker.rows[-1]['note'] = 'early exit decided otherwise than the simulated one'
+                checker.note('FAILED', 'early exit decided otherwise than the simulated one')
             elif not e['complete']:
-                checker.rows[-1]['note'] += f" (batch sizes done: {', '.join(e['full_forward'])})"
+                checker.note(append=f" (batch sizes done: {', '.join(e['full_forward'])})")
     if run('kernels'):
         checker.stage('kernels', [py, 'benchmarks/op_count.py', '--device', 'cuda', '--json',
                                   out / 'kernels.json'], *limits['kernels'])
@@ -291,10 +339,11 @@ def main():
         pack = out / 'pack.json'
         limit = min(limits['pack'][0], checker.left() - limits['pack'][1])
         checker.stage('pack', [py, 'benchmarks/pack_throughput.py', '--json', pack,
+                               *(DECISIVE_PACK if every else []),
                                '--deadline-s', str(max(limit - 40, 0))], *limits['pack'])
         if pack.is_file():
             r = json.loads(pack.read_text())
-            shutil.copy(pack, ROOT / 'benchmarks' / 'results' / (
+            shutil.copy(pack, RESULTS / (
                 f"{r['date']}-pack-{r['device'].replace(' ', '-').lower()}.json"))
     if run('max_autotune'):
         compiled_stage(checker, 'max_autotune', 'cuda_graph_max_autotune', out, throughput,
@@ -307,7 +356,7 @@ def main():
                       *limits['concurrency'])
     if throughput.is_file():
         r = json.loads(throughput.read_text())
-        shutil.copy(throughput, ROOT / 'benchmarks' / 'results' / (
+        shutil.copy(throughput, RESULTS / (
             f"{r['date']}-{r['device'].replace(' ', '-').lower()}.json"))
 
     summary = dict(command=' '.join(['python3'] + sys.argv), rows=checker.rows,

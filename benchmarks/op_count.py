@@ -4,7 +4,7 @@
     python3 benchmarks/op_count.py --device cuda    # + CUDA kernels per step (torch.profiler)
     python3 benchmarks/op_count.py --variants default,fp32 --json out.json
 
-A step is ``multiexit.train_step``'s: forward, the DBT loss, the metrics, backward, SGD and the
+A step is ``multiexit.train.step``'s: forward, the DBT loss, the metrics, backward, SGD and the
 accumulators. On the CPU, ``multiexit.kernel_count.OpCounter`` counts the aten ops that reach
 the kernels (below autograd and autocast: the backward pass and autocast's casts count; views
 and allocations do not) of one step after a warm-up step. The count does not depend on the

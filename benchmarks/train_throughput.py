@@ -156,7 +156,7 @@ def time_reference(device, images, labels, warmup, steps):
 
 def paper_step(device, reference_loss=False, channels_last=False, amp=False, fused=False,
                compile_mode=None, cuda_graph=False, cuda_streams=False):
-    """The training step (``multiexit.train_step``) of the paper's MsdNet + DBT with these
+    """The training step (``multiexit.train.step``) of the paper's MsdNet + DBT with these
     switches (those of TRAIN_MODES and ``default_switches``)."""
     model, opt = build(device, channels_last, fused)
     loss_fn = losses.build(PAPER_LOSS).to(device)

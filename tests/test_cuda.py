@@ -17,11 +17,12 @@ from multiexit import data, losses, models
 from multiexit.accel import streams
 from multiexit.data.cifar import DATASETS, DeviceLoader
 from multiexit.data.folders import write_fake_image_folders
-from multiexit.early_exit.rule import confidences, exit_indices
-from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
 from multiexit.early_exit.latency import LatencyExit
+from multiexit.early_exit.rule import confidences, exit_indices
 from multiexit.early_exit.shrinking import early_exit_predict
 from multiexit.early_exit.streaming import StreamingExit
+from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
+from multiexit.evaluate.passes import GraphedForward, evaluate, logits_of
 from multiexit.train.step import GraphedTrainStep, build_step
 from multiexit.config import TrainConfig, shared_defaults
 from multiexit.train.api import train_alone
@@ -249,6 +250,32 @@ def test_a_failed_capture_warns_once_and_trains_eagerly(capfd):
     assert np.isfinite(losses_).all() and losses_[-1] < losses_[0]
     err = capfd.readouterr().err
     assert err.count('warning: CUDA graph capture') == 1
+
+
+def test_the_graphed_evaluation_forward_equals_the_eager_one(deterministic_cudnn, capfd):
+    """fp32, deterministic cuDNN: the replayed forward gives the eager logits bit for bit (the
+    same kernels on the same shapes), a last smaller batch runs eagerly, and the metrics of an
+    evaluation are the eager one's. On the default path (bf16, channels_last, parallel
+    streams) the capture succeeds too and the logits stay close to fp32's."""
+    torch.manual_seed(0)
+    model = models.build(PAPER_NET).to(CUDA).eval()
+    batches = [fixed_batch(CUDA, n=n, seed=s) for s, n in ((1, 64), (2, 64), (3, 64), (4, 16))]
+    forward = GraphedForward(model)
+    with torch.inference_mode():
+        for x, _ in batches:
+            assert all(torch.equal(a, b) for a, b in zip(forward(x), logits_of(model, x)))
+    assert forward.captures == 1 and not forward.eager_only
+    loader = type('Loader', (), dict(device=CUDA, world_size=1,
+                                     __iter__=lambda self: iter(batches)))()
+    assert evaluate(model, loader, 11, forward=forward) == evaluate(model, loader, 11)
+    fast_model = model.to(memory_format=torch.channels_last)
+    fast = GraphedForward(fast_model, amp=True, cuda_streams=True)
+    with torch.inference_mode():
+        for x, _ in batches[:3]:  # warm-up, capture, replay
+            x = x.contiguous(memory_format=torch.channels_last)
+            assert rel(fast(x)[-1].float(), logits_of(model, x)[-1]) < 0.1  # bf16
+    assert fast.captures == 1 and not fast.eager_only
+    assert 'warning: CUDA graph capture' not in capfd.readouterr().err
 
 
 @pytest.fixture(scope='module')

@@ -66,6 +66,7 @@ def test_a_replayed_training_step_trains_as_the_eager_one_bit_for_bit():
     got = epochs(model, loss_fn, step, data, new_lr_after=5)
     assert graphs.warm_ups == 2 and step.captures == 2 and not step.eager_only
     assert graphs.replays == 6  # every step after the warm-up
+    assert graphs.pools == 2  # each capture in a pool of its own, the old graph dropped
     assert got == expected
     assert expected[-1][-1] > 1.05 ** 6  # T moved
     for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()):

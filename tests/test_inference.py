@@ -233,6 +233,9 @@ def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
     if mode == 'streaming':
         assert all_sizes - {8}  # a tail ran on a smaller graph
         assert runner.captures > len(runner.replays)  # the longer stream captured again
+        # a new pool each time the buffers were replaced (at the start, for the first stream and
+        # for the longer one), once the old graphs were dropped
+        assert graphs.pools == 3
     else:
         assert runner.captures == n_exits
 
