@@ -12,7 +12,8 @@ import torch
 from recorded_graphs import SyncsInForward
 from test_models import TINY
 
-from conftest import PAPER_NET, ROOT, pythonpath, run_script
+from conftest import ROOT, pythonpath, run_script
+from multiexit.config import PAPER_NET
 from multiexit import data, losses, models
 from multiexit.accel import streams
 from multiexit.data.cifar import DATASETS, DeviceLoader

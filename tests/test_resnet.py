@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import PAPER_NET, run_script
+from conftest import run_script
+from multiexit.config import PAPER_NET
 from multiexit import models
 from multiexit.errors import ConfigError
 from multiexit.evaluate import flops
