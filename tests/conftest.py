@@ -1,30 +1,31 @@
+"""The fixtures every test module may use; what the modules share otherwise is in helpers.py."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / 'data'
-SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
-# Set by .ci/run: there the reference is always present, so a test that needs it must not skip.
-REQUIRE_REFERENCE = 'MULTIEXIT_REQUIRE_REFERENCE'
+from helpers import DATA, REQUIRE_REFERENCE, SHARED_REFERENCE, refused_downloads
 
-# The paper's network (reference README section 1).
-PAPER_NET = dict(call='MsdNet', in_shape=32, out_dim=100, n_scales=3, n_exits=11,
-                 nlayers_to_exit=4, nlayers_between_exits=2, nplanes_mulv=[6, 12, 24],
-                 nplanes_addh=1, nplanes_init=1, prune='min', plane_reduction=0.5,
-                 exit_width=128, btneck_widths=[4, 4, 4])
-
-# A temperature that moves: maxprob far below the confidence of a fresh 100-class teacher (about
-# 0.02) makes DBT raise T from the first step, so a resume that lost T does not go unnoticed.
-RISING_T = 'cf_loss.maxprob=0.015'
+# The scripts run in this process write to snapshots/ of the folder a test gives them (the
+# scripts' default), never to one that this variable names.
+os.environ.pop('MULTIEXIT_SNAPSHOTS', None)
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N test processes share the cores
     torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects and xdist groups
+def pytest_collection_modifyitems(items):
+    """tests/test_cuda.py is the GPU check's: marked ``cuda`` (its tests skip without one).
+    The tests that use a module's fixture are one xdist group (``--dist loadgroup``): they go
+    to one worker, so that the fixture runs once; every other test goes where there is room."""
+    for item in items:
+        if item.path.name == 'test_cuda.py':
+            item.add_marker(pytest.mark.cuda)
+        definitions = item._fixtureinfo.name2fixturedefs.values()
+        if any(d.scope == 'module' for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope='session')
@@ -54,21 +55,8 @@ def fake_data(tmp_path_factory):
     return root
 
 
-def pythonpath():
-    """PYTHONPATH for a script's subprocess: the repository first, then what this process has
-    (packages installed aside, e.g. sacred from wheels on a GPU machine)."""
-    return os.pathsep.join([str(ROOT)] + ([os.environ['PYTHONPATH']]
-                                          if os.environ.get('PYTHONPATH') else []))
-
-
-def run_script(script, *args, cwd, snapshots, check=True, env=None):
-    """Run train_cifar.py / eval.py as a user would, with ``env`` added to the environment;
-    returns the CompletedProcess."""
-    # one thread: tiny networks gain nothing from two, and parallel runs would oversubscribe
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
-               OMP_NUM_THREADS='1', **(env or {}))
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{script} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
-    return proc
+@pytest.fixture
+def no_download():
+    """Environment variables under which every download fails (helpers.refused_downloads)."""
+    with refused_downloads() as env:
+        yield env

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, pythonpath
+from helpers import ROOT, pythonpath
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import gpu_check  # noqa: E402

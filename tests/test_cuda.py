@@ -10,10 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_inference import SyncsInForward
-from test_models import TINY
 
-from conftest import PAPER_NET, ROOT, pythonpath, run_script
+from helpers import PAPER_NET, ROOT, TINY, SyncsInForward, pythonpath, run_script
 from multiexit import data, losses, models
 from multiexit.accel import streams
 from multiexit.data.cifar import DATASETS, DeviceLoader

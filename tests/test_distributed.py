@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import RISING_T, ROOT, pythonpath
+from helpers import RISING_T, ROOT, pythonpath
 from multiexit import losses, models
 from multiexit.accel import distributed
 from multiexit.data import cifar

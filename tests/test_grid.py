@@ -18,7 +18,7 @@ import torch
 from test_anytime import assert_png
 from test_scripts import no_download  # noqa: F401 (a fixture)
 
-from conftest import ROOT, pythonpath, run_script
+from helpers import ROOT, pythonpath, run_script
 from experiments import cells, grid, local, tables
 from experiments.cells import Outcome
 from experiments.schedule import Schedule

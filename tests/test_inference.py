@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-from test_models import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import ROOT
+from helpers import ROOT, TINY, SyncsInForward
 from multiexit import models
 from multiexit.early_exit import budgeted
 from multiexit.early_exit.fixed_size import CaptureFailed
@@ -289,20 +288,6 @@ def test_steps_replayed_as_graphs_decide_as_the_eager_ones(tiny, mode):
         assert runner.captures > len(runner.replays)  # the longer stream captured again
     else:
         assert runner.captures == n_exits
-
-
-class SyncsInForward(torch.nn.Module):
-    """``module`` (whose output is a list), with a host sync: not capturable."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        out = self.module(x)
-        if out[-1].sum().item() > 1e30:
-            raise AssertionError
-        return out
 
 
 @pytest.mark.parametrize('cls', [StreamingExit, LatencyExit])

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import RISING_T, ROOT, pythonpath, run_script
+from helpers import RISING_T, ROOT, pythonpath, run_script
 from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
 from multiexit.train import checkpoint
 from multiexit.train.training import Run

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import PAPER_NET, run_script
+from helpers import PAPER_NET, run_script
 from multiexit import models
 from multiexit.errors import ConfigError
 from multiexit.evaluate import flops

@@ -6,9 +6,8 @@ import sys
 
 import pandas as pd
 import pytest
-from test_anytime import assert_png
 
-from conftest import ROOT, pythonpath
+from helpers import ROOT, assert_png, pythonpath
 from multiexit.errors import ConfigError, SnapshotError
 from multiexit.runs.table import (WIDTH, load_runs, method_label, metric_summary, network_label,
                                   parse_filter, plot_curves, run_history, select, summary)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_anytime import assert_png
 
-from conftest import RISING_T, ROOT, pythonpath, run_script
+from helpers import RISING_T, ROOT, pythonpath, run_script
 from multiexit import data
 from multiexit.early_exit import budgeted
 from multiexit.evaluate.report import exit_logits, load_model

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, pythonpath, run_script
+from helpers import ROOT, pythonpath, run_script
 from multiexit.evaluate import flops
 from multiexit.evaluate.report import load_model
 from multiexit.metrics import metric_names
