@@ -15,6 +15,27 @@ if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N test processes share
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns -n into --dist load
+def pytest_cmdline_main(config):
+    """With -n, the tests of an xdist group go to one worker (``--dist loadgroup``) unless
+    --dist says otherwise. Set here, not in pyproject.toml's addopts: a machine without
+    pytest-xdist (the GPU check's) runs the tests one at a time all the same."""
+    if getattr(config.option, 'numprocesses', None) and config.option.dist == 'no':
+        config.option.dist = 'loadgroup'
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, as it starts a worker: tell it (which parses the command line again)
+    whether the tests are distributed by group."""
+    node.workerinput['loadgroup'] = node.config.option.dist == 'loadgroup'
+
+
+def pytest_configure(config):
+    if getattr(config, 'workerinput', {}).get('loadgroup'):
+        config.option.loadgroup = True  # the nodes of a group get its name, for the scheduler
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects and xdist groups
 def pytest_collection_modifyitems(items):
     """tests/test_cuda.py is the GPU check's: marked ``cuda`` (its tests skip without one).

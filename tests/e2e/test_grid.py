@@ -220,15 +220,6 @@ def test_imagenet_quick_grid_trains_with_train_imagenet_and_its_tables_hold_size
     assert again.stdout.count(': done (training run') == 1
 
 
-def tables_equal(work, other, name='grid-quick'):
-    """The tables and CSVs of two grids of the same cells (run ids aside) are the same."""
-    assert (work / 'results' / f'{name}.md').read_text() == \
-        (other / 'results' / f'{name}.md').read_text()
-    csv = [pd.read_csv(w / 'results' / f'{name}.csv').drop(columns=['train_run', 'eval_run'])
-           for w in (work, other)]
-    pd.testing.assert_frame_equal(*csv)
-
-
 def size_20_rows_equal(work, quick_work):
     """The CSV of a quick grid of size 20 (``--sizes 20``) holds the size-20 rows of the quick
     grid's CSV, run ids aside."""
