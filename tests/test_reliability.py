@@ -43,6 +43,23 @@ def workdir(tmp_path_factory):
     return work
 
 
+def test_a_resumed_run_continues_as_the_uninterrupted_one(workdir, tmp_path):
+    """TINY's dropout draws random numbers and its temperature moves: a resume that lost the
+    RNG states or the temperature would train another epoch 2 (a resume after SIGKILL:
+    tests/e2e/test_reliability.py)."""
+    (tmp_path / 'data').symlink_to(workdir / 'data')
+    run_in_process('train_cifar.py', 'with', *TINY, 'n_epochs=2', cwd=tmp_path)
+    run_in_process('train_cifar.py', 'with', *TINY, 'n_epochs=2',
+                   f'parent_snapshot={workdir / "reference" / "1"}', cwd=tmp_path)
+    uninterrupted, resumed = (torch.load(tmp_path / 'snapshots' / run / 'last.pt',
+                                         weights_only=True) for run in '12')
+    assert uninterrupted['epoch'] == resumed['epoch'] == 2
+    for k, v in uninterrupted['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert uninterrupted['loss']['temperature'] > 1
+    assert torch.equal(resumed['loss']['temperature'], uninterrupted['loss']['temperature'])
+
+
 @pytest.fixture
 def signal_after_epoch_1(tmp_path):
     """``send(signum)``: this process gets the signal once, at the first training step after
