@@ -39,14 +39,28 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before -m selects and xdist groups
 def pytest_collection_modifyitems(items):
     """tests/test_cuda.py is the GPU check's: marked ``cuda`` (its tests skip without one).
-    The tests that use a module's fixture are one xdist group (``--dist loadgroup``): they go
-    to one worker, so that the fixture runs once; every other test goes where there is room."""
+    The tests that share a module's fixture, directly or through another test's, are an xdist
+    group (``--dist loadgroup``): they go to one worker, so that each fixture runs once; every
+    other test goes where there is room."""
+    group = {}  # (module, fixture) -> its group, as a chain that ends at the group's name
+
+    def name(key):
+        while group.setdefault(key, key) != key:
+            key = group[key]
+        return key
+    uses = []
     for item in items:
         if item.path.name == 'test_cuda.py':
             item.add_marker(pytest.mark.cuda)
-        definitions = item._fixtureinfo.name2fixturedefs.values()
-        if any(d.scope == 'module' for defs in definitions for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        fixtures = sorted((item.module.__name__, defs[-1].argname)
+                          for defs in item._fixtureinfo.name2fixturedefs.values()
+                          if defs[-1].scope == 'module')
+        for other in fixtures[1:]:
+            group[name(other)] = name(fixtures[0])
+        uses.append((item, fixtures))
+    for item, fixtures in uses:
+        if fixtures:
+            item.add_marker(pytest.mark.xdist_group('::'.join(name(fixtures[0]))))
 
 
 @pytest.fixture(scope='session')

@@ -11,6 +11,7 @@ from multiexit.evaluate.report import (anytime_frame, exit_report, expected_cali
                                        per_exit_table)
 from multiexit.metrics import metric_names
 
+
 def random_logits(n_exits=3, n=500, n_classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (3 * torch.randn(n_exits, n, n_classes, generator=g),

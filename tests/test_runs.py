@@ -1,4 +1,5 @@
-"""multiexit.runs.table: sacred run folders as a table, filters, the command line and training curves."""
+"""multiexit.runs (multiexit/runs/table.py): sacred run folders as a table, filters, the command
+line and training curves."""
 import json
 import os
 import subprocess
@@ -166,7 +167,7 @@ def test_training_curves_png(snaps, tmp_path):
 def runs_cli(*args, cwd):
     env = dict(os.environ, PYTHONPATH=pythonpath())
     env.pop('MULTIEXIT_SNAPSHOTS', None)
-    return subprocess.run([sys.executable, '-m', 'multiexit.runs.table', *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, '-m', 'multiexit.runs', *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
