@@ -1,25 +1,66 @@
+"""The fixtures every test module may use; what the modules share otherwise is in helpers.py."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import DATA, REQUIRE_REFERENCE, SHARED_REFERENCE, refused_downloads
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / 'data'
-SHARED_REFERENCE = ROOT.parent / 'shared' / 'reference'
-# Set by .ci/run: there the reference is always present, so a test that needs it must not skip.
-REQUIRE_REFERENCE = 'MULTIEXIT_REQUIRE_REFERENCE'
-
-# A temperature that moves: maxprob far below the confidence of a fresh 100-class teacher (about
-# 0.02) makes DBT raise T from the first step, so a resume that lost T does not go unnoticed.
-RISING_T = 'cf_loss.maxprob=0.015'
+# The scripts run in this process write to snapshots/ of the folder a test gives them (the
+# scripts' default), never to one that this variable names.
+os.environ.pop('MULTIEXIT_SNAPSHOTS', None)
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N test processes share the cores
     torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns -n into --dist load
+def pytest_cmdline_main(config):
+    """With -n, the tests of an xdist group go to one worker (``--dist loadgroup``) unless
+    --dist says otherwise. Set here, not in pyproject.toml's addopts: a machine without
+    pytest-xdist (the GPU check's) runs the tests one at a time all the same."""
+    if getattr(config.option, 'numprocesses', None) and config.option.dist == 'no':
+        config.option.dist = 'loadgroup'
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, as it starts a worker: tell it (which parses the command line again)
+    whether the tests are distributed by group."""
+    node.workerinput['loadgroup'] = node.config.option.dist == 'loadgroup'
+
+
+def pytest_configure(config):
+    if getattr(config, 'workerinput', {}).get('loadgroup'):
+        config.option.loadgroup = True  # the nodes of a group get its name, for the scheduler
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects and xdist groups
+def pytest_collection_modifyitems(items):
+    """tests/test_cuda.py is the GPU check's: marked ``cuda`` (its tests skip without one).
+    The tests that share a module's fixture, directly or through another test's, are an xdist
+    group (``--dist loadgroup``): they go to one worker, so that each fixture runs once; every
+    other test goes where there is room."""
+    group = {}  # (module, fixture) -> its group, as a chain that ends at the group's name
+
+    def name(key):
+        while group.setdefault(key, key) != key:
+            key = group[key]
+        return key
+    uses = []
+    for item in items:
+        if item.path.name == 'test_cuda.py':
+            item.add_marker(pytest.mark.cuda)
+        fixtures = sorted((item.module.__name__, defs[-1].argname)
+                          for defs in item._fixtureinfo.name2fixturedefs.values()
+                          if defs[-1].scope == 'module')
+        for other in fixtures[1:]:
+            group[name(other)] = name(fixtures[0])
+        uses.append((item, fixtures))
+    for item, fixtures in uses:
+        if fixtures:
+            item.add_marker(pytest.mark.xdist_group('::'.join(name(fixtures[0]))))
 
 
 @pytest.fixture(scope='session')
@@ -49,21 +90,8 @@ def fake_data(tmp_path_factory):
     return root
 
 
-def pythonpath():
-    """PYTHONPATH for a script's subprocess: the repository first, then what this process has
-    (packages installed aside, e.g. sacred from wheels on a GPU machine)."""
-    return os.pathsep.join([str(ROOT)] + ([os.environ['PYTHONPATH']]
-                                          if os.environ.get('PYTHONPATH') else []))
-
-
-def run_script(script, *args, cwd, snapshots, check=True, env=None):
-    """Run train_cifar.py / eval.py as a user would, with ``env`` added to the environment;
-    returns the CompletedProcess."""
-    # one thread: tiny networks gain nothing from two, and parallel runs would oversubscribe
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
-               OMP_NUM_THREADS='1', **(env or {}))
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{script} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
-    return proc
+@pytest.fixture
+def no_download():
+    """Environment variables under which every download fails (helpers.refused_downloads)."""
+    with refused_downloads() as env:
+        yield env

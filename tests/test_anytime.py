@@ -1,18 +1,15 @@
 """Per-exit report (accuracy, calibration, cost) and the accuracy-versus-compute figures."""
-import matplotlib.image
 import pandas as pd
 import pytest
 import torch
 
+from helpers import SMALL_NET, assert_png
 from multiexit import models
 from multiexit.early_exit.thresholds import budget_sweep
 from multiexit.evaluate import flops, plots
 from multiexit.evaluate.report import (anytime_frame, exit_report, expected_calibration_error,
                                        per_exit_table)
 from multiexit.metrics import metric_names
-
-SMALL_NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
-                 nplanes_mulv=[2, 4, 8], exit_width=16, btneck_widths=[2, 2, 2])
 
 
 def random_logits(n_exits=3, n=500, n_classes=10, seed=0):
@@ -100,14 +97,6 @@ def test_exit_report_is_flat_with_costs_and_a_row_per_exit():
                                                                      'ensemble top-1 %']
     assert 'ECE %' in table[0] and 'MMACs' in table[0]  # percent, saying so; costs in millions
     assert table[1].split()[1] == f'{100 * frame["acc1"][0]:.2f}'
-
-
-def assert_png(path):
-    data = path.read_bytes()
-    assert data.startswith(b'\x89PNG\r\n\x1a\n') and len(data) > 20_000
-    image = matplotlib.image.imread(path)
-    assert image.shape[0] > 300 and image.shape[1] > 300
-    assert image.std() > 0.05  # not a blank canvas
 
 
 def test_figures_overlay_snapshots_named_by_their_labels(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from test_anytime import SMALL_NET
 
+from helpers import SMALL_NET
 from multiexit.errors import SnapshotError
 from multiexit.runs import find
 from multiexit.config import TrainConfig

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 from recorded_graphs import SyncsInForward
-from test_models import TINY
 
-from conftest import ROOT, pythonpath, run_script
+from helpers import ROOT, TINY, pythonpath, run_script
 from multiexit.config import PAPER_NET
 from multiexit import data, losses, models
 from multiexit.accel import streams

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 PAGES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
 SACRED_SCRIPTS = ('train_cifar.py', 'train_imagenet.py', 'eval.py')

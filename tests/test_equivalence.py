@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from test_losses import GS, reference_inputs
 
+from helpers import GS, reference_inputs
 from multiexit import losses, models
 from multiexit.data.cifar import DATASETS, DeviceLoader
 from multiexit.train.step import TrainStep

@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 from recorded_graphs import RecordedGraphs, SyncsInForward
-from test_models import TINY
 
-from conftest import ROOT
+from helpers import ROOT, TINY
 from multiexit import models
 from multiexit.early_exit.rule import confidences, exit_indices
 from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions

@@ -2,19 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import GS, reference_inputs
 from multiexit import losses
 from multiexit.errors import ConfigError
 from tools.kernel_count import count_ops
-
-GS = 10 / 11  # global_scale = 2 * 5 / 11
-
-
-def reference_inputs(scale):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(11, 8, 100, generator=g) * scale
-    y = torch.randint(0, 100, (8,), generator=g)
-    return list(logits), y
-
 
 def dbt(**kw):
     return losses.DistillationBasedLoss(**{**dict(C=0.5, maxprob=0.5, n_exits=11,

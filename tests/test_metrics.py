@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_anytime import SMALL_NET
 
+from helpers import SMALL_NET
 from multiexit import losses, models
 from multiexit.metrics import MultiExitAccuracy, metric_names
 from multiexit.train.step import TrainStep

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DATA
+from helpers import DATA, TINY, TINY_EXITS
 from multiexit.config import PAPER_NET
 from multiexit import losses, models
 from multiexit.errors import ConfigError
@@ -22,18 +22,6 @@ EXIT_PARAMS = [367152, 477564, 486672, 592476, 707496, 831732, 854484, 969504, 1
                1355100]
 EXIT_IN_CHANNELS = [120, 168, 96, 144, 192, 240, 144, 192, 240, 288, 336]
 
-# A small configuration of every registered model, each with TINY_EXITS exits, for the generic
-# contract tests.
-TINY_EXITS = 3
-TINY = {
-    'MsdNet': dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
-                   nplanes_mulv=[2, 4, 8], exit_width=8, btneck_widths=[2, 2, 2], out_dim=10),
-    'ResNet': dict(call='ResNet', depth=8, exit_after=[0, 1], head='conv', head_width=8,
-                   out_dim=10),
-    'WideResNet': dict(call='WideResNet', depth=10, widen_factor=1, exit_after=[0, 1], out_dim=10),
-    'ImageNetResNet': dict(call='ImageNetResNet', depth=18, exit_after=[0, 1], head='conv',
-                           head_width=8, out_dim=10),
-}
 # ResNet-18's 11 M parameters overshoot on 16 images at 0.1 (the loss rises at steps 2 and 3)
 LEARNING_RATE = {'ImageNetResNet': 0.02}
 

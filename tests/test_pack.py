@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_models import TINY
 
+from helpers import TINY
 from multiexit import losses, models
 from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from multiexit.models.fused import fuse, member_part

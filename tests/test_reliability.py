@@ -1,19 +1,15 @@
-"""Faults: kills, signals, NaN, full disk, hostile or broken checkpoints, concurrent runs."""
+"""Faults: signals, NaN, full disk, hostile or broken checkpoints, in this process (SIGKILL and
+runs started at once: tests/e2e/test_reliability.py)."""
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import RISING_T, ROOT, pythonpath, run_script
+from helpers import RISING_T, run_in_process
 from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
-from multiexit.train import checkpoint
 from multiexit.config import TrainConfig
 from multiexit.train.api import train_alone
 from multiexit.train.run import Run
@@ -24,26 +20,9 @@ TINY = ['smoke', 'n_epochs=3', 'seed=5', 'cf_net.call=WideResNet', 'cf_net.depth
         'cf_net.widen_factor=1', 'cf_net.dropout=0.3', RISING_T]
 
 
-def start(args, cwd, snapshots):
-    env = dict(os.environ, MULTIEXIT_SNAPSHOTS=str(snapshots), PYTHONPATH=pythonpath(),
-               OMP_NUM_THREADS='1')
-    return subprocess.Popen([sys.executable, str(ROOT / 'train_cifar.py'), 'with', *args],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
 def newest_run(snapshots):
     runs = [p for p in snapshots.iterdir() if p.name.isdigit()] if snapshots.is_dir() else []
     return max(runs, key=lambda p: int(p.name)) if runs else None
-
-
-def wait_for(predicate, timeout=300):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError('timed out')
 
 
 def saved_epoch(run):
@@ -59,86 +38,77 @@ def status(run):
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
+    """The smoke data, and in reference/1 a run of TINY for one epoch."""
     work = tmp_path_factory.mktemp('work')
-    run_script('train_cifar.py', 'with', *TINY, cwd=work, snapshots=work / 'reference')
+    run_in_process('train_cifar.py', 'with', *TINY, 'n_epochs=1', cwd=work)
+    (work / 'snapshots').rename(work / 'reference')
     return work
 
 
-class Training:
-    """train_cifar.py in a subprocess whose stderr, progress bars included, is collected as it
-    comes, so that a test can kill it at a point it has seen."""
-
-    def __init__(self, args, cwd, snapshots):
-        self.proc = start(args, cwd, snapshots)
-        self._err = b''
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self):
-        while chunk := os.read(self.proc.stderr.fileno(), 1 << 16):
-            self._err += chunk
-
-    @property
-    def stderr(self):
-        return self._err.decode(errors='replace')
-
-    def steps_done(self, epoch):
-        """The most training steps of ``epoch`` that its progress bar has shown."""
-        shown = re.findall(rf'epoch {epoch}/\d+:[^\r\n]*?\| (\d+)/\d+ \[', self.stderr)
-        return max(map(int, shown), default=0)
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
-        assert self.proc.returncode == -signal.SIGKILL, self.stderr[-2000:]  # it was running
+def test_a_resumed_run_continues_as_the_uninterrupted_one(workdir, tmp_path):
+    """TINY's dropout draws random numbers and its temperature moves: a resume that lost the
+    RNG states or the temperature would train another epoch 2 (a resume after SIGKILL:
+    tests/e2e/test_reliability.py)."""
+    (tmp_path / 'data').symlink_to(workdir / 'data')
+    run_in_process('train_cifar.py', 'with', *TINY, 'n_epochs=2', cwd=tmp_path)
+    run_in_process('train_cifar.py', 'with', *TINY, 'n_epochs=2',
+                   f'parent_snapshot={workdir / "reference" / "1"}', cwd=tmp_path)
+    uninterrupted, resumed = (torch.load(tmp_path / 'snapshots' / run / 'last.pt',
+                                         weights_only=True) for run in '12')
+    assert uninterrupted['epoch'] == resumed['epoch'] == 2
+    for k, v in uninterrupted['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert uninterrupted['loss']['temperature'] > 1
+    assert torch.equal(resumed['loss']['temperature'], uninterrupted['loss']['temperature'])
 
 
-def test_sigkill_at_three_observed_points_then_resume_equals_an_uninterrupted_run(workdir):
-    snaps = workdir / 'killed'  # sacred numbers the runs 1, 2, ... in the order they start
-    # during start-up: the run has started, no epoch has finished
-    first = Training(TINY, workdir, snaps)
-    wait_for(lambda: 'Started run with ID "1"' in first.stderr)
-    first.kill()
-    assert not (snaps / '1' / 'last.pt').exists(), 'killed too late: an epoch had finished'
-    # just after a checkpoint
-    second = Training(TINY, workdir, snaps)
-    wait_for(lambda: saved_epoch(snaps / '2') >= 1)
-    second.kill()
-    assert saved_epoch(snaps / '2') == 1, 'killed too late: epoch 2 had finished'
-    # in the middle of an epoch, in a resumed run
-    third = Training(TINY + [f'parent_snapshot={snaps / "2"}'], workdir, snaps)
-    wait_for(lambda: third.steps_done(3) >= 1)
-    third.kill()
-    assert saved_epoch(snaps / '3') == 2, 'killed too late: epoch 3 had finished'
-    parent = checkpoint.load(snaps / '3' / 'last.pt')  # never torn
-    assert parent['loss']['temperature'] > 1  # the resume below has a temperature to restore
-    run_script('train_cifar.py', 'with', *TINY, f'parent_snapshot={snaps / "3"}', cwd=workdir,
-               snapshots=snaps)
-    final = torch.load(snaps / '4' / 'last.pt', weights_only=True)
-    reference = torch.load(workdir / 'reference' / '1' / 'last.pt', weights_only=True)
-    assert final['epoch'] == reference['epoch'] == 3
-    for k, v in reference['model'].items():
-        assert torch.equal(v, final['model'][k]), k
-    assert torch.equal(final['loss']['temperature'], reference['loss']['temperature'])
+@pytest.fixture
+def signal_after_epoch_1(tmp_path):
+    """``send(signum)``: this process gets the signal once, at the first training step after
+    snapshots/1/last.pt (epoch 1) was saved in ``tmp_path``, from an optimizer step hook, as a
+    terminal's Ctrl-C or a ``kill`` would reach a training script. Returns the list of the
+    signals that reached no handler of the training."""
+    unhandled, sent, handles = [], [], []
+    # a terminal's handlers: SIGINT raises KeyboardInterrupt; SIGTERM, which the training
+    # handles itself, is noted here (by default, it would end this process)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: unhandled.append(s))}
+
+    def send(signum):
+        def hook(optimizer, args, kwargs):
+            if not sent and (tmp_path / 'snapshots' / '1' / 'last.pt').is_file():
+                sent.append(signum)
+                os.kill(os.getpid(), signum)
+        handles.append(register_optimizer_step_post_hook(hook))
+        return unhandled
+    try:
+        yield send
+    finally:
+        for handle in handles:
+            handle.remove()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_cleanly_with_resume_instructions(workdir, tmp_path, sig):
+def test_signal_stops_cleanly_with_resume_instructions(workdir, tmp_path, signal_after_epoch_1,
+                                                       sig):
     snaps = tmp_path / 'snapshots'
-    proc = start(['smoke', 'n_epochs=50'], workdir, snaps)
-    wait_for(lambda: newest_run(snaps) is not None and saved_epoch(newest_run(snaps)) >= 1)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    (tmp_path / 'data').symlink_to(workdir / 'data')
+    unhandled = signal_after_epoch_1(sig)
+    proc = run_in_process('train_cifar.py', 'with', 'smoke', 'n_epochs=3', cwd=tmp_path,
+                          check=False)
     run = newest_run(snaps)
-    assert proc.returncode == 130, err[-2000:]
-    lines = [line for line in err.splitlines() if line.startswith('interrupted: ')]
-    assert len(lines) == 1 and f'parent_snapshot={run}' in lines[0] and 'Traceback' not in err
-    assert f'interrupted: {sig.name} during epoch' in lines[0]
+    assert proc.returncode == 130 and not unhandled, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith('interrupted: ')]
+    assert len(lines) == 1 and f'parent_snapshot=snapshots/{run.name}' in lines[0]
+    assert 'Traceback' not in proc.stderr
+    assert f'interrupted: {sig.name} during epoch 2' in lines[0]
     assert status(run) == 'INTERRUPTED'
     epoch = saved_epoch(run)
-    assert epoch >= 1
+    assert epoch == 1
     command = lines[0].split('resume with: python3 train_cifar.py with ')[1].split()
-    run_script('train_cifar.py', 'with', *command, f'n_epochs={epoch + 1}', cwd=workdir,
-               snapshots=snaps)
+    run_in_process('train_cifar.py', 'with', *command, f'n_epochs={epoch + 1}', cwd=tmp_path)
     assert saved_epoch(newest_run(snaps)) == epoch + 1
 
 
@@ -236,8 +206,7 @@ def test_broken_or_hostile_snapshots_are_one_line(workdir, tmp_path, kind, messa
                         ('train_cifar.py', f'parent_snapshot={path}')):
         # the bare state dict is a WideResNet's: smoke's MsdNet is another architecture
         extra = ['smoke'] if script == 'train_cifar.py' else []
-        proc = run_script(script, 'with', *extra, arg, cwd=workdir, snapshots=tmp_path / 's',
-                          check=False)
+        proc = run_in_process(script, 'with', *extra, arg, cwd=workdir, check=False)
         errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
         assert message in errors[0] and str(path) in errors[0] and 'Traceback' not in proc.stderr
@@ -246,23 +215,6 @@ def test_broken_or_hostile_snapshots_are_one_line(workdir, tmp_path, kind, messa
 
 def test_debug_switch_shows_the_traceback(workdir, tmp_path, monkeypatch):
     monkeypatch.setenv('MULTIEXIT_DEBUG', '1')
-    proc = run_script('eval.py', 'with', 'snapshot_name=missing', cwd=workdir,
-                      snapshots=tmp_path, check=False)
+    proc = run_in_process('eval.py', 'with', 'snapshot_name=missing', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'Traceback' in proc.stderr
     assert "multiexit.runs.find.UnknownSnapshot: no snapshot 'missing'" in proc.stderr
-
-
-def test_concurrent_runs_get_distinct_directories(tmp_path):
-    snaps = tmp_path / 'snapshots'  # and no data yet: all four generate it at once
-    procs = [start(['smoke', f'seed={i}'], tmp_path, snaps) for i in range(4)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-    runs = sorted(p for p in snaps.iterdir() if p.name.isdigit())
-    assert [p.name for p in runs] == ['1', '2', '3', '4']
-    seeds = set()
-    for run in runs:
-        assert status(run) == 'COMPLETED' and saved_epoch(run) == 1
-        seeds.add(json.loads((run / 'config.json').read_text())['seed'])
-        assert 'val top-1 of exit' in (run / 'cout.txt').read_text()
-    assert seeds == {0, 1, 2, 3}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import run_script
+from helpers import run_in_process
 from multiexit.config import PAPER_NET
 from multiexit import models
 from multiexit.errors import ConfigError
@@ -174,14 +174,14 @@ def test_named_configs(train_cifar, name, n_params, opt, epochs, scheduler):
 
 
 def test_resnet_smoke_run_trains_and_evaluates(tmp_path):
-    snaps = tmp_path / 'snapshots'
+    snaps = tmp_path / 'snapshots'  # the scripts' default
     # depth 8 (exits after blocks 0 and 1) keeps it fast; resnet56 smoke takes ~1 min on 2 cores
-    run_script('train_cifar.py', 'with', 'resnet56', 'smoke', 'cf_net.depth=8',
-               'snapshot_name=resnet', cwd=tmp_path, snapshots=snaps)
+    run_in_process('train_cifar.py', 'with', 'resnet56', 'smoke', 'cf_net.depth=8',
+                   'snapshot_name=resnet', cwd=tmp_path)
     run = json.loads((snaps / '1' / 'run.json').read_text())
     assert run['status'] == 'COMPLETED'
     assert json.loads((snaps / '1' / 'config.json').read_text())['cf_net']['call'] == 'ResNet'
-    proc = run_script('eval.py', 'with', 'snapshot_name=resnet', cwd=tmp_path, snapshots=snaps)
+    proc = run_in_process('eval.py', 'with', 'snapshot_name=resnet', cwd=tmp_path)
     assert 'ensemble top-1' in proc.stdout
     result = json.loads((snaps / '2' / 'run.json').read_text())['result']
     assert set(metric_names(3, (1, 5))) <= set(result) and 'acc1_clf3' not in result

@@ -6,9 +6,8 @@ import sys
 
 import pandas as pd
 import pytest
-from test_anytime import assert_png
 
-from conftest import ROOT, pythonpath
+from helpers import assert_png, pythonpath
 from multiexit.errors import ConfigError, SnapshotError
 from multiexit.runs.curves import plot_curves, run_history
 from multiexit.runs.summary import WIDTH, summary

@@ -1,21 +1,16 @@
-"""train_cifar.py and eval.py end to end, on generated data, on CPU."""
+"""train_cifar.py and eval.py through their command lines, in this process, on generated data,
+on CPU (as processes of their own: tests/e2e/test_scripts.py)."""
 import importlib
 import json
 import math
-import os
-import re
-import shlex
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from test_anytime import assert_png
 
-from conftest import RISING_T, ROOT, pythonpath, run_script
+from helpers import RISING_T, assert_png, run_in_process
 from multiexit import data
 from multiexit.early_exit.rule import confidences
 from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
@@ -33,8 +28,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained(workdir):
     """Runs 1: 2 epochs; 2: 1 epoch; 3: run 2 resumed to 2 epochs; 4: eval of run 1."""
-    snaps = workdir / 'snapshots'
-    run = lambda script, *a: run_script(script, *a, cwd=workdir, snapshots=snaps)
+    snaps = workdir / 'snapshots'  # the scripts' default
+    run = lambda script, *a: run_in_process(script, *a, cwd=workdir)
     procs = {
         'full': run('train_cifar.py', 'with', *SMALL, 'n_epochs=2', 'snapshot_name=full', 'seed=1'),
         'part': run('train_cifar.py', 'with', *SMALL, 'n_epochs=1', 'seed=1'),
@@ -45,20 +40,6 @@ def trained(workdir):
     return snaps, procs
 
 
-def test_the_cifar_scripts_start_without_torchvision_or_dynamo():
-    """torchvision's import (~2.5 s: it loads torch._dynamo) is paid only where images are
-    read from folders or an ImageNet ResNet is built, not by every start of the CIFAR scripts;
-    eval.py's cost count does not load torch._dynamo either (torch.optim does, in training)."""
-    code = ('import sys, eval, training_experiment; from multiexit import models; from multiexit.evaluate import flops; '
-            'flops.exit_costs(models.build(dict(call="ResNet", depth=8))); '
-            'print(sorted(m for m in sys.modules if m.split(".")[0] == "torchvision" '
-            'or m.startswith("torch._dynamo")))')
-    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=pythonpath()), timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == '[]'
-
-
 def test_first_commands_print_no_sacred_warnings(trained):
     """A run id, an epoch number or the smoke config must not read as 'Changed type of config
     entry' warnings: the defaults have the types (or None) that users give. sacred's dict of
@@ -67,11 +48,13 @@ def test_first_commands_print_no_sacred_warnings(trained):
     for name, proc in procs.items():
         assert 'WARNING' not in proc.stderr and 'Result:' not in proc.stderr, \
             (name, proc.stderr[-2000:])
+        script = 'eval' if name.startswith('eval') else 'train_cifar'
+        assert f'INFO - {script} - Started run' in proc.stderr  # where a warning would be
     summary = procs['full'].stdout.strip().splitlines()[-1]
-    assert summary == (f'{snaps}/1: trained epochs 1 to 2; best validation top-1 (mean over '
+    assert summary == (f'snapshots/1: trained epochs 1 to 2; best validation top-1 (mean over '
                        f'exits) {100 * read(snaps / "1" / "run.json")["result"]["best_val_acc1_avg"]:.2f} % '
                        f'at epoch {read(snaps / "1" / "run.json")["result"]["best_epoch"]}; '
-                       f'evaluate it with: python3 eval.py with snapshot_name={snaps}/1')
+                       f'evaluate it with: python3 eval.py with snapshot_name=snapshots/1')
 
 
 def test_run_files_are_strict_json(trained):
@@ -92,13 +75,12 @@ def test_left_behind_keys_are_silent_and_set_ones_one_warning(trained, workdir):
     line. A named config that switches the network prints no sacred warnings either."""
     snaps, _ = trained
     # gpu=3 (none here) stops the run just after the warnings, before any training
-    proc = run_script('train_cifar.py', 'with', 'smoke', 'cf_loss.call=ClassificationOnlyLoss',
-                      'cf_loss.C=0.3', 'gpu=3', cwd=workdir, snapshots=snaps, check=False)
+    proc = run_in_process('train_cifar.py', 'with', 'smoke', 'cf_loss.call=ClassificationOnlyLoss',
+                          'cf_loss.C=0.3', 'gpu=3', cwd=workdir, check=False)
     warnings = [line for line in proc.stderr.splitlines() if 'warn' in line.lower()]
     assert warnings == ['warning: cf_loss.C=0.3 is ignored: ClassificationOnlyLoss takes no C']
     assert proc.returncode == 2 and 'error: gpu=3 but this machine has' in proc.stderr
-    config = run_script('train_cifar.py', 'print_config', 'with', 'resnet56', cwd=workdir,
-                        snapshots=snaps)
+    config = run_in_process('train_cifar.py', 'print_config', 'with', 'resnet56', cwd=workdir)
     assert 'WARNING' not in config.stderr and "call = 'ResNet'" in config.stdout
 
 
@@ -181,9 +163,9 @@ def test_resume_trains_with_the_settings_it_records(trained, workdir):
     lr of every epoch follows the new config.json, the restored optimizer has the new
     momentum, and the resume line names each change."""
     snaps, _ = trained
-    proc = run_script('train_cifar.py', 'with', str(snaps / '2' / 'config.json'),
-                      'parent_snapshot=2', 'n_epochs=3', 'cf_opt.lr=0.05', 'cf_opt.momentum=0.5',
-                      'cf_scheduler.milestones=[2]', cwd=workdir, snapshots=snaps)
+    proc = run_in_process('train_cifar.py', 'with', str(snaps / '2' / 'config.json'),
+                          'parent_snapshot=2', 'n_epochs=3', 'cf_opt.lr=0.05',
+                          'cf_opt.momentum=0.5', 'cf_scheduler.milestones=[2]', cwd=workdir)
     run = newest(snaps)
     config = read(run / 'config.json')
     opt, sched = config['cf_opt'], config['cf_scheduler']
@@ -263,9 +245,8 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
 
 def test_eval_of_several_snapshots_overlays_them(trained, workdir):
     snaps, _ = trained
-    proc = run_script('eval.py', 'with', "snapshot_name=['full', '2']", cwd=workdir,
-                      snapshots=snaps)
-    eval_run = Path(proc.stdout.strip().splitlines()[-1].split(' to ')[-1])
+    proc = run_in_process('eval.py', 'with', "snapshot_name=['full', '2']", cwd=workdir)
+    eval_run = workdir / proc.stdout.strip().splitlines()[-1].split(' to ')[-1]
     result = read(eval_run / 'run.json')['result']
     assert set(result) == {'full', '2'}
     assert all(set(r) == set(metric_names(3, (1, 5))) | PER_EXIT for r in result.values())
@@ -290,19 +271,19 @@ def test_eval_names_the_run_a_name_took_and_labels_figures_by_run_name_and_metho
 
 
 def test_eval_of_a_named_run_without_checkpoint_or_without_a_name_says_so(tmp_path):
-    snaps = tmp_path / 'snapshots'
+    snaps = tmp_path / 'snapshots'  # the scripts' default, which the messages name as given
     (snaps / '1').mkdir(parents=True)  # a training run that failed before its first epoch
     (snaps / '1' / 'config.json').write_text(json.dumps({'snapshot_name': 'broken'}))
     (snaps / '1' / 'run.json').write_text(json.dumps({'status': 'FAILED',
                                                       'experiment': {'name': 'train_cifar'}}))
     for args, message in (
             (['with', 'snapshot_name=broken'],
-             f"error: snapshot_name='broken' is the name of training run 1 (FAILED) in {snaps}/, "
-             f'but no epoch of it finished, so there is no checkpoint'),
-            ([], f'error: no snapshot_name given, and no training run in {snaps}/ has the '
-                 f'default one, test:0 (the name of a training run that sets none): set '
-                 f'snapshot_name=')):
-        proc = run_script('eval.py', *args, cwd=tmp_path, snapshots=snaps, check=False)
+             "error: snapshot_name='broken' is the name of training run 1 (FAILED) in snapshots/, "
+             'but no epoch of it finished, so there is no checkpoint'),
+            ([], 'error: no snapshot_name given, and no training run in snapshots/ has the '
+                 'default one, test:0 (the name of a training run that sets none): set '
+                 'snapshot_name=')):
+        proc = run_in_process('eval.py', *args, cwd=tmp_path, check=False)
         errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
         assert errors[0].startswith(message)
@@ -312,8 +293,7 @@ def test_eval_accepts_run_dir_and_checkpoint_path(trained, workdir):
     snaps, _ = trained
     ckpt = next((snaps / '1').glob('ep*.pt'))
     for name in (str(snaps / '1'), str(ckpt)):
-        proc = run_script('eval.py', 'with', f'snapshot_name={name}', cwd=workdir,
-                          snapshots=snaps)
+        proc = run_in_process('eval.py', 'with', f'snapshot_name={name}', cwd=workdir)
         assert str(ckpt) in proc.stdout
 
 
@@ -388,21 +368,9 @@ def test_bad_input_is_one_line_and_nonzero_exit(trained, workdir, monkeypatch, c
     assert before == sorted(p.name for p in snaps.iterdir())
 
 
-@pytest.fixture
-def no_download():
-    """An environment whose downloads go through a proxy that refuses every connection (a bound
-    port nobody listens on), so they fail whether or not the machine has network."""
-    with socket.socket() as closed:
-        closed.bind(('127.0.0.1', 0))
-        proxy = f'http://127.0.0.1:{closed.getsockname()[1]}'
-        env = {name: proxy for name in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY')}
-        env.update(no_proxy='', NO_PROXY='')
-        yield env
-
-
 def test_missing_data_whose_download_fails_is_one_line(tmp_path, no_download):
-    proc = run_script('train_cifar.py', 'with', 'data_dir=empty', 'n_epochs=1', cwd=tmp_path,
-                      snapshots=tmp_path / 'snapshots', check=False, env=no_download)
+    proc = run_in_process('train_cifar.py', 'with', 'data_dir=empty', 'n_epochs=1', cwd=tmp_path,
+                          check=False, env=no_download)
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert 'no cifar-100-python/ in empty and the download failed' in errors[0]
@@ -410,32 +378,10 @@ def test_missing_data_whose_download_fails_is_one_line(tmp_path, no_download):
     assert 'Traceback' not in proc.stderr
 
 
-@pytest.mark.parametrize('page, script', [('README.md', 'train_cifar.py'),
-                                          ('docs/imagenet.md', 'train_imagenet.py')])
-def test_smoke_block_works_after_the_main_command_failed(tmp_path, no_download, page, script):
-    """A reader who tries the page's main command first (no data here: refused, and no run
-    folder left) and then its smoke block: the block, run as written, evaluates the smoke
-    run."""
+def test_semi_supervised_run(tmp_path):
     snaps = tmp_path / 'snapshots'
-    failed = run_script(script, cwd=tmp_path, snapshots=snaps, check=False, env=no_download)
-    assert failed.returncode == 2 and not (snaps / '1').exists()  # refused: no run folder
-    text = (ROOT / page).read_text()
-    block = re.search(rf'```bash\n(python3 {script} with smoke\n.*?)```', text, re.S).group(1)
-    commands = [shlex.split(line) for line in block.splitlines()]
-    assert [c[:2] for c in commands] == [['python3', script], ['python3', 'eval.py']]
-    for _, name, *args in commands:
-        run_script(name, *args, cwd=tmp_path, snapshots=snaps)
-    evaluation = read(snaps / '2' / 'run.json')
-    assert evaluation['experiment']['name'] == 'eval' and evaluation['status'] == 'COMPLETED'
-    said, evaluated = (snaps / '2' / 'cout.txt').read_text().splitlines()[:2]
-    assert re.fullmatch(r"snapshot_name='smoke(-imagenet)?': run 1 \(COMPLETED\)", said)
-    assert evaluated.startswith(f'{snaps}/1/')  # the smoke run
-
-
-def test_semi_supervised_run(workdir, tmp_path):
-    snaps = tmp_path / 'snapshots'
-    run_script('train_cifar.py', 'with', 'smoke', 'cf_trn.n_unl_per_class=5',
-               'cf_trn.lab_unl_ratio=[1, 1]', cwd=workdir, snapshots=snaps)
+    run_in_process('train_cifar.py', 'with', 'smoke', 'cf_trn.n_unl_per_class=5',
+                   'cf_trn.lab_unl_ratio=[1, 1]', cwd=tmp_path)
     config = read(snaps / '1' / 'config.json')
     assert config['cf_val']['n_unl_per_class'] == 5  # the validation split matches training's
     assert read(snaps / '1' / 'run.json')['status'] == 'COMPLETED'

@@ -5,10 +5,10 @@ import contextlib
 
 import pytest
 import torch
-from test_models import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from helpers import TINY
 from multiexit import losses, models
 from multiexit.accel import streams
 from multiexit.train.step import build_step
