@@ -162,7 +162,7 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
             raise ConfigError(f'snapshot_name={names}: give one snapshot or a list without repeats')
         device = resolve_device(gpu)
         results, anytime, budgeted = {}, [], []
-        # snapshots of one architecture are timed once: their curves in ms differ by accuracy only
+        # snapshots of one architecture are timed once: their curves in ms differ by their exits
         timer = timing.PerArchitecture(batch_size, time_repeats) if time_repeats else None
         for name in names:
             report, any_frame, budget_frame = evaluate_snapshot(

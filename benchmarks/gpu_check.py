@@ -54,8 +54,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import decide_defaults  # noqa: E402 (puts the repository on the module path)
-from multiexit.accel import cuda_defaults  # noqa: E402
+import decide_defaults  # puts the repository on the module path
+from multiexit.accel import cuda_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
