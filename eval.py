@@ -104,8 +104,9 @@ def default_snapshot():
 
 
 def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
-                      cf_net, time_repeats=0):
-    """(flat metrics, anytime frame, budgeted frame) of one snapshot."""
+                      cf_net, timer=None):
+    """(flat metrics, anytime frame, budgeted frame) of one snapshot; ``timer``: the time per
+    exit of each architecture, measured once (``timing.PerArchitecture``; None: not timed)."""
     path = find.pick_checkpoint(find.resolve(name, SNAPSHOT_DIR, say=print),
                                        checkpoint)
     model, net, ckpt = load_model(path, device, plain(cf_net))
@@ -132,8 +133,7 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
     size = test_data.input_size
     costs = flops.exit_costs(model, (3, size, size))
-    times = (timing.exit_ms(model, (3, size, size), batch_size, time_repeats)
-             if time_repeats else None)
+    times = timer.exit_ms(model, net, (3, size, size)) if timer else None
     report = exit_report(*test, costs, acc_tops, times)
     anytime = anytime_frame(report, n_exits, acc_tops)
     print(per_exit_table(anytime, acc_tops))
@@ -162,10 +162,12 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
             raise ConfigError(f'snapshot_name={names}: give one snapshot or a list without repeats')
         device = resolve_device(gpu)
         results, anytime, budgeted = {}, [], []
+        # snapshots of one architecture are timed once: their curves in ms differ by their exits
+        timer = timing.PerArchitecture(batch_size, time_repeats) if time_repeats else None
         for name in names:
             report, any_frame, budget_frame = evaluate_snapshot(
                 name, checkpoint, cf_test, cf_val, dict(cf_loss, acc_tops=acc_tops), batch_size,
-                data_dir, device, cf_net, time_repeats)
+                data_dir, device, cf_net, timer)
             results[name] = report
             for frame, frames in ((any_frame, anytime), (budget_frame, budgeted)):
                 frame.insert(0, 'snapshot', name)

@@ -35,10 +35,13 @@ stage is reported and the next one still runs:
   concurrency  (only with --with concurrency) benchmarks/concurrent_training.py: 1, 2 and 4
                training processes on the GPU
 The throughput-like stages' modes are merged into one JSON (OUT_DIR/throughput.json, copied to
-benchmarks/results/<date>-<device>.json), with kernels per step per mode. Writes
-OUT_DIR/summary.json and OUT_DIR/stages.log (every stage's output) and prints a summary table
-last. Exit code: 0 when every stage passed, 1 otherwise. All stages together take longer than
-one device call may: --check runs one check's stages (CHECKS), within its budget.
+benchmarks/results/<date>-<device>.json), with kernels per step per mode; the CUDA defaults it
+decides (benchmarks/decide_defaults.py: a switch is on where the CUDA tests passed and it made
+the step faster) go to OUT_DIR/decisions.json: copied to multiexit/accel/cuda_defaults.json and
+committed with that JSON, they are the defaults. Writes OUT_DIR/summary.json and
+OUT_DIR/stages.log (every stage's output) and prints a summary table last. Exit code: 0 when
+every stage passed, 1 otherwise. All stages together take longer than one device call may:
+--check runs one check's stages (CHECKS), within its budget.
 """
 import argparse
 import json
@@ -50,6 +53,9 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import decide_defaults  # puts the repository on the module path
+from multiexit.accel import cuda_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -354,13 +360,20 @@ def main():
         checker.stage('concurrency', [py, 'benchmarks/concurrent_training.py', '--procs', *procs,
                                       '--seconds', seconds, '--json', out / 'concurrency.json'],
                       *limits['concurrency'])
+    decisions = None
     if throughput.is_file():
         r = json.loads(throughput.read_text())
-        shutil.copy(throughput, RESULTS / (
-            f"{r['date']}-{r['device'].replace(' ', '-').lower()}.json"))
+        kept = RESULTS / f"{r['date']}-{r['device'].replace(' ', '-').lower()}.json"
+        shutil.copy(throughput, kept)
+        # the CUDA defaults this measurement decides: committed as cuda_defaults.PATH, they are
+        # the defaults (benchmarks/decide_defaults.py)
+        decisions = decide_defaults.decide(r, f'benchmarks/results/{kept.name}',
+                                           cuda_defaults.load())
+        decide_defaults.write(decisions, out / 'decisions.json')
 
     summary = dict(command=' '.join(['python3'] + sys.argv), rows=checker.rows,
-                   total_s=round(time.time() - checker.start, 1), cuda_tests=counts)
+                   total_s=round(time.time() - checker.start, 1), cuda_tests=counts,
+                   decisions=decisions)
     for name in ('throughput', 'profile', 'early_exit', 'kernels', 'pack', 'concurrency'):
         f = out / f'{name}.json'
         summary[name] = json.loads(f.read_text()) if f.is_file() else None
@@ -423,6 +436,11 @@ def table(s):
                 if str(r['batch_size']) == b and r['q'] == 0.5))
         lines += [f"  {'met' if t['met'] else 'MISSED'}: {t['what']}"
                   + (f" (x{t['speedup']:.2f})" if 'speedup' in t else '') for t in e['targets']]
+    if s.get('decisions'):
+        lines.append('CUDA defaults this check decides (decisions.json; copied to '
+                     f'{cuda_defaults.SHOWN} and committed, they are the defaults):')
+        lines += [f"  {name:<16} {d['verdict']:<3} {d['why']}"
+                  for name, d in s['decisions'].items()]
     lines.append(f"total {s['total_s']:.0f} s")
     return '\n'.join(lines)
 

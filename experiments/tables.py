@@ -115,10 +115,20 @@ def write_figure(results, methods, labels, path, description):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('test top-1 accuracy (%)')
     axes[0].legend(fontsize='small')
-    fig.suptitle(textwrap.fill(f'{covered(results)}; {description}', 40 * len(sizes) + 30),
-                 fontsize='medium')
+    fit_title(fig, f'{covered(results)}; {description}')
     fig.tight_layout()
     fig.savefig(path)
+
+
+def fit_title(fig, text, share=0.96):
+    """``text`` as the figure's title, wrapped at the longest lines that fit ``share`` of its
+    width, as drawn: a figure of one size (the ImageNet grid's) is narrow."""
+    renderer = fig.canvas.get_renderer()
+    for width in range(len(text), 0, -2):
+        title = fig.suptitle(textwrap.fill(text, width), fontsize='medium')
+        if title.get_window_extent(renderer).width <= share * fig.bbox.width:
+            break
+    return title
 
 
 def write_results(results, methods, labels, out, name, description):

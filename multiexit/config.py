@@ -9,6 +9,9 @@ compares with its parent's (``RUN_SETTINGS``) and those the runs of a pack share
 schedule, batch sizes, epochs and data folder) get theirs, and their comments, from each training
 script's config: they differ between CIFAR and ImageNet.
 
+The defaults of the CUDA speed switches are what a GPU measured (``accel.cuda_defaults``: on
+only where a committed decision names the measurement; otherwise off, opt-in).
+
 ``PAPER_NET`` is the paper's MsdNet for CIFAR-100 (reference README section 1).
 """
 import dataclasses
@@ -16,6 +19,7 @@ import dataclasses
 import torch
 
 from . import checks
+from .accel import cuda_defaults
 from .checks import DATA, LOSS, OPT, PATH, SCHEDULER, SWITCH, Section, integer, number, one_of
 from .errors import ConfigError
 
@@ -47,6 +51,17 @@ def setting(rule=None, doc=None, default=dataclasses.MISSING, script=False, pack
                                                             packed=packed))
 
 
+DECIDED = cuda_defaults.load()  # the measured decisions of the CUDA speed switches
+
+
+def measured(name, rule, doc):
+    """A CUDA speed switch of TrainConfig (shared, packed): its default is the measured decision
+    on ``name`` (off, False, where there is none or it says off), and its comment says where
+    that comes from."""
+    return setting(rule, f'{doc}; {cuda_defaults.where_from(DECIDED, name)}',
+                   cuda_defaults.default(DECIDED, name), packed=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The settings of one training run, checked when made (``check``)."""
@@ -76,28 +91,26 @@ class TrainConfig:
         script=True)
     save_interval: int = setting(
         integer(0), '0: keep the snapshot with the best validation acc1_avg; N: every N epochs', 0)
-    amp: bool = setting(
-        SWITCH, 'CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU',
-        True, packed=True)
-    channels_last: bool = setting(
-        SWITCH, 'CUDA: NHWC memory format for model and batches; ignored on CPU', True,
-        packed=True)
-    compile: object = setting(
-        one_of(*checks.COMPILE_MODES),
-        "CUDA: torch.compile mode ('default', 'max-autotune', 'reduce-overhead')", False,
-        packed=True)
-    cuda_graph: bool = setting(
-        SWITCH, 'CUDA: replay the whole training step as one captured CUDA graph', True,
-        packed=True)
-    cuda_streams: bool = setting(
-        SWITCH, "CUDA, one process: MsdNet's scales and exit heads on parallel streams", True,
-        packed=True)
+    amp: bool = measured(
+        'amp', SWITCH,
+        'CUDA: bf16 autocast of forward and loss (weights stay fp32); ignored on CPU')
+    channels_last: bool = measured(
+        'channels_last', SWITCH,
+        'CUDA: NHWC memory format for model and batches; ignored on CPU')
+    compile: object = measured(
+        'compile', one_of(*checks.COMPILE_MODES),
+        "CUDA: torch.compile mode ('default', 'max-autotune', 'reduce-overhead')")
+    cuda_graph: bool = measured(
+        'cuda_graph', SWITCH, 'CUDA: replay the whole training step as one captured CUDA graph')
+    cuda_streams: bool = measured(
+        'cuda_streams', SWITCH,
+        "CUDA, one process: MsdNet's scales and exit heads on parallel streams")
     deterministic: bool = setting(
         SWITCH, 'CUDA: deterministic algorithms, for bit-exact reruns (slower)', False,
         packed=True)
-    cudnn_benchmark: bool = setting(
-        SWITCH, "CUDA: time cuDNN's algorithms per conv shape (MsdNet has ~100 shapes)", False,
-        packed=True)
+    cudnn_benchmark: bool = measured(
+        'cudnn_benchmark', SWITCH,
+        "CUDA: time cuDNN's algorithms per conv shape (MsdNet has ~100 shapes)")
     sync_bn: bool = setting(
         SWITCH, "torchrun: BatchNorm statistics of the global batch, not each process's part",
         False)

@@ -575,17 +575,19 @@ def losses_of(loss_fn):
 
 @pytest.mark.parametrize('amp, rtol', [(False, 1e-3), (True, 3e-2)])
 def test_a_pack_on_cuda_trains_each_member_as_its_solo_run(pack_data, tmp_path, amp, rtol):
-    """The default CUDA path (CUDA graph, channels_last, parallel streams, fused SGD; fp32 with
-    TF32 off, and bf16): a pack of three members and each member alone, 8 steps. cuDNN's grouped
+    """The default CUDA path (CUDA graph, channels_last, fused SGD; fp32 with TF32 off, and
+    bf16) with parallel streams, opt-in until the check that runs this test turns them on: a
+    pack of three members and each member alone, 8 steps. cuDNN's grouped
     convolutions round otherwise than the plain ones, so close, not equal; the temperatures
     are the same."""
     solo = []
     for seed, loss in PACK_MEMBERS:
-        run = cuda_run(pack_data, tmp_path / f'solo{seed}', seed, loss, amp=amp)
+        run = cuda_run(pack_data, tmp_path / f'solo{seed}', seed, loss, amp=amp,
+                       cuda_streams=True)
         calls = losses_of(run.loss_fn)
         train_alone(run)
         solo.append((run, calls))
-    runs = [cuda_run(pack_data, tmp_path / f'm{seed}', seed, loss, amp=amp)
+    runs = [cuda_run(pack_data, tmp_path / f'm{seed}', seed, loss, amp=amp, cuda_streams=True)
             for seed, loss in PACK_MEMBERS]
     packed = PackedRuns(runs)
     assert isinstance(packed.step, GraphedTrainStep)

@@ -4,7 +4,8 @@
 The x axis is ``macs_all_heads``: what a prediction at exit k costs when exits 0..k have been
 evaluated on the way, as in anytime and budgeted early exit; so the anytime points and the
 budgeted curves of one snapshot meet at the exits. The budgeted figure can also have panels in
-measured milliseconds per image of an early-exit mode (``early_exit.timing``).
+measured milliseconds per image of an early-exit mode (``early_exit.timing``), measured once per
+architecture: snapshots of one network share one measurement.
 """
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -13,9 +14,9 @@ from matplotlib.figure import Figure
 COSTS = {
     'macs': ('macs_all_heads', 'avg_macs', 1e6, 'multiply-accumulates per image (millions)'),
     'ms_streaming': ('ms_streaming', 'avg_ms_streaming', 1,
-                     'measured ms per image, streaming (full batches)'),
+                     'measured ms per image, streaming (full batches; once per architecture)'),
     'ms_latency': ('ms_latency', 'avg_ms_latency', 1,
-                   'measured ms per image, latency (one image at a time)'),
+                   'measured ms per image, latency (one image at a time; once per architecture)'),
 }
 
 
