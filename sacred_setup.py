@@ -181,7 +181,8 @@ def _exit(message):
 
 
 def _run_log(run):
-    return next((f for f in run.run_logger.filters if isinstance(f, _RunLog)), None)
+    """The ``_RunLog`` of a run (every run is made by ``Experiment._create_run``)."""
+    return next(f for f in run.run_logger.filters if isinstance(f, _RunLog))
 
 
 def refuse(run):
@@ -191,19 +192,13 @@ def refuse(run):
     for observer in run.observers:
         if isinstance(observer, RunFolders):
             observer.refused = True
-    log = _run_log(run)
-    if log is None:  # a Run made elsewhere than Experiment._create_run
-        run.run_logger.setLevel(logging.CRITICAL)
-    else:
-        log.refused = True
+    _run_log(run).refused = True
 
 
 def announce(run):
     """``run`` passed its checks: say its id (sacred's ``Started run with ID``, held back until
     now so that a refused run announces none)."""
-    log = _run_log(run)
-    if log is not None:
-        log.announce()
+    _run_log(run).announce()
 
 
 @contextlib.contextmanager
