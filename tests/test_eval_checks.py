@@ -143,3 +143,19 @@ def test_a_model_on_its_own_data_is_evaluated_and_announced_once_it_passed(work,
     started = [r.getMessage() for r in caplog.records if 'Started run' in r.getMessage()]
     assert started == ['Started run with ID "3"']  # the refused one had no id to reuse
     assert (work / 'snapshots' / '3' / 'anytime.csv').is_file()
+
+
+def test_a_crash_after_a_refusal_is_recorded_and_its_run_announced(work, capsys, caplog,
+                                                                   monkeypatch):
+    """A crash (a bug, not bad input) keeps its FAILED run folder, and says which run it was
+    before sacred's "Failed after": nothing of the refused run before it carries over."""
+    refused(work, capsys, caplog, 'snapshot_name=1', 'cf_test.call=Cifar100')
+
+    def crash(*args, **kwargs):
+        raise RuntimeError('a bug')
+    monkeypatch.setattr(importlib.import_module('eval'), 'exit_logits', crash)
+    with pytest.raises(RuntimeError):
+        EVAL.run_commandline(['eval.py', 'with', 'time_repeats=0', 'snapshot_name=1', '--debug'])
+    assert json.loads((work / 'snapshots' / '3' / 'run.json').read_text())['status'] == 'FAILED'
+    said = [r.getMessage() for r in caplog.records]
+    assert said[-2:] == ['Started run with ID "3"', said[-1]] and 'Failed after' in said[-1]

@@ -130,3 +130,20 @@ def test_a_refusal_leaves_the_log_of_the_next_run_alone(work, capsys, caplog):
     run.run_logger.info('Completed after 0:00:01')
     said = [r.getMessage() for r in caplog.records]
     assert said[-2:] == ['Started run with ID "1"', 'Completed after 0:00:01']
+
+
+def test_a_parent_without_config_json_resumes_saying_there_was_nothing_to_compare(
+        work, capsys):
+    """Once "resumes exactly, with the settings it was trained with", which nothing recorded."""
+    from multiexit import models
+    from multiexit.train.checkpoint import model_snapshot, save_atomic
+
+    net = dict(TRAIN._create_run(named_configs=['smoke']).config['cf_net'], out_dim=100)
+    (work / 'elsewhere').mkdir()
+    save_atomic(model_snapshot(models.build(net), net, 1, {}), work / 'elsewhere' / 'ep1.pt')
+    small = ['cf_trn.n_per_class=6', 'cf_val.n_per_class=6', 'batch_size=50']  # one step
+    train('smoke', 'parent_snapshot=elsewhere/ep1.pt', 'n_epochs=2', *small)()
+    out = capsys.readouterr().out
+    assert ('resuming from the weights of elsewhere/ep1.pt at epoch 1 (optimizer state and '
+            'temperature start afresh); no config.json beside it, so the settings it was trained '
+            'with are unknown: it continues with those given') in out
