@@ -13,13 +13,13 @@ classification). Writes anytime.csv, budgeted.csv, anytime.png, budgeted.png and
 to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
 flat dict of metrics, or for several snapshots {snapshot: dict of metrics}.
 """
-import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from multiexit import data
+from multiexit.data.data_dir import check_data_dir
 from multiexit.early_exit import timing
 from multiexit.config import PAPER_NET
 from multiexit.early_exit.thresholds import budget_sweep
@@ -33,7 +33,7 @@ from multiexit.runs import find, table
 from multiexit.checks import plain
 from multiexit.train import checkpoint
 from multiexit.train.run import resolve_device
-from sacred_setup import SNAPSHOT_DIR, Experiment, refusing
+from sacred_setup import SNAPSHOT_DIR, Experiment, announce, refusing
 
 ex = Experiment('eval')  # runs in snapshots/
 
@@ -63,13 +63,17 @@ def config():
     cf_net = PAPER_NET  # architecture of a bare state dict from the original code only
 
 
+# What to do when a run's config.json cannot be read: what eval.py takes from it.
+UNREADABLE = ('eval.py tests on the data set, label permutation, validation split and data_dir '
+              'recorded there: restore the file, or remove it and give them: cf_test.call, '
+              'cf_test.seed, cf_val, data_dir')
+
+
 def training_config(path):
-    """config.json of the training run that holds ``path`` (a run dir or one of its files)."""
+    """config.json of the training run that holds ``path`` (a run dir or one of its files); {}
+    where there is none (a file of the original code); one that cannot be read is an error."""
     run_dir = path if path.is_dir() else path.parent
-    try:
-        return json.loads((run_dir / 'config.json').read_text())
-    except (OSError, ValueError):
-        return {}
+    return find.recorded_config(run_dir, UNREADABLE) or {}
 
 
 def snapshot_label(name):
@@ -103,12 +107,11 @@ def default_snapshot():
     return default
 
 
-def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, data_dir, device,
-                      cf_net, timer=None):
-    """(flat metrics, anytime frame, budgeted frame) of one snapshot; ``timer``: the time per
-    exit of each architecture, measured once (``timing.PerArchitecture``; None: not timed)."""
-    path = find.pick_checkpoint(find.resolve(name, SNAPSHOT_DIR, say=print),
-                                       checkpoint)
+def prepare_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, data_dir, device, cf_net):
+    """What evaluating one snapshot takes, checked before any image is read: its checkpoint
+    file, model, and test and validation data (the training run's unless set), which must have
+    the model's classes and input size."""
+    path = find.pick_checkpoint(find.resolve(name, SNAPSHOT_DIR, say=print), checkpoint)
     model, net, ckpt = load_model(path, device, plain(cf_net))
     n_exits = len(model.exits)
     if cf_loss.get('n_exits', n_exits) != n_exits:
@@ -116,6 +119,9 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     acc_tops = tuple(cf_loss['acc_tops'] or default_tops(net['out_dim']))
     check_tops(acc_tops, net['out_dim'], path)
     trained = training_config(path)
+    if not trained:
+        print(f'no config.json beside {path} (not in a training run\'s folder): the data are '
+              f'the paper\'s unless set (cf_test, cf_val, data_dir)')
     cf_trn = trained.get('cf_trn') or PAPER_VAL
     # the test split of the training run's data set (with its other keys, such as image_size)
     cf = dict(cf_trn, call=cf_test.get('call') or cf_trn['call'],
@@ -123,9 +129,40 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     cf_val = plain(cf_val) or trained.get('cf_val') or dict(PAPER_VAL, call=cf['call'],
                                                             seed=cf['seed'])
     data_dir = data_dir or trained.get('data_dir', 'data')
-    test_data = data.build(cf, 'test')
+    check_data_dir(data_dir)
+    test_data, val_data = data.build(cf, 'test'), data.build(cf_val, 'val')
+    for key, data_set, cf_data in (('cf_test', test_data, cf), ('cf_val', val_data, cf_val)):
+        check_fits(path, model, net, key, data_set, cf_data['call'], data_dir,
+                   cf_trn['call'] if trained else None)
+    return dict(path=path, model=model, net=net, ckpt=ckpt, n_exits=n_exits, acc_tops=acc_tops,
+                cf=cf, data_dir=data_dir, test_data=test_data, val_data=val_data)
+
+
+def check_fits(path, model, net, key, data_set, call, data_dir, trained_on):
+    """A ConfigError where ``data_set`` (of ``key``: 'cf_test' or 'cf_val', ``call`` its name)
+    has other classes or another input size than the model of ``path``, which was trained on
+    the data set ``trained_on`` (None: unknown)."""
+    fix = (f'leave {key} unset to use the training run\'s ({trained_on})' if trained_on else
+           f'set {key} to the data the model was trained on')
+    n_classes, out_dim = data_set.n_classes(data_dir), net['out_dim']
+    if n_classes != out_dim:
+        raise ConfigError(f'{path} classifies {out_dim} classes but {key} call={call!r} has '
+                          f'{n_classes}: {fix}')
+    in_shape, size = getattr(model, 'in_shape', None), data_set.input_size
+    if in_shape is not None and in_shape != size:
+        raise ConfigError(f'{path} takes images of {in_shape}x{in_shape} but {key} '
+                          f'call={call!r} gives {size}x{size}: {fix}')
+
+
+def evaluate_snapshot(snapshot, batch_size, device, timer=None):
+    """(flat metrics, anytime frame, budgeted frame) of one snapshot (``prepare_snapshot``);
+    ``timer``: the time per exit of each architecture, measured once
+    (``timing.PerArchitecture``; None: not timed)."""
+    path, model, ckpt, cf = snapshot['path'], snapshot['model'], snapshot['ckpt'], snapshot['cf']
+    n_exits, acc_tops, data_dir = snapshot['n_exits'], snapshot['acc_tops'], snapshot['data_dir']
+    test_data = snapshot['test_data']
     test_loader = test_data.loader('test', data_dir, batch_size, device)
-    val_loader = data.build(cf_val, 'val').loader('val', data_dir, batch_size, device)
+    val_loader = snapshot['val_data'].loader('val', data_dir, batch_size, device)
     print(f'{path} (epoch {ckpt.get("epoch", "?")}) on {cf["call"]} test, '
           f'{len(test_loader.labels)} images from {data_dir}; thresholds fitted on '
           f'{len(val_loader.labels)} validation images')
@@ -133,7 +170,7 @@ def evaluate_snapshot(name, checkpoint, cf_test, cf_val, cf_loss, batch_size, da
     val = exit_logits(model, val_loader, progress=lambda it: bar(it, 'validation'))
     size = test_data.input_size
     costs = flops.exit_costs(model, (3, size, size))
-    times = timer.exit_ms(model, net, (3, size, size)) if timer else None
+    times = timer.exit_ms(model, snapshot['net'], (3, size, size)) if timer else None
     report = exit_report(*test, costs, acc_tops, times)
     anytime = anytime_frame(report, n_exits, acc_tops)
     print(per_exit_table(anytime, acc_tops))
@@ -146,7 +183,8 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
          cf_net, time_repeats):
     with reported_as_one_line(), refusing(_run):  # bad input: the run leaves no folder
         if cf_loss.get('call') != '_MultiExitAccuracy':
-            raise ConfigError(f"cf_loss.call must be '_MultiExitAccuracy', got {cf_loss.get('call')!r}")
+            raise ConfigError("cf_loss.call must be '_MultiExitAccuracy', got "
+                              f"{cf_loss.get('call')!r}")
         acc_tops = cf_loss.get('acc_tops')
         if acc_tops is not None and 1 not in acc_tops:
             raise ConfigError(f'cf_loss.acc_tops={list(acc_tops)} must include 1 (the early-exit '
@@ -161,17 +199,20 @@ def main(_run, snapshot_name, checkpoint, cf_test, cf_val, cf_loss, batch_size, 
         if not names or len(set(names)) != len(names):
             raise ConfigError(f'snapshot_name={names}: give one snapshot or a list without repeats')
         device = resolve_device(gpu)
+        snapshots = [prepare_snapshot(name, checkpoint, cf_test, cf_val,
+                                      dict(cf_loss, acc_tops=acc_tops), data_dir, device, cf_net)
+                     for name in names]  # every one checked before any image is read
         results, anytime, budgeted = {}, [], []
         # snapshots of one architecture are timed once: their curves in ms differ by their exits
         timer = timing.PerArchitecture(batch_size, time_repeats) if time_repeats else None
-        for name in names:
-            report, any_frame, budget_frame = evaluate_snapshot(
-                name, checkpoint, cf_test, cf_val, dict(cf_loss, acc_tops=acc_tops), batch_size,
-                data_dir, device, cf_net, timer)
+        for name, snapshot in zip(names, snapshots):
+            report, any_frame, budget_frame = evaluate_snapshot(snapshot, batch_size, device,
+                                                                timer)
             results[name] = report
             for frame, frames in ((any_frame, anytime), (budget_frame, budgeted)):
                 frame.insert(0, 'snapshot', name)
                 frames.append(frame)
+        announce(_run)  # nothing refused it: its run folder stays
         run_dir = Path(_run.observers[0].dir if _run.observers else f'{SNAPSHOT_DIR}/unobserved')
         run_dir.mkdir(parents=True, exist_ok=True)
         anytime, budgeted = pd.concat(anytime), pd.concat(budgeted)

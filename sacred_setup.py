@@ -6,7 +6,11 @@ eval.py) does on sacred's side, which multiexit (the library) never imports.
   keeps quiet about what the user need not hear (the result dict, which each script sums up in
   a line of its own; the keys that named configs add to a dict, which the builders check).
 - ``refuse(run)``, ``refusing(run)``: a run stopped by bad input before it did any work leaves
-  no run folder.
+  no run folder and announces nothing: its log holds back sacred's ``Started run with ID``
+  until ``announce(run)``, which a script calls once its checks passed (or until the run's
+  next log line, say of a crash).
+- A snapshots folder that cannot be written, or a config file on the command line that cannot
+  be read, is one ``error:`` line too.
 - ``explicit_keys(run)``: the settings the command line set.
 """
 import contextlib
@@ -20,6 +24,7 @@ import warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
 import sacred  # noqa: E402
 from sacred import SETTINGS  # noqa: E402
+from sacred.config.config_files import load_config_file  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 from sacred.utils import ConfigAddedError, create_basic_stream_logger  # noqa: E402
 
@@ -34,12 +39,29 @@ QUIET = ('Result: ', 'Added new config entry')  # sacred's log lines that nobody
 
 class RunFolders(FileStorageObserver):
     """sacred's run folders, except that a run marked ``refused`` (bad input, no work done)
-    removes its folder when it fails instead of recording the failure."""
+    removes its folder when it fails instead of recording the failure, and that a folder that
+    cannot be written is one error line (the run is refused: it has nothing to record into)."""
     refused = False
+    run = None  # the sacred Run it records (Experiment._create_run), to refuse it
+
+    def started_event(self, *args, **kwargs):
+        # one observer records the runs of a process in turn: nothing of the last one counts
+        self.dir, self.refused = None, False
+        try:
+            return super().started_event(*args, **kwargs)
+        except OSError as e:
+            self.refused = True
+            if self.run is not None:
+                refuse(self.run)
+            _exit(f'cannot write a run folder in {self.basedir}/ ({type(e).__name__}: '
+                  f'{e.strerror or e}{f": {e.filename}" if e.filename else ""}): make '
+                  f'{self.basedir} a writable folder, or set MULTIEXIT_SNAPSHOTS=<a writable '
+                  f'folder> (where the run folders go)')
 
     def failed_event(self, fail_time, fail_trace):
         if self.refused:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
         else:
             super().failed_event(fail_time, fail_trace)
 
@@ -47,6 +69,43 @@ class RunFolders(FileStorageObserver):
 class _Quiet(logging.Filter):
     def filter(self, record):
         return not record.getMessage().startswith(QUIET)
+
+
+class _RunLog(logging.Filter):
+    """The filter of a run's own logger: sacred's ``Started run with ID`` is held back until
+    ``announce`` (or the run's next line, which follows it); a refused run says nothing."""
+    STARTED = 'Started'  # with its id, or alone when unobserved
+
+    def __init__(self, logger):
+        super().__init__()
+        self.logger, self.held, self.announced, self.refused = logger, [], False, False
+
+    def filter(self, record):
+        if self.refused:
+            return False
+        if not self.announced and record.getMessage().startswith(self.STARTED):
+            self.held.append(record)
+            return False
+        if self.held:  # a line after it: say it first
+            self.announce()
+        return True
+
+    def announce(self):
+        if self.announced or self.refused:
+            return
+        self.announced = True
+        for record in self.held:
+            self.logger.handle(record)
+        self.held = []
+
+
+def _own_logger(parent):
+    """A logger of a run alone (not in logging's registry, so that a filter on it ends with
+    the run), writing through ``parent``'s handlers under its name."""
+    logger = logging.Logger(parent.name)
+    logger.parent = parent
+    logger.addFilter(_RunLog(logger))
+    return logger
 
 
 def root_logger(level):
@@ -83,14 +142,37 @@ class Experiment(sacred.Experiment):
             known = sorted(self.named_configs)
             _exit(f'no named config or config file {unknown[0]!r}'
                   f'{_did_you_mean(unknown[0], known)}; named configs: {", ".join(known)}')
+        for name in named_configs:
+            if name not in self.named_configs:
+                _check_config_file(name)
         try:
-            return super()._create_run(command_name, config_updates, named_configs, *args,
-                                       **kwargs)
+            run = super()._create_run(command_name, config_updates, named_configs, *args,
+                                      **kwargs)
         except ConfigAddedError as e:
             key = list(e.__conflicting_configs__)[0]
             known = [k for k in e.__config__ if k != key]
             _exit(f'unknown setting {key}{_did_you_mean(key, known)}; '
                   f'python3 {self.path}.py print_config lists them')
+        run.run_logger = _own_logger(run.run_logger)
+        for observer in run.observers:
+            if isinstance(observer, RunFolders):
+                observer.run = run
+        return run
+
+
+def _check_config_file(path):
+    """A config file named on the command line (sacred reads it as it creates the run) that
+    cannot be read as one is an error line naming it, not a traceback."""
+    try:
+        config = load_config_file(path)
+    except Exception as e:  # whatever its format's reader raises (JSON, YAML, pickle)
+        detail = str(e).splitlines()[0] if str(e) else ''
+        _exit(f'cannot read the config file {path} ({type(e).__name__}'
+              f'{": " + detail if detail else ""}): repair or replace it, or give the settings '
+              f'on the command line instead')
+    if not isinstance(config, dict):
+        _exit(f'the config file {path} holds a {type(config).__name__}, not settings '
+              f'(a dict): repair or replace it')
 
 
 def _exit(message):
@@ -98,13 +180,25 @@ def _exit(message):
     raise SystemExit(EXIT_CODE)
 
 
+def _run_log(run):
+    """The ``_RunLog`` of a run (every run is made by ``Experiment._create_run``)."""
+    return next(f for f in run.run_logger.filters if isinstance(f, _RunLog))
+
+
 def refuse(run):
     """Bad input stopped ``run`` (a sacred Run) before it did any work: its folder goes when it
-    fails, and sacred does not add a line of its own to the error line."""
+    fails, it was never announced, and sacred does not add a line of its own to the error
+    line."""
     for observer in run.observers:
         if isinstance(observer, RunFolders):
             observer.refused = True
-    run.run_logger.setLevel(logging.CRITICAL)
+    _run_log(run).refused = True
+
+
+def announce(run):
+    """``run`` passed its checks: say its id (sacred's ``Started run with ID``, held back until
+    now so that a refused run announces none)."""
+    _run_log(run).announce()
 
 
 @contextlib.contextmanager

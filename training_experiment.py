@@ -27,7 +27,7 @@ from multiexit.errors import (EXIT_CODE, EXIT_CODE_INTERRUPTED, ConfigError, Res
 from multiexit.progress import strip_progress
 from multiexit.runs import find
 from multiexit.train.api import build_run, train_alone, train_packs
-from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, explicit_keys, refuse
+from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, announce, explicit_keys, refuse
 # after sacred_setup, which quiets the warning that importing sacred prints
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.config.config_dict import ConfigDict  # noqa: E402
@@ -113,6 +113,7 @@ def train(config, run_dir, sacred_run, script):
         except UserError:
             refuse(sacred_run)
             raise
+        announce(sacred_run)
         first = run.epoch + 1
         return summary(run, first, train_alone(run))
 
@@ -221,6 +222,8 @@ def run_pack(ex, members, script):
         with reported_as_one_line(), started_with(command):
             try:
                 runs = [build_pack_member(record) for record in records]
+                for record in records:
+                    announce(record.run)
                 vals = train_packs(runs)
             except UserError:
                 stop.set()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
+from .data_dir import check_data_dir
 from .order import EpochLoader
 from .splits import check_class_sizes, check_split_sizes, split_selection
 
@@ -72,6 +73,7 @@ def load_cifar(call, data_dir, train, download=True):
     The pickles are read directly (no checksum), so any file in the right format loads.
     """
     spec = dataset_spec(call)
+    check_data_dir(data_dir)  # else a download into it fails, blamed on the network
     folder = Path(data_dir) / spec.folder
     files = spec.train_files if train else spec.test_files
     if not all((folder / f).is_file() for f in files):
@@ -192,6 +194,7 @@ def write_fake_cifar(data_dir, call='Cifar100', n_train_per_class=10, n_test_per
     it at once never read a half-written file; an existing folder is left as it is.
     """
     spec = dataset_spec(call)
+    check_data_dir(data_dir)
     folder = Path(data_dir) / spec.folder
     if folder.is_dir():
         return folder

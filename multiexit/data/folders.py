@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from .data_dir import check_data_dir
 from .image_loader import ImageLoader
 from .splits import check_class_sizes, check_split_sizes, split_selection
 
@@ -66,6 +67,7 @@ def _need_dir(path, what):
 
 def folder_classes(data_dir):
     """The class names of ``data_dir/train/``, sorted."""
+    check_data_dir(data_dir)
     train = Path(data_dir) / 'train'
     _need_dir(train, 'an image folder holds train/<class>/ and val/<class>/')
     from torchvision.datasets.folder import find_classes
@@ -104,6 +106,7 @@ def _read_csv(path, columns, **kwargs):
 
 def original_classes(data_dir):
     """(synsets in the order of classes.csv, their numbers of training images)."""
+    check_data_dir(data_dir)
     table = _read_csv(Path(data_dir) / 'classes.csv', ('synset', 'n'), sep='\t')
     return tuple(table['synset'].astype(str)), table['n'].to_numpy(dtype=np.int64)
 
@@ -211,6 +214,7 @@ def write_fake_image_folders(data_dir, n_classes=5, n_train_per_class=10, n_val_
     images are numbered in a shuffled class order. The folder appears atomically (written aside,
     then renamed); an existing one is left as it is.
     """
+    check_data_dir(data_dir)
     data_dir = Path(data_dir)
     if data_dir.is_dir():
         return data_dir

@@ -22,10 +22,23 @@ def _read(run_dir, name):
         return None
 
 
-def run_config(run_dir):
-    """The config.json of a run folder as a dict, or None where there is none readable."""
-    config = _read(run_dir, 'config.json')
-    return config if isinstance(config, dict) else None
+def recorded_config(run_dir, needed_for):
+    """The config.json of a run folder as a dict; None where there is none (a checkpoint file
+    outside a run). One that is there but cannot be read is a SnapshotError that names it and
+    says what it is ``needed_for``: nothing falls back to default settings silently."""
+    path = Path(run_dir) / 'config.json'
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        problem = f'{type(e).__name__}: {e}'
+    else:
+        if isinstance(config, dict):
+            return config
+        problem = f'it holds a {type(config).__name__}, not settings'
+    raise SnapshotError(f'{path}, the settings that run {Path(run_dir).name} recorded, is '
+                        f'unreadable ({problem}); {needed_for}')
 
 
 class UnknownSnapshot(SnapshotError):

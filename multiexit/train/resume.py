@@ -12,6 +12,11 @@ from . import checkpoint
 from .rng import set_rng_state
 
 
+# What to do when the parent's config.json cannot be read: a resume compares its settings.
+UNREADABLE = ('a resume compares the settings it continues with with those: restore the file, '
+              'or remove it to resume with the settings given (nothing to compare them with)')
+
+
 class Parent:
     """The checkpoint a run resumes from: its ``path``, contents ``ckpt``, and ``config``, the
     settings its run recorded (config.json beside it; None where there is none)."""
@@ -19,7 +24,7 @@ class Parent:
     def __init__(self, name, snapshot_dir, cf_net):
         path = find.resolve(name, snapshot_dir)
         self.path = path / checkpoint.LAST if path.is_dir() else path
-        self.config = find.run_config(self.path.parent)
+        self.config = find.recorded_config(self.path.parent, UNREADABLE)
         self.ckpt = checkpoint.load(self.path)
         parent_net = self.ckpt.get('cf_net') if isinstance(self.ckpt, dict) else None
         if parent_net is not None and parent_net != cf_net:
@@ -49,6 +54,9 @@ def restore(run, parent):
     changes = changed_settings(recorded, run.cfg.run_settings())
     changed = (f'; these settings change from epoch {run.epoch + 1} on: {as_text(changes)}'
                if changes else '')
+    if parent.config is None:  # nothing to compare with: say so rather than "exactly"
+        changed = ('; no config.json beside it, so the settings it was trained with are '
+                   'unknown: it continues with those given')
     if 'optimizer' not in extra:  # a model snapshot: weights only, as the original did
         run.log(f'resuming from the weights of {parent.path} at epoch {run.epoch} '
                 f'(optimizer state and temperature start afresh){changed}')
