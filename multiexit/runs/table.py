@@ -32,7 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import ConfigError, SnapshotError
-from .lineage import Lineage, history, run_order
+from .find import run_order
+from .lineage import Lineage, history
 
 META = ['run', 'experiment', 'status', 'start_time', 'stop_time', 'duration_s', 'named_configs']
 # Columns named when a filter names none (``--csv`` lists them all).
