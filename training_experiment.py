@@ -12,6 +12,8 @@ training several runs of one of them as a pack (``run_pack``, for train_pack.py)
 """
 import contextlib
 import datetime
+import functools
+import io
 import logging
 import os
 import shlex
@@ -124,7 +126,8 @@ def records_now(sacred_run):
     """A function that writes the records of ``sacred_run`` now, as its heartbeat does
     (run.json, cout.txt, metrics.json), for the end of every epoch: the run's records then hold
     the epoch before its checkpoint does. sacred's heartbeat thread calls it too, so that two
-    heartbeats never run at once (each takes the metrics logged since the last one)."""
+    heartbeats never run at once (each takes the metrics logged since the last one); and the
+    captured output is read without moving the position that prints write at."""
     lock, beat = threading.Lock(), sacred_run._emit_heartbeat
 
     def records():
@@ -132,7 +135,22 @@ def records_now(sacred_run):
             beat()
     if sacred_run._heartbeat is not None:  # sacred's timer thread, started before main
         sacred_run._heartbeat.func = records
+    out = getattr(sacred_run, '_output_file', None)
+    if isinstance(getattr(out, 'buffer', None), io.StringIO):  # capture mode 'sys'
+        out.get = functools.partial(_unread_output, out)
     return records
+
+
+def _unread_output(out):
+    """What was printed since the last call, of sacred's CapturedStdout ``out``: its own get()
+    seeks the buffer that prints write to, so that a line printed from the main thread while the
+    heartbeat thread read (seek, then read) went past the reading and was lost from cout.txt."""
+    if out.final is not None:  # the rest, once the run ended (sacred's finalize)
+        value, out.final = out.final, None
+        return value
+    text = out.buffer.getvalue()
+    value, out.read_position = text[out.read_position:], len(text)
+    return value
 
 
 def summary(run, first, val):

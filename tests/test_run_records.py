@@ -4,12 +4,16 @@ alone and for every member of a pack, so that a kill -9 between two epochs loses
 what last.pt holds (sacred's observer alone writes them every 10 s)."""
 import importlib
 import json
+import os
+import platform
 import re
+import signal
+from pathlib import Path
 
 import pytest
 
 from multiexit.data.cifar import write_fake_cifar
-from multiexit.train.checkpoint import Checkpointer
+from multiexit.train.checkpoint import Checkpointer, load
 
 SMOKE = ['smoke', 'cf_trn.n_per_class=3', 'cf_trn.nval_per_class=1', 'n_epochs=2',
          'generate_fake_data=False', 'data_dir=data']
@@ -40,7 +44,12 @@ def on_disk_at_checkpoints(monkeypatch):
 
 
 def assert_recorded(seen, runs, epochs=(1, 2)):
+    """Every epoch's records were on disk before its checkpoints; run.json names the process
+    (which the runs table looks for)."""
     assert sorted(seen) == sorted((run, epoch) for run in runs for epoch in epochs)
+    for run in runs:
+        host = json.loads((Path('snapshots') / run / 'run.json').read_text())['host']
+        assert (host['hostname'], host['pid']) == (platform.node(), os.getpid())
     for (run, epoch), (last_steps, cout) in seen.items():
         assert last_steps == {epoch}, (run, epoch)  # every metric, up to this epoch
         assert re.search(rf'^ *{epoch} +\d\.\d{{4}} ', cout, re.M), (run, epoch, cout)
@@ -60,3 +69,22 @@ def test_every_member_of_a_pack_records_each_epoch_before_its_checkpoint(
                             *SMOKE])
     assert code == 0
     assert_recorded(on_disk_at_checkpoints, ['1', '2'])
+
+
+def test_a_ctrl_c_while_an_epoch_is_written_stops_after_its_checkpoint(work, monkeypatch,
+                                                                        capsys):
+    """The row of epoch 1 is on the terminal before last.pt holds epoch 1: a Ctrl-C that comes
+    then (here: while its checkpoints are being written) stops the run after them."""
+    save = Checkpointer.save
+
+    def interrupted(self, epoch, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(self, epoch, *args)
+    monkeypatch.setattr(Checkpointer, 'save', interrupted)
+    ex = importlib.import_module('train_cifar').ex
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_commandline(['train_cifar.py', 'with', *SMOKE])
+    run = Path('snapshots') / '1'
+    assert load(run / 'last.pt')['epoch'] == 1
+    assert json.loads((run / 'run.json').read_text())['status'] == 'INTERRUPTED'
+    assert 'SIGINT during epoch 2; ' in capsys.readouterr().err

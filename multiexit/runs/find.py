@@ -39,7 +39,7 @@ def run_order(name):
     return (0, int(name), '') if name.isdigit() else (1, 0, name)
 
 
-def _utc(value):
+def utc_time(value):
     """A start time (ISO text as sacred writes it, or a datetime) as a naive UTC datetime;
     None where there is none (missing, unreadable, NaT)."""
     if isinstance(value, str):
@@ -61,7 +61,7 @@ def newness(name, start_time):
     or renamed; the id orders runs that started at the same time and those without a readable
     start time, which count as older than any that has one. Nothing read or written in a run
     folder later (its modification time) changes it."""
-    start = _utc(start_time)
+    start = utc_time(start_time)
     return (start is not None, start or datetime.datetime.min, run_order(name))
 
 
