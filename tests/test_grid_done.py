@@ -1,19 +1,19 @@
 """A grid whose cells are all done says so ("N cells already done, nothing to train") and
-trains nothing, whatever --pack or --jobs ask for."""
+trains nothing, whatever --pack or --jobs ask for; a cell's run is its newest as a name's is."""
 import ast
 import json
 
 import pytest
 
-from experiments import grid, local
-from multiexit.runs.table import parse_filter
+from experiments import cells, grid, local
+from multiexit.runs.table import load_runs, parse_filter
 
 QUICK = grid.PRESETS['cifar100', True]
 
 
-def done(snaps, cell, run):
-    """A COMPLETED training run with the cell's settings (run id ``run``) and a COMPLETED
-    evaluation of its best snapshot (``run + 1``)."""
+def done(snaps, cell, run, start=None):
+    """A COMPLETED training run with the cell's settings (run id ``run``, started at ``start``)
+    and a COMPLETED evaluation of its best snapshot (``run + 1``)."""
     config = {'cf_net': {'call': 'MsdNet'}, 'data_dir': 'data/smoke', 'parent_snapshot': None,
               'cf_trn': {'call': 'Cifar100'}}
     for key, text in map(parse_filter, cell.settings):
@@ -34,6 +34,7 @@ def done(snaps, cell, run):
         (folder / 'config.json').write_text(json.dumps(cf))
         (folder / 'run.json').write_text(json.dumps({
             'experiment': {'name': experiment}, 'status': 'COMPLETED', 'result': result,
+            'start_time': start,
             'meta': {'named_configs': list(cell.named_configs) * (experiment != 'eval')}}))
 
 
@@ -50,3 +51,13 @@ def test_a_grid_of_done_cells_says_it_has_nothing_to_train(tmp_path, capsys, mon
     assert ran == [] and out.count(': done (training run') == 4
     assert '\n4 cells already done, nothing to train\n' in out
     assert (tmp_path / 'out' / 'grid-quick.md').is_file()
+
+
+def test_the_run_of_a_cell_is_its_newest_by_start_time(tmp_path):
+    """As for a name (find.newness): a run copied in under a higher id, that started before, is
+    not the cell's run."""
+    snaps, cell = tmp_path / 'snaps', grid.plan(QUICK, QUICK.methods, QUICK.sizes, [0], 1)[0]
+    done(snaps, cell, 1, start='2026-01-02T10:00:00')
+    done(snaps, cell, 20, start='2026-01-01T10:00:00')
+    train, _, test = cells.state(load_runs(snaps, with_metrics=False), cell, snaps)
+    assert (train['run'], test['run']) == ('1', '2')
