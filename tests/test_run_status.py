@@ -81,3 +81,19 @@ def test_a_missing_metrics_json_is_one_warning_and_plot_names_it(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f'error: {lost / "metrics.json"} is missing (deleted, or never written): '
                        'no training curves to plot')
+
+
+def test_plot_names_a_parent_whose_metrics_json_is_missing(tmp_path, capsys):
+    snaps = tmp_path / 'snapshots'
+    parent = write_run(snaps, 1, status='INTERRUPTED', metrics=False)
+    child = write_run(snaps, 2, status='COMPLETED')
+    config = json.loads((child / 'config.json').read_text())
+    (child / 'config.json').write_text(json.dumps(dict(config, parent_snapshot='1')))
+    runs_main([str(snaps), '--plot', '2'])
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f'warning: {parent}: no metrics.json, so its epochs and '
+                                'accuracies are missing from the table (the file was deleted or '
+                                'never written)',
+                                f'warning: {parent / "metrics.json"} is missing: the curves lack '
+                                'the epochs of run 1']
+    assert f'wrote {child / "curves.png"}' in out and (child / 'curves.png').is_file()

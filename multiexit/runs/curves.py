@@ -38,8 +38,8 @@ def plot_curves(run_dir, path, warn=print_warning):
     if run_dir / 'metrics.json' in missing:
         raise SnapshotError(f'{run_dir / "metrics.json"} is missing (deleted, or never written): '
                             f'no training curves to plot')
-    for path in missing:  # a parent's: the curves lack its epochs
-        warn(f'{path} is missing: the curves lack the epochs of run {path.parent.name}')
+    for lost in missing:  # a parent's: the curves lack its epochs
+        warn(f'{lost} is missing: the curves lack the epochs of run {lost.parent.name}')
     exits = sorted(int(c.rsplit('clf', 1)[1]) for c in frame.columns
                    if c.startswith('val.acc1_clf'))
     if not exits:
