@@ -12,6 +12,8 @@ training several runs of one of them as a pack (``run_pack``, for train_pack.py)
 """
 import contextlib
 import datetime
+import functools
+import io
 import logging
 import os
 import shlex
@@ -31,6 +33,7 @@ from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, announce, explici
 # after sacred_setup, which quiets the warning that importing sacred prints
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.config.config_dict import ConfigDict  # noqa: E402
+from sacred.host_info import HostInfoGetter  # noqa: E402
 from sacred.metrics_logger import MetricsLogger, linearize_metrics  # noqa: E402
 
 BEAT_S = 10  # between two writes of a pack member's run.json, cout.txt and metrics.json
@@ -81,6 +84,8 @@ def experiment(name):
                     log_level=logging.INFO if main_rank else logging.ERROR)
     ex.configurations.append(SharedSettings())
     ex.config_hook(check_config)
+    # run.json's host: with the hostname, the process, which the runs table looks for
+    ex.additional_host_info.append(HostInfoGetter(os.getpid, 'pid'))
 
     @ex.main
     def main(_run, _config, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):
@@ -109,13 +114,44 @@ def train(config, run_dir, sacred_run, script):
             else:
                 run_dir = None  # ranks other than 0 write nothing
             run = build_run(TrainConfig.of(config), run_dir, SNAPSHOT_DIR,
-                            log_scalar=sacred_run.log_scalar)
+                            log_scalar=sacred_run.log_scalar, records=records_now(sacred_run))
         except UserError:
             refuse(sacred_run)
             raise
         announce(sacred_run)
         first = run.epoch + 1
         return summary(run, first, train_alone(run))
+
+
+def records_now(sacred_run):
+    """A function that writes the records of ``sacred_run`` now, as its heartbeat does
+    (run.json, cout.txt, metrics.json), for the end of every epoch: the run's records then hold
+    the epoch before its checkpoint does. sacred's heartbeat thread calls it too, so that two
+    heartbeats never run at once (each takes the metrics logged since the last one); and the
+    captured output is read without moving the position that prints write at."""
+    lock, beat = threading.Lock(), sacred_run._emit_heartbeat
+
+    def records():
+        with lock:
+            beat()
+    if sacred_run._heartbeat is not None:  # sacred's timer thread, started before main
+        sacred_run._heartbeat.func = records
+    out = getattr(sacred_run, '_output_file', None)
+    if isinstance(getattr(out, 'buffer', None), io.StringIO):  # capture mode 'sys'
+        out.get = functools.partial(_unread_output, out)
+    return records
+
+
+def _unread_output(out):
+    """What was printed since the last call, of sacred's CapturedStdout ``out``: its own get()
+    seeks the buffer that prints write to, so that a line printed from the main thread while the
+    heartbeat thread read (seek, then read) went past the reading and was lost from cout.txt."""
+    if out.final is not None:  # the rest, once the run ended (sacred's finalize)
+        value, out.final = out.final, None
+        return value
+    text = out.buffer.getvalue()
+    value, out.read_position = text[out.read_position:], len(text)
+    return value
 
 
 def summary(run, first, val):
@@ -152,6 +188,7 @@ class PackMember:
         warn_ignored(self.config, explicit_keys(self.run))
         self.observer = RunFolders(snapshot_dir)
         self.metrics, self.out, self.lock = MetricsLogger(), [], threading.Lock()
+        self.writing = threading.Lock()  # one heartbeat at a time (each takes the new metrics)
 
     def start(self):
         self.start_time = datetime.datetime.utcnow()
@@ -173,10 +210,17 @@ class PackMember:
         self.metrics.log_scalar_metric(name, value, step)
 
     def heartbeat(self, result=None):
-        with self.lock:
-            out = strip_progress(''.join(self.out))
-        self.observer.log_metrics(linearize_metrics(self.metrics.get_last_metrics()), {})
-        self.observer.heartbeat_event({}, out, datetime.datetime.utcnow(), result)
+        with self.writing:
+            with self.lock:
+                out = strip_progress(''.join(self.out))
+            self.observer.log_metrics(linearize_metrics(self.metrics.get_last_metrics()), {})
+            self.observer.heartbeat_event({}, out, datetime.datetime.utcnow(), result)
+
+    def beat(self):
+        """``heartbeat`` every BEAT_S and at the end of every epoch (before its checkpoint); a
+        full disk is left to the next one, the last one or the checkpoint to tell."""
+        with contextlib.suppress(OSError):
+            self.heartbeat()
 
     def finish(self, outcome):
         """Its last heartbeat and its end, ``outcome`` being its sacred result or the error that
@@ -263,7 +307,7 @@ def build_pack_member(record):
     """The Run of a pack member (a ``PackMember``), its output and metrics going to its record."""
     os.makedirs(record.dir, exist_ok=True)
     run = build_run(TrainConfig.of(record.config), record.dir, SNAPSHOT_DIR, log=record.log,
-                    log_scalar=record.log_scalar)
+                    log_scalar=record.log_scalar, records=record.beat)
     record.first_epoch = run.epoch + 1
     return run
 
@@ -286,5 +330,4 @@ def pack_command(script, members):
 def _beat(records, stop):
     while not stop.wait(BEAT_S):
         for record in records:
-            with contextlib.suppress(OSError):  # a full disk: the next beat, or the last, tells
-                record.heartbeat()
+            record.beat()

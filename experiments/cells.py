@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from multiexit.runs import find
 from multiexit.runs.table import META, load_runs, matches, parse_filter, select
 from multiexit.train.checkpoint import LAST
 
@@ -111,7 +112,11 @@ def load(snapshots, warn):
 
 
 def _newest(frame):
-    return None if frame.empty else frame.iloc[-1]
+    """The newest run of a table's rows, as a name means it (``find.newness``), or None."""
+    if frame.empty:
+        return None
+    return frame.loc[max(frame.index, key=lambda i: find.newness(frame.at[i, 'run'],
+                                                               frame.at[i, 'start_time']))]
 
 
 def state(table, cell, snapshots):

@@ -439,6 +439,8 @@ def on_this_machine(args, cells, results, command, table, warn, extra=()):
                                  'to train'))
         else:
             todo.append(cell)
+    if cells and all(c.name in results.rows for c in cells):  # --pack, --jobs: nothing to do
+        print(f'{plural(len(cells), "cell")} already done, nothing to train', flush=True)
     if args.dry_run:
         return
     gpus = (local.visible_gpus() if args.gpus is None else

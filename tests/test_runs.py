@@ -290,7 +290,8 @@ def chain(tmp_path_factory):
     os.utime(second, (2, 2))
     train('3', 'long', [5, 6], [0.2, 0.3], 'COMPLETED', (6, 8))
     train('4', str(first / 'ep1.pt'), [2, 3], [0.2, 0.2], 'COMPLETED', (9, 10), name='branch')
-    write_run(snaps / '5', {'snapshot_name': 'long'}, run_json('eval', {'acc1_avg': 0.25}))
+    write_run(snaps / '5', {'snapshot_name': 'long'},
+              run_json('eval', {'acc1_avg': 0.25}, minutes=(11, 12)))
     return snaps
 
 

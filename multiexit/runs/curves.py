@@ -10,7 +10,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..errors import SnapshotError
 from .lineage import Lineage, history
-from .table import flatten, load_runs, read_json, read_metrics
+from .table import flatten, load_runs, print_warning, read_json, read_metrics
 
 
 def run_history(snapshot_dir, run):
@@ -25,15 +25,23 @@ def run_history(snapshot_dir, run):
     return history(chain, lambda r: read_metrics(snapshot_dir / r)), [r for r, _ in chain]
 
 
-def plot_curves(run_dir, path):
+def plot_curves(run_dir, path, warn=print_warning):
     """Training curves of a run to a PNG, from the first run of its parent_snapshot chain:
     train and validation top-1 of every exit, the temperature (DBT's as logged, a constant one
     from the config) and the learning rate, per epoch, whole epochs on every axis, the epochs
-    where a resumed run took over marked."""
+    where a resumed run took over marked. ``warn``: called with a line for each parent whose
+    metrics.json is missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SnapshotError(f'no run folder {run_dir}')
     frame, chain = run_history(run_dir.parent, run_dir.name)
+    missing = [run_dir.parent / run / 'metrics.json' for run in chain
+               if not (run_dir.parent / run / 'metrics.json').is_file()]
+    if run_dir / 'metrics.json' in missing:
+        raise SnapshotError(f'{run_dir / "metrics.json"} is missing (deleted, or never written): '
+                            f'no training curves to plot')
+    for lost in missing:  # a parent's: the curves lack its epochs
+        warn(f'{lost} is missing: the curves lack the epochs of run {lost.parent.name}')
     exits = sorted(int(c.rsplit('clf', 1)[1]) for c in frame.columns
                    if c.startswith('val.acc1_clf'))
     if not exits:

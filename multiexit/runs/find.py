@@ -1,4 +1,5 @@
 """Finding runs and their checkpoints: by path, run id or the snapshot_name given at training."""
+import datetime
 import json
 import re
 from pathlib import Path
@@ -45,11 +46,50 @@ class UnknownSnapshot(SnapshotError):
     """No path, run id or training run's snapshot_name is the name given."""
 
 
+def run_order(name):
+    """Sort key of a run folder's name: run ids in numeric order (10 after 9), other names
+    after them."""
+    return (0, int(name), '') if name.isdigit() else (1, 0, name)
+
+
+def utc_time(value):
+    """A start time (ISO text as sacred writes it, or a datetime) as a naive UTC datetime;
+    None where there is none (missing, unreadable, NaT)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime.datetime) or value != value:  # NaT is not itself
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def newness(name, start_time):
+    """Sort key of a run, the newest last: the start time recorded in its run.json (sacred's,
+    in UTC; written once when the run starts), then its run id (``run_order``). The start time
+    wins because it is what "newest" means and it stays with the run where its folder is copied
+    or renamed; the id orders runs that started at the same time and those without a readable
+    start time, which count as older than any that has one. Nothing read or written in a run
+    folder later (its modification time) changes it."""
+    start = utc_time(start_time)
+    return (start is not None, start or datetime.datetime.min, run_order(name))
+
+
+def started(run_dir):
+    """``newness`` of a run folder, from its run.json."""
+    info = _read(run_dir, 'run.json')
+    return newness(Path(run_dir).name, info.get('start_time') if isinstance(info, dict) else None)
+
+
 def named_runs(name, snapshot_dir):
     """[(run folder, status)] of the training runs of ``snapshot_dir`` whose config.json has
     ``snapshot_name=name`` (an evaluation's names what it evaluated), in the order to take them:
     COMPLETED before any other status (a newer INTERRUPTED or RUNNING run of the same
-    name is unfinished), then the newest (last written to)."""
+    name is unfinished), then the newest (``newness``: the latest start, then the highest
+    run id)."""
     runs = []
     for run in Path(snapshot_dir).iterdir() if Path(snapshot_dir).is_dir() else ():
         cf = _read(run, 'config.json') if run.is_dir() else None
@@ -59,7 +99,8 @@ def named_runs(name, snapshot_dir):
         info = info if isinstance(info, dict) else {}
         if (info.get('experiment') or {}).get('name') != 'eval':
             status = info.get('status')
-            runs.append((status == 'COMPLETED', run.stat().st_mtime, run.name, run, status))
+            key = newness(run.name, info.get('start_time'))
+            runs.append((status == 'COMPLETED', key, run, status))
     return [(run, status) for *_, run, status in sorted(runs, reverse=True)]
 
 
@@ -68,7 +109,8 @@ def resolve(name, snapshot_dir='snapshots', say=None):
 
     ``name`` may be a path (file or run directory), a run id (a folder of ``snapshot_dir``) or
     the ``snapshot_name`` given at training: of the training runs with that name and a
-    checkpoint, the newest COMPLETED one, else the newest (``named_runs``). ``say``: called
+    checkpoint, the newest COMPLETED one, else the newest (``named_runs``; newest: the latest
+    start time in run.json, then the highest run id). ``say``: called
     with one line saying which run a name chose.
     """
     name = str(name).strip()
@@ -98,7 +140,7 @@ def resolve(name, snapshot_dir='snapshots', say=None):
     (run, status), others = usable[0], usable[1:]
     if say is not None:
         newer = [f'run {r.name} ({s or "no status"})' for r, s in others
-                 if r.stat().st_mtime > run.stat().st_mtime]
+                 if started(r) > started(run)]
         say(f'snapshot_name={name!r}: run {run.name} ({status or "no status"}'
             + (f', the newest COMPLETED of {len(usable)} runs with that name; newer but '
                f'unfinished: {", ".join(newer)}' if newer else

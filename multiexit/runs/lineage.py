@@ -13,11 +13,6 @@ import pandas as pd
 from . import find
 
 
-def run_order(name):
-    """Sort key of a run folder's name: run ids in the order they started, other names after."""
-    return (0, int(name), '') if name.isdigit() else (1, 0, name)
-
-
 def given(value):
     """Whether a cell holds a value: not None, empty or NaN (the table's missing value)."""
     return value is not None and str(value).strip() not in ('', 'nan')
@@ -34,8 +29,8 @@ class Lineage:
     def source(self, name, run):
         """(run id, epoch of the checkpoint file named, or None) of the run that ``name`` names
         for run ``run``: a path, a run id, else the first of the training runs with that
-        snapshot_name that started before ``run`` (find.named_runs' order); None where
-        it names no run of this folder."""
+        snapshot_name that started before ``run`` (find.named_runs' order, ``find.newness``:
+        start times, then run ids); None where it names no run of this folder."""
         name = str(name).strip()
         for path in (Path(name), self.dir / name):
             if path.exists():
@@ -48,8 +43,11 @@ class Lineage:
             self._named[name] = [r.name for r, _ in find.named_runs(name, self.dir)
                                  if find.is_run_dir(r)]
         before = [r for r in self._named[name]
-                  if r in self.rows and run_order(r) < run_order(run)]
+                  if r in self.rows and self._newness(r) < self._newness(run)]
         return (before[0], None) if before else None
+
+    def _newness(self, run):
+        return find.newness(run, self.rows[run].get('start_time'))
 
     def chain(self, run):
         """[(run id, epoch its child resumed from: None for ``run`` or where the child took

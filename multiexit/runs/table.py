@@ -1,6 +1,7 @@
 """The sacred runs of a snapshots folder as one pandas table, and filters on it.
 
-One row per run folder: ``run`` (its id), ``experiment`` (train_cifar or eval), ``status``,
+One row per run folder: ``run`` (its id), ``experiment`` (train_cifar or eval), ``status``
+(sacred's, but DEAD or STALE for a RUNNING run that is not running: ``shown_status``),
 ``start_time``, ``stop_time``, ``duration_s``, ``named_configs``; the configuration flattened to
 dotted keys (``cf_loss.call``, ``cf_trn.n_per_class``, ``seed``, ...; lists as JSON text);
 ``network`` and ``method`` (of a training run, or of the runs an evaluation tested); for
@@ -22,6 +23,8 @@ finds it, among the runs that started before.
 The JSON files that sacred's FileStorageObserver writes are read directly: the library never
 imports sacred. Folders that are not readable runs (no or garbled config.json / run.json /
 metrics.json) are skipped with a warning; sacred's ``_sources`` is not a run and is passed over.
+A training run that trained (a checkpoint, or COMPLETED) but has no metrics.json is listed, with
+a warning that says so.
 """
 import ast
 import fnmatch
@@ -32,7 +35,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import ConfigError, SnapshotError
-from .lineage import Lineage, history, run_order
+from .find import run_order
+from .lineage import Lineage, history
+from .status import lacks_metrics, shown_status
 
 META = ['run', 'experiment', 'status', 'start_time', 'stop_time', 'duration_s', 'named_configs']
 # Columns named when a filter names none (``--csv`` lists them all).
@@ -47,7 +52,7 @@ class MalformedRun(SnapshotError):
     """A folder of the snapshots directory is not a readable sacred run."""
 
 
-def _warn(message):
+def print_warning(message):
     print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
@@ -117,7 +122,7 @@ def load_run(run_dir, with_metrics=True):
     config = read_json(run_dir, 'config.json')
     row = flatten(config)
     row.update(run=run_dir.name, experiment=(run.get('experiment') or {}).get('name'),
-               status=run.get('status'), start_time=run.get('start_time'),
+               status=shown_status(run), start_time=run.get('start_time'),
                stop_time=run.get('stop_time'),
                named_configs=','.join((run.get('meta') or {}).get('named_configs') or []))
     if with_metrics:
@@ -152,7 +157,7 @@ def network_label(row):
     return f'{call}-{depth:g}' if isinstance(depth, (int, float)) else call
 
 
-def load_runs(snapshot_dir, with_metrics=True, warn=_warn):
+def load_runs(snapshot_dir, with_metrics=True, warn=print_warning):
     """Every run of ``snapshot_dir`` as a DataFrame, in run-id order (see the module docstring).
 
     ``with_metrics=False`` skips metrics.json (faster where only configs and results matter).
@@ -168,6 +173,9 @@ def load_runs(snapshot_dir, with_metrics=True, warn=_warn):
             rows[path.name] = load_run(path, with_metrics=False)
             if with_metrics:
                 metrics[path.name] = read_metrics(path)
+                if lacks_metrics(path, rows[path.name]):
+                    warn(f'{path}: no metrics.json, so its epochs and accuracies are missing '
+                         f'from the table (the file was deleted or never written)')
         except MalformedRun as e:
             rows.pop(path.name, None)
             warn(f'skipped {path}: {e}')

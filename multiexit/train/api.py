@@ -8,12 +8,12 @@ from .run import Run
 from .solo import Solo
 
 
-def build_run(cfg, run_dir, snapshot_dir='snapshots', log=print, log_scalar=None):
+def build_run(cfg, run_dir, snapshot_dir='snapshots', log=print, log_scalar=None, records=None):
     """The Run of ``cfg`` (``train.run.Run``), after writing its generated data set where
     ``cfg.generate_fake_data`` asks for it."""
     if cfg.generate_fake_data:
         data.build(cfg.cf_trn).write_fake(cfg.data_dir)
-    return Run(cfg, run_dir, snapshot_dir, log, log_scalar)
+    return Run(cfg, run_dir, snapshot_dir, log, log_scalar, records)
 
 
 def train_alone(run):

@@ -55,10 +55,12 @@ def fit(job):
                     run.epoch += 1
                 val = job.validate(progress('validation'))
                 job.scatter()
-                for i, (run, rngs) in enumerate(zip(runs, job.rng_states())):
-                    if run in active:
-                        run.end_epoch(losses[i], trn[i], val[i], lr, time.time() - start, *rngs)
-                        last_val[i] = val[i]
+                with signals_deferred():  # every run's records and checkpoints of the epoch
+                    for i, (run, rngs) in enumerate(zip(runs, job.rng_states())):
+                        if run in active:
+                            run.end_epoch(losses[i], trn[i], val[i], lr, time.time() - start,
+                                          *rngs)
+                            last_val[i] = val[i]
     except KeyboardInterrupt as e:
         stopped_by = str(e) or 'SIGINT'
         for run in runs:
@@ -88,6 +90,28 @@ def stopping_on_signals():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM that come during the block are handled after it, as they would have
+    been (where handlers can be installed: the main thread). The end of an epoch writes its
+    records, whose row a user may see, then its checkpoints: a Ctrl-C then stops training after
+    the checkpoint that holds that epoch, not between the two."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came, previous = [], {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+            previous[signum] = signal.signal(signum, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if came:
+        signal.raise_signal(came[0])
 
 
 def _raise_interrupt(signum, frame):

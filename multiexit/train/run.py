@@ -35,9 +35,11 @@ class Run:
     on its part of every batch (DDP, ``Solo``); rank 0's seed and ``run_dir`` are used by all
     (``run_dir`` may be None elsewhere), and only rank 0 logs and writes checkpoints. A parent
     snapshot (``cfg.parent_snapshot``, found in ``snapshot_dir``) is resumed with this run's
-    settings (``train.resume``)."""
+    settings (``train.resume``). ``records()`` writes the run's log and metrics to its files
+    (``train.log.EpochLog``)."""
 
-    def __init__(self, cfg, run_dir, snapshot_dir='snapshots', log=print, log_scalar=None):
+    def __init__(self, cfg, run_dir, snapshot_dir='snapshots', log=print, log_scalar=None,
+                 records=None):
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         check_divisible(cfg.batch_size, self.world_size)
@@ -83,7 +85,8 @@ class Run:
             resume.restore(self, parent)
         self.scheduler = scheduler_at(cfg.cf_scheduler, self.optimizer, self.epoch)
         self.epoch_log = EpochLog(self.log, log_scalar if self.is_main else None, self.n_exits,
-                                  first_epoch=self.epoch + 1 if parent else 1)
+                                  first_epoch=self.epoch + 1 if parent else 1,
+                                  records=records if self.is_main else None)
         self._build_loaders(cfg, trn_data, val_data)
         # the RNG states after the build: what a member of a pack saves, which draws no random
         # numbers but its loaders' (no dropout) while the live states are another member's
@@ -143,20 +146,21 @@ class Run:
                 **({'rng_ranks': rng_ranks} if rng_ranks else {})}
 
     def end_epoch(self, loss, trn, val, lr, seconds, rng, rng_ranks=None):
-        """The checkpoints and the log of the epoch the run just finished (``epoch``), or
-        ``error`` if a checkpoint could not be written (nothing of the epoch is logged)."""
+        """The log, then the checkpoints, of the epoch the run just finished (``epoch``), or
+        ``error`` if a checkpoint could not be written. In this order, the run's records
+        (metrics.json, cout.txt) hold every epoch that a checkpoint holds, whenever the process
+        is killed: at worst one more, which a resume trains again."""
         annealed = isinstance(self.loss_fn, losses.DistillationBasedLoss)
         if annealed:
             trn['temperature'] = val['temperature'] = self.loss_fn.T
+        self.epoch_log.epoch(self.epoch, lr, loss, trn, val, seconds,
+                             T=getattr(self.loss_fn, 'T', None), annealed=annealed)
         try:
             self.checkpointer.save(
                 self.epoch, val, lambda: self.training_state(rng, rng_ranks),
                 lambda: model_snapshot(self.model, self.cf_net, self.epoch, val))
         except CheckpointWriteError as e:
             self.error = e
-            return
-        self.epoch_log.epoch(self.epoch, lr, loss, trn, val, seconds,
-                             T=getattr(self.loss_fn, 'T', None), annealed=annealed)
 
     def non_finite(self, bad_step):
         """The error of a training loss that turned non-finite at ``bad_step`` of this epoch."""
