@@ -25,6 +25,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # rais
 import sacred  # noqa: E402
 from sacred import SETTINGS  # noqa: E402
 from sacred.config.config_files import load_config_file  # noqa: E402
+from sacred.host_info import HostInfoGetter  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 from sacred.utils import ConfigAddedError, create_basic_stream_logger  # noqa: E402
 
@@ -132,6 +133,8 @@ class Experiment(sacred.Experiment):
         if observed:
             self.observers.append(RunFolders(SNAPSHOT_DIR))
         self.captured_out_filter = strip_progress
+        # run.json's host: with the hostname, the process, which the runs table looks for
+        self.additional_host_info.append(HostInfoGetter(os.getpid, 'pid'))
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), *args,
                     **kwargs):

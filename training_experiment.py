@@ -33,7 +33,6 @@ from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, announce, explici
 # after sacred_setup, which quiets the warning that importing sacred prints
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.config.config_dict import ConfigDict  # noqa: E402
-from sacred.host_info import HostInfoGetter  # noqa: E402
 from sacred.metrics_logger import MetricsLogger, linearize_metrics  # noqa: E402
 
 BEAT_S = 10  # between two writes of a pack member's run.json, cout.txt and metrics.json
@@ -84,8 +83,6 @@ def experiment(name):
                     log_level=logging.INFO if main_rank else logging.ERROR)
     ex.configurations.append(SharedSettings())
     ex.config_hook(check_config)
-    # run.json's host: with the hostname, the process, which the runs table looks for
-    ex.additional_host_info.append(HostInfoGetter(os.getpid, 'pid'))
 
     @ex.main
     def main(_run, _config, cf_net, cf_loss, cf_trn, cf_val, cf_opt, cf_scheduler):

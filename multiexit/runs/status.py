@@ -25,7 +25,7 @@ def _process_exists(pid):
 
 def shown_status(run, now=None):
     """The status of a run.json: sacred's, but for a RUNNING run whose process is gone, DEAD
-    (its host is this machine and its pid, which the training scripts record, is no process),
+    (its host is this machine and its pid, which every script records, is no process),
     else STALE where its last heartbeat (or its start) is more than STALE_S old at ``now``
     (UTC, as sacred writes times; default: now): killed, hung or on a machine that stopped."""
     status = run.get('status')
