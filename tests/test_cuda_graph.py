@@ -7,7 +7,7 @@ new learning rate, the shape checks and the failure policy. Only the capture its
 import pytest
 import torch
 from recorded_graphs import RecordedGraphs, SyncsInForward
-from test_models import TINY
+from helpers import TINY
 
 from multiexit import losses, models
 from multiexit.accel.cuda_graph import GraphedCall

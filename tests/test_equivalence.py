@@ -7,7 +7,7 @@ from helpers import GS, reference_inputs
 from multiexit import losses, models
 from multiexit.data.cifar import DATASETS, DeviceLoader
 from multiexit.train.step import TrainStep
-from multiexit.train.training import train_epoch
+from multiexit.train.loop import train_epoch
 from tools import reference_style
 
 NET = dict(call='MsdNet', n_exits=3, nlayers_to_exit=2, nlayers_between_exits=1,
