@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from multiexit.accel import cuda_defaults
 from multiexit.config import FIELDS, shared_defaults, shared_docs
 
