@@ -5,14 +5,17 @@ end-to-end layer, tests/e2e/)."""
 import contextlib
 import importlib
 import io
+import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +163,31 @@ def run_in_process(script, *args, cwd, check=True, env=None):
     if check and code != 0:
         raise AssertionError(f'{script} {args} failed ({code}):\n{ran.stderr[-3000:]}')
     return ran
+
+
+def saved_epoch(run):
+    """The epoch that ``run``'s last.pt holds (0 while it holds none, or is being written)."""
+    try:
+        return torch.load(run / 'last.pt', weights_only=True)['epoch']
+    except Exception:
+        return 0
+
+
+def run_status(run):
+    """The status that sacred recorded in ``run``'s run.json."""
+    return json.loads((run / 'run.json').read_text())['status']
+
+def assert_the_failed_cell_is_reported(proc, folder):
+    """What the grid says of ``--quick --methods dbt -- batch_size=1500`` run in ``folder``:
+    cell n10 failed (1,000 training images), with its log; cell n20 finished, alone in the
+    results."""
+    failed, log = 'grid-quick/dbt/n10/s0', 'results/logs/grid-quick/dbt/n10/s0.log'
+    reason = 'train_cifar.py exit code 2 (error: batch_size=1500 exceeds the 1000 training examples'
+    assert re.search(rf'^failed {failed}: {re.escape(reason)}.*; log {log}$', proc.stdout, re.M)
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f'error: 1 of 2 cells failed: {failed} ({reason}')
+    assert proc.stderr.strip().endswith(f'; log {log})')
+    assert 'error: batch_size=1500 exceeds' in (folder / log).read_text()
+    assert re.search(r'^done grid-quick/dbt/n20/s0 ', proc.stdout, re.M)
+    results = pd.read_csv(folder / 'results' / 'grid-quick_dbt_batch_size=1500.csv')
+    assert set(results['size']) == {20}

@@ -4,7 +4,6 @@ types it, its cells real processes: tests/e2e/test_grid.py)."""
 import ast
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import ROOT, assert_png
+from helpers import ROOT, assert_png, assert_the_failed_cell_is_reported
 from experiments import cells, grid, local, tables
 from experiments.cells import Outcome
 from experiments.schedule import Schedule
@@ -558,16 +557,7 @@ def test_a_failed_cell_is_reported_with_its_log_while_the_others_finish(tmp_path
     monkeypatch.chdir(tmp_path)
     proc = run_main(capsys, '--quick', '--methods', 'dbt', '--jobs', '2', '--', 'batch_size=1500',
                     code=grid.EXIT_CELLS_FAILED)
-    failed, log = 'grid-quick/dbt/n10/s0', 'results/logs/grid-quick/dbt/n10/s0.log'
-    reason = 'train_cifar.py exit code 2 (error: batch_size=1500 exceeds the 1000 training examples'
-    assert re.search(rf'^failed {failed}: {re.escape(reason)}.*; log {log}$', proc.stdout, re.M)
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f'error: 1 of 2 cells failed: {failed} ({reason}')
-    assert proc.stderr.strip().endswith(f'; log {log})')
-    assert 'error: batch_size=1500 exceeds' in (tmp_path / log).read_text()
-    assert re.search(r'^done grid-quick/dbt/n20/s0 ', proc.stdout, re.M)
-    results = pd.read_csv(tmp_path / 'results' / 'grid-quick_dbt_batch_size=1500.csv')
-    assert set(results['size']) == {20}
+    assert_the_failed_cell_is_reported(proc, tmp_path)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Runs trained as one fused network (multiexit.models.fused, train.pack.PackedRuns): each
-member trains as its solo run does, is a run of its own on disk, and stops, fails and resumes as one; in this process,
-on generated data, fp32 on the CPU."""
+member trains as its solo run does, is a run of its own on disk, and stops, fails and resumes as
+one; in this process, on generated data, fp32 on the CPU."""
 import contextlib
 import json
 

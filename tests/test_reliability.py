@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from helpers import RISING_T, run_in_process
+from helpers import RISING_T, run_in_process, run_status, saved_epoch
 from multiexit.errors import CheckpointWriteError, NonFiniteLossError, SnapshotError
 from multiexit.config import TrainConfig
 from multiexit.train.api import train_alone
@@ -25,15 +25,6 @@ def newest_run(snapshots):
     return max(runs, key=lambda p: int(p.name)) if runs else None
 
 
-def saved_epoch(run):
-    try:
-        return torch.load(run / 'last.pt', weights_only=True)['epoch']
-    except Exception:
-        return 0
-
-
-def status(run):
-    return json.loads((run / 'run.json').read_text())['status']
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +95,7 @@ def test_signal_stops_cleanly_with_resume_instructions(workdir, tmp_path, signal
     assert len(lines) == 1 and f'parent_snapshot=snapshots/{run.name}' in lines[0]
     assert 'Traceback' not in proc.stderr
     assert f'interrupted: {sig.name} during epoch 2' in lines[0]
-    assert status(run) == 'INTERRUPTED'
+    assert run_status(run) == 'INTERRUPTED'
     epoch = saved_epoch(run)
     assert epoch == 1
     command = lines[0].split('resume with: python3 train_cifar.py with ')[1].split()

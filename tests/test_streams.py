@@ -1,6 +1,6 @@
-"""Parallel CUDA streams (multiexit.accel.streams), checked on the CPU: the CPU forward is unchanged,
-and with recording stand-ins for streams, every op that reads a tensor made on another stream
-runs after a wait for it (a vector clock per stream)."""
+"""Parallel CUDA streams (multiexit.accel.streams), checked on the CPU: the CPU forward is
+unchanged, and with recording stand-ins for streams, every op that reads a tensor made on another
+stream runs after a wait for it (a vector clock per stream)."""
 import contextlib
 
 import pytest

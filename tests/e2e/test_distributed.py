@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import RISING_T, ROOT, pythonpath
+from helpers import RISING_T, ROOT, pythonpath, saved_epoch
 from multiexit.data import cifar
 from multiexit.evaluate.passes import evaluate, load_model
 
@@ -88,12 +88,6 @@ def rank_processes(proc):
         ranks.update({int(e[5:]): pid for e in env if e.startswith(b'RANK=')})
     return ranks
 
-
-def saved_epoch(run):
-    try:
-        return torch.load(run / 'last.pt', weights_only=True)['epoch']
-    except Exception:
-        return 0
 
 
 def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(ddp_run):

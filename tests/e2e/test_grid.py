@@ -15,7 +15,7 @@ import pytest
 import submitit
 import torch
 
-from helpers import ROOT, assert_png, pythonpath, run_script
+from helpers import ROOT, assert_png, assert_the_failed_cell_is_reported, pythonpath, run_script
 from experiments import grid
 from multiexit.runs.table import load_runs
 
@@ -315,16 +315,7 @@ def test_a_failed_cell_is_reported_with_its_log_while_the_others_finish(tmp_path
     """batch_size=1500 exceeds the 1000 training images of size 10, not the 2000 of size 20."""
     proc = run_grid('--quick', '--methods', 'dbt', '--jobs', '2', '--', 'batch_size=1500',
                     cwd=tmp_path, code=grid.EXIT_CELLS_FAILED)
-    failed, log = 'grid-quick/dbt/n10/s0', 'results/logs/grid-quick/dbt/n10/s0.log'
-    reason = 'train_cifar.py exit code 2 (error: batch_size=1500 exceeds the 1000 training examples'
-    assert re.search(rf'^failed {failed}: {re.escape(reason)}.*; log {log}$', proc.stdout, re.M)
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f'error: 1 of 2 cells failed: {failed} ({reason}')
-    assert proc.stderr.strip().endswith(f'; log {log})')
-    assert 'error: batch_size=1500 exceeds' in (tmp_path / log).read_text()
-    assert re.search(r'^done grid-quick/dbt/n20/s0 ', proc.stdout, re.M)
-    results = pd.read_csv(tmp_path / 'results' / 'grid-quick_dbt_batch_size=1500.csv')
-    assert set(results['size']) == {20}
+    assert_the_failed_cell_is_reported(proc, tmp_path)
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import RISING_T, ROOT, pythonpath, run_script
+from helpers import RISING_T, ROOT, pythonpath, run_script, run_status, saved_epoch
 from multiexit.train import checkpoint
 
 # A tiny WideResNet whose dropout draws random numbers while training, so that a resume that
@@ -37,15 +37,6 @@ def wait_for(predicate, timeout=300):
     raise AssertionError('timed out')
 
 
-def saved_epoch(run):
-    try:
-        return torch.load(run / 'last.pt', weights_only=True)['epoch']
-    except Exception:
-        return 0
-
-
-def status(run):
-    return json.loads((run / 'run.json').read_text())['status']
 
 
 @pytest.fixture(scope='module')
@@ -123,7 +114,7 @@ def test_concurrent_runs_get_distinct_directories(tmp_path):
     assert [p.name for p in runs] == ['1', '2', '3', '4']
     seeds = set()
     for run in runs:
-        assert status(run) == 'COMPLETED' and saved_epoch(run) == 1
+        assert run_status(run) == 'COMPLETED' and saved_epoch(run) == 1
         seeds.add(json.loads((run / 'config.json').read_text())['seed'])
         assert 'val top-1 of exit' in (run / 'cout.txt').read_text()
     assert seeds == {0, 1, 2, 3}
