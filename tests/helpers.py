@@ -2,6 +2,7 @@
 model configs, and running a script, in this process through its command line
 (``run_in_process``, the default layer) or as a user types it (``run_script``, a process: the
 end-to-end layer, tests/e2e/)."""
+import ast
 import contextlib
 import importlib
 import io
@@ -17,6 +18,8 @@ from unittest import mock
 
 import pandas as pd
 import torch
+
+from multiexit.runs.table import parse_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / 'data'
@@ -191,3 +194,20 @@ def assert_the_failed_cell_is_reported(proc, folder):
     assert re.search(r'^done grid-quick/dbt/n20/s0 ', proc.stdout, re.M)
     results = pd.read_csv(folder / 'results' / 'grid-quick_dbt_batch_size=1500.csv')
     assert set(results['size']) == {20}
+
+
+def grid_run_config(settings):
+    """The config.json of a training run of the quick grid's cells with ``settings`` (the
+    grid's key=value settings)."""
+    config = {'cf_net': {'call': 'MsdNet'}, 'data_dir': 'data/smoke', 'parent_snapshot': None}
+    for key, text in map(parse_filter, settings):
+        *parents, last = key.split('.')
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        try:
+            node[last] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[last] = text
+    config.setdefault('cf_trn', {})['call'] = 'Cifar100'
+    return config

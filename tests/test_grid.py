@@ -1,7 +1,6 @@
 """experiments/grid.py in this process: the cells it plans, its tables, and its bookkeeping of
 done, failed and interrupted cells with the scripts' processes replaced (the grid as a user
 types it, its cells real processes: tests/e2e/test_grid.py)."""
-import ast
 import json
 import os
 import signal
@@ -14,12 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import ROOT, assert_png, assert_the_failed_cell_is_reported
+from helpers import ROOT, assert_png, assert_the_failed_cell_is_reported, grid_run_config
 from experiments import cells, grid, local, tables
 from experiments.cells import Outcome
 from experiments.schedule import Schedule
 from multiexit.errors import ConfigError
-from multiexit.runs.table import parse_filter
+
 
 QUICK = grid.PRESETS['cifar100', True]
 
@@ -102,26 +101,10 @@ def test_output_names_tell_grids_apart_but_not_their_seeds():
     assert len(long) < 80 and long.startswith('grid_cf_scheduler.milestones=-0--1')
 
 
-def config_of(settings):
-    """The config.json of a training run of the quick grid's cells with ``settings``."""
-    config = {'cf_net': {'call': 'MsdNet'}, 'data_dir': 'data/smoke', 'parent_snapshot': None}
-    for key, text in map(parse_filter, settings):
-        *parents, last = key.split('.')
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        try:
-            node[last] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            node[last] = text
-    config['cf_trn']['call'] = 'Cifar100'
-    return config
-
-
 def done_cell(snaps, cell, run, acc, epochs=None):
     """A finished cell as its runs leave it: a COMPLETED training run with the cell's settings
     (run id ``run``) and a COMPLETED evaluation of it (``run + 1``), of test top-1 ``acc``."""
-    config = config_of(cell.settings)
+    config = grid_run_config(cell.settings)
     if epochs is not None:
         config['n_epochs'] = epochs
     for run_id, experiment, cf, result in (
@@ -512,7 +495,7 @@ def training_run(snaps, updates, status, last_pt=False):
     folder records it; with a last.pt (an epoch finished) if ``last_pt``."""
     named = [u for u in updates if '=' not in u]
     settings = [u for u in updates if '=' in u and not u.startswith('parent_snapshot=')]
-    folder = write_run(snaps, 'train_cifar', config_of(settings), status, named_configs=named)
+    folder = write_run(snaps, 'train_cifar', grid_run_config(settings), status, named_configs=named)
     if last_pt:
         (folder / 'last.pt').write_bytes(b'')
     return folder

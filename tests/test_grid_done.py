@@ -1,12 +1,12 @@
 """A grid whose cells are all done says so ("N cells already done, nothing to train") and
 trains nothing, whatever --pack or --jobs ask for; a cell's run is its newest as a name's is."""
-import ast
 import json
 
 import pytest
 
 from experiments import cells, grid, local
-from multiexit.runs.table import load_runs, parse_filter
+from helpers import grid_run_config
+from multiexit.runs.table import load_runs
 
 QUICK = grid.PRESETS['cifar100', True]
 
@@ -14,17 +14,7 @@ QUICK = grid.PRESETS['cifar100', True]
 def done(snaps, cell, run, start=None):
     """A COMPLETED training run with the cell's settings (run id ``run``, started at ``start``)
     and a COMPLETED evaluation of its best snapshot (``run + 1``)."""
-    config = {'cf_net': {'call': 'MsdNet'}, 'data_dir': 'data/smoke', 'parent_snapshot': None,
-              'cf_trn': {'call': 'Cifar100'}}
-    for key, text in map(parse_filter, cell.settings):
-        *parents, last = key.split('.')
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        try:
-            node[last] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            node[last] = text
+    config = grid_run_config(cell.settings)
     for run_id, experiment, cf, result in (
             (run, 'train_cifar', config, None),
             (run + 1, 'eval', {'snapshot_name': str(run), 'checkpoint': None},
