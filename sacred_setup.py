@@ -12,13 +12,19 @@ eval.py) does on sacred's side, which multiexit (the library) never imports.
 - A snapshots folder that cannot be written, or a config file on the command line that cannot
   be read, is one ``error:`` line too.
 - ``explicit_keys(run)``: the settings the command line set.
+- ``records_now(run)``: a function that writes a run's records (run.json, cout.txt,
+  metrics.json) at once, as its heartbeat does: what training calls after every epoch, before
+  the epoch's checkpoint.
 """
 import contextlib
 import difflib
+import functools
+import io
 import logging
 import os
 import shutil
 import sys
+import threading
 import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # raised by sacred 0.8.7
@@ -223,3 +229,34 @@ def explicit_keys(run):
             else:
                 yield f'{prefix}{key}'
     return set(walk(run.meta_info.get('config_updates') or {}))
+
+
+def records_now(sacred_run):
+    """A function that writes the records of ``sacred_run`` now, as its heartbeat does
+    (run.json, cout.txt, metrics.json), for the end of every epoch: the run's records then hold
+    the epoch before its checkpoint does. sacred's heartbeat thread calls it too, so that two
+    heartbeats never run at once (each takes the metrics logged since the last one); and the
+    captured output is read without moving the position that prints write at."""
+    lock, beat = threading.Lock(), sacred_run._emit_heartbeat
+
+    def records():
+        with lock:
+            beat()
+    if sacred_run._heartbeat is not None:  # sacred's timer thread, started before main
+        sacred_run._heartbeat.func = records
+    out = getattr(sacred_run, '_output_file', None)
+    if isinstance(getattr(out, 'buffer', None), io.StringIO):  # capture mode 'sys'
+        out.get = functools.partial(_unread_output, out)
+    return records
+
+
+def _unread_output(out):
+    """What was printed since the last call, of sacred's CapturedStdout ``out``: its own get()
+    seeks the buffer that prints write to, so that a line printed from the main thread while the
+    heartbeat thread read (seek, then read) went past the reading and was lost from cout.txt."""
+    if out.final is not None:  # the rest, once the run ended (sacred's finalize)
+        value, out.final = out.final, None
+        return value
+    text = out.buffer.getvalue()
+    value, out.read_position = text[out.read_position:], len(text)
+    return value

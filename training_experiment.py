@@ -12,8 +12,6 @@ training several runs of one of them as a pack (``run_pack``, for train_pack.py)
 """
 import contextlib
 import datetime
-import functools
-import io
 import logging
 import os
 import shlex
@@ -29,7 +27,8 @@ from multiexit.errors import (EXIT_CODE, EXIT_CODE_INTERRUPTED, ConfigError, Res
 from multiexit.progress import strip_progress
 from multiexit.runs import find
 from multiexit.train.api import build_run, train_alone, train_packs
-from sacred_setup import SNAPSHOT_DIR, Experiment, RunFolders, announce, explicit_keys, refuse
+from sacred_setup import (SNAPSHOT_DIR, Experiment, RunFolders, announce, explicit_keys,
+                          records_now, refuse)
 # after sacred_setup, which quiets the warning that importing sacred prints
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.config.config_dict import ConfigDict  # noqa: E402
@@ -118,37 +117,6 @@ def train(config, run_dir, sacred_run, script):
         announce(sacred_run)
         first = run.epoch + 1
         return summary(run, first, train_alone(run))
-
-
-def records_now(sacred_run):
-    """A function that writes the records of ``sacred_run`` now, as its heartbeat does
-    (run.json, cout.txt, metrics.json), for the end of every epoch: the run's records then hold
-    the epoch before its checkpoint does. sacred's heartbeat thread calls it too, so that two
-    heartbeats never run at once (each takes the metrics logged since the last one); and the
-    captured output is read without moving the position that prints write at."""
-    lock, beat = threading.Lock(), sacred_run._emit_heartbeat
-
-    def records():
-        with lock:
-            beat()
-    if sacred_run._heartbeat is not None:  # sacred's timer thread, started before main
-        sacred_run._heartbeat.func = records
-    out = getattr(sacred_run, '_output_file', None)
-    if isinstance(getattr(out, 'buffer', None), io.StringIO):  # capture mode 'sys'
-        out.get = functools.partial(_unread_output, out)
-    return records
-
-
-def _unread_output(out):
-    """What was printed since the last call, of sacred's CapturedStdout ``out``: its own get()
-    seeks the buffer that prints write to, so that a line printed from the main thread while the
-    heartbeat thread read (seek, then read) went past the reading and was lost from cout.txt."""
-    if out.final is not None:  # the rest, once the run ended (sacred's finalize)
-        value, out.final = out.final, None
-        return value
-    text = out.buffer.getvalue()
-    value, out.read_position = text[out.read_position:], len(text)
-    return value
 
 
 def summary(run, first, val):
