@@ -92,3 +92,16 @@ def test_a_parent_chain_stays_whole_after_a_folder_is_touched(tmp_path):
     assert table.loc['11', 'final_epoch'] == 6
     runs_main([str(snaps), '--plot', '11'])
     assert find.resolve('long', snaps) == runs[2]
+
+
+def test_a_run_whose_config_is_unreadable_is_named_as_possibly_left_out(tmp_path, capsys):
+    """Its name is unknown: the name resolves among the others, with one warning that names the
+    unreadable file (not silently)."""
+    snaps = tmp_path / 'snapshots'
+    named = make_run(snaps, 1, 'demo', 1)
+    (make_run(snaps, 2, 'demo', 2) / 'config.json').write_text('{not json')
+    assert find.resolve('demo', snaps) == named
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f'warning: {snaps}/2/config.json is unreadable, so run 2 may be a run named '
+                   "'demo' that is left out; restore the file (python3 -m multiexit.runs shows "
+                   'the runs)']

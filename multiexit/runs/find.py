@@ -2,6 +2,7 @@
 import datetime
 import json
 import re
+import sys
 from pathlib import Path
 
 from ..errors import SnapshotError
@@ -84,15 +85,19 @@ def started(run_dir):
     return newness(Path(run_dir).name, info.get('start_time') if isinstance(info, dict) else None)
 
 
-def named_runs(name, snapshot_dir):
+def named_runs(name, snapshot_dir, unreadable=None):
     """[(run folder, status)] of the training runs of ``snapshot_dir`` whose config.json has
     ``snapshot_name=name`` (an evaluation's names what it evaluated), in the order to take them:
     COMPLETED before any other status (a newer INTERRUPTED or RUNNING run of the same
     name is unfinished), then the newest (``newness``: the latest start, then the highest
-    run id)."""
+    run id). ``unreadable``: a list that gets the run folders with a checkpoint whose
+    config.json is there but cannot be read (their name is unknown)."""
     runs = []
     for run in Path(snapshot_dir).iterdir() if Path(snapshot_dir).is_dir() else ():
         cf = _read(run, 'config.json') if run.is_dir() else None
+        if (cf is None and unreadable is not None and (run / 'config.json').is_file()
+                and is_run_dir(run)):
+            unreadable.append(run)
         if not isinstance(cf, dict) or str(cf.get('snapshot_name')) != name:
             continue
         info = _read(run, 'run.json')
@@ -123,7 +128,12 @@ def resolve(name, snapshot_dir='snapshots', say=None):
         if path.is_dir():
             raise SnapshotError(f'{path} holds no checkpoint ({LAST} or ep<N>.pt): not a '
                                 f'training run, or it stopped before its first epoch')
-    named = named_runs(name, snapshot_dir)
+    unreadable = []
+    named = named_runs(name, snapshot_dir, unreadable)
+    for run in sorted(unreadable, key=lambda r: run_order(r.name)):
+        print(f'warning: {run}/config.json is unreadable, so run {run.name} may be a run named '
+              f'{name!r} that is left out; restore the file (python3 -m multiexit.runs shows the '
+              'runs)', file=sys.stderr, flush=True)
     usable = [(run, status) for run, status in named if is_run_dir(run)]
     if not usable and named:
         runs = ', '.join(f'{run.name} ({status or "no status"})' for run, status in named)
