@@ -211,3 +211,14 @@ def grid_run_config(settings):
             node[last] = text
     config.setdefault('cf_trn', {})['call'] = 'Cifar100'
     return config
+
+
+def assert_resumed_exactly(last, reference, epoch):
+    """The training state ``last`` (a last.pt) of a resumed run is the uninterrupted run's
+    ``reference`` at ``epoch``: the same weights and temperature, to the bit."""
+    resumed = torch.load(last, weights_only=True)
+    ref = torch.load(reference, weights_only=True)
+    assert resumed['epoch'] == ref['epoch'] == epoch
+    for k, v in ref['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert torch.equal(resumed['loss']['temperature'], ref['loss']['temperature'])

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import RISING_T, ROOT, pythonpath, saved_epoch
+from helpers import RISING_T, ROOT, assert_resumed_exactly, pythonpath, saved_epoch
 from multiexit.data import cifar
 from multiexit.evaluate.passes import evaluate, load_model
 
@@ -115,9 +115,4 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(ddp_run):
                                work, snaps))
     assert (f'resuming {run}/last.pt at epoch 1; these settings change from epoch 2 on: '
             'n_epochs 50 -> 2\n') in out
-    resumed = torch.load(snaps / '2' / 'last.pt', weights_only=True)
-    reference = torch.load(work / 'snapshots' / '1' / 'last.pt', weights_only=True)
-    assert resumed['epoch'] == reference['epoch'] == 2
-    for k, v in reference['model'].items():
-        assert torch.equal(v, resumed['model'][k]), k
-    assert torch.equal(resumed['loss']['temperature'], reference['loss']['temperature'])
+    assert_resumed_exactly(snaps / '2' / 'last.pt', work / 'snapshots' / '1' / 'last.pt', 2)

@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
-import torch
 
-from helpers import RISING_T, ROOT, pythonpath, run_script, run_status, saved_epoch
+from helpers import (RISING_T, ROOT, assert_resumed_exactly, pythonpath, run_script, run_status,
+                     saved_epoch)
 from multiexit.train import checkpoint
 
 # A tiny WideResNet whose dropout draws random numbers while training, so that a resume that
@@ -96,12 +96,7 @@ def test_sigkill_at_three_observed_points_then_resume_equals_an_uninterrupted_ru
     assert parent['loss']['temperature'] > 1  # the resume below has a temperature to restore
     run_script('train_cifar.py', 'with', *TINY, f'parent_snapshot={snaps / "3"}', cwd=workdir,
                snapshots=snaps)
-    final = torch.load(snaps / '4' / 'last.pt', weights_only=True)
-    reference = torch.load(workdir / 'reference' / '1' / 'last.pt', weights_only=True)
-    assert final['epoch'] == reference['epoch'] == 3
-    for k, v in reference['model'].items():
-        assert torch.equal(v, final['model'][k]), k
-    assert torch.equal(final['loss']['temperature'], reference['loss']['temperature'])
+    assert_resumed_exactly(snaps / '4' / 'last.pt', workdir / 'reference' / '1' / 'last.pt', 3)
 
 
 def test_concurrent_runs_get_distinct_directories(tmp_path):
