@@ -14,6 +14,7 @@ from helpers import RISING_T, assert_png, run_in_process
 from multiexit import data
 from multiexit.early_exit.rule import confidences
 from multiexit.early_exit.thresholds import fit_thresholds, geometric_fractions
+from multiexit.evaluate.calibration import fit_temperatures
 from multiexit.evaluate.passes import exit_logits, load_model
 from multiexit.metrics import metric_names
 
@@ -185,14 +186,15 @@ def test_resume_trains_with_the_settings_it_records(trained, workdir):
         assert change in line, line
 
 
-PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'macs', 'macs_all_heads', 'params', 'ms_streaming',
-                                    'ms_latency') for k in range(3)}
+PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'ece_ts', 'temperature', 'macs', 'macs_all_heads',
+                                    'params', 'ms_streaming', 'ms_latency') for k in range(3)}
 
 
 def test_eval_prints_table_and_returns_metrics(trained):
     snaps, procs = trained
     out = procs['eval'].stdout
     assert 'top-1 %' in out and 'ensemble top-1 %' in out and 'ECE %' in out and 'MMACs' in out
+    assert 'ECE TS %' in out
     assert 'ms streaming' in out and 'ms latency' in out
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
@@ -207,7 +209,8 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     anytime = pd.read_csv(eval_run / 'anytime.csv')
     assert anytime['exit'].tolist() == [0, 1, 2]
     for k, row in anytime.iterrows():
-        for col, key in (('acc1', 'acc1_clf'), ('ece', 'ece_clf'), ('macs', 'macs_clf')):
+        for col, key in (('acc1', 'acc1_clf'), ('ece', 'ece_clf'), ('macs', 'macs_clf'),
+                         ('ece_ts', 'ece_ts_clf'), ('temperature', 'temperature_clf')):
             assert row[col] == pytest.approx(result[f'{key}{k}'])
     assert anytime['macs_all_heads'].is_monotonic_increasing
     for mode in ('streaming', 'latency'):  # measured time per image of each exit, in both modes
@@ -231,7 +234,11 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
     cf_val = read(snaps / '1' / 'config.json')['cf_val']
     val_loader = data.build(cf_val).loader('val', workdir / 'data' / 'smoke', 250, 'cpu')
-    val_conf = confidences(exit_logits(model, val_loader)[0])[0]
+    val_logits, val_labels = exit_logits(model, val_loader)
+    val_conf = confidences(val_logits)[0]
+    # and so are the temperatures of the temperature-scaled ECE
+    assert anytime['temperature'].tolist() == pytest.approx(
+        fit_temperatures(val_logits, val_labels), rel=1e-5)
     for row in geometric.itertuples():
         fitted = fit_thresholds(val_conf, geometric_fractions(3, row.param))
         assert [row.threshold0, row.threshold1] == pytest.approx(fitted[:2].tolist(), rel=1e-5)

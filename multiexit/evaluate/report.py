@@ -5,8 +5,11 @@ import torch
 from ..early_exit.timing import TIME_COLUMNS
 from ..losses import IGNORE
 from ..metrics import MultiExitAccuracy
+from .calibration import scaled
 
 ECE_BINS = 15
+# per-exit columns of temperature scaling (``calibration``), where a report has them
+CALIBRATION_COLUMNS = ('ece_ts', 'temperature')
 
 
 def expected_calibration_error(logits, labels, n_bins=ECE_BINS):
@@ -23,17 +26,22 @@ def expected_calibration_error(logits, labels, n_bins=ECE_BINS):
     return (per_bin.view(n_exits, n_bins).abs().sum(dim=1) / max(n, 1)).tolist()
 
 
-def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None):
+def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None, temperatures=None):
     """Flat dict: the accuracy metrics of ``metrics.metric_names`` and, per exit k,
     ``ece_clf{k}``, ``macs_clf{k}``, ``macs_all_heads_clf{k}`` and ``params_clf{k}``
-    (``costs`` from ``flops.exit_costs``), and ``ms_streaming_clf{k}`` and ``ms_latency_clf{k}``
-    with ``exit_times`` (from ``early_exit.timing.exit_ms``)."""
+    (``costs`` from ``flops.exit_costs``), ``ms_streaming_clf{k}`` and ``ms_latency_clf{k}``
+    with ``exit_times`` (from ``early_exit.timing.exit_ms``), and ``temperature_clf{k}`` and
+    ``ece_ts_clf{k}`` (the ECE of the logits divided by it) with ``temperatures``, one per exit
+    (from ``calibration.fit_temperatures`` on another split); accuracy is theirs either way."""
     acc = MultiExitAccuracy(len(logits), acc_tops)
     acc.update(list(logits), labels)
     report = acc.compute()[0]
     ece = expected_calibration_error(logits, labels)
     per_exit = [('ece', ece)] + [(c, [row[c] for row in costs])
                                  for c in ('macs', 'macs_all_heads', 'params')]
+    if temperatures is not None:
+        per_exit += [('ece_ts', expected_calibration_error(scaled(logits, temperatures), labels)),
+                     ('temperature', temperatures)]
     for key, values in per_exit + list((exit_times or {}).items()):
         report.update({f'{key}_clf{k}': v for k, v in enumerate(values)})
     return report
@@ -41,10 +49,12 @@ def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None):
 
 def anytime_frame(report, n_exits, acc_tops=(1, 5)):
     """One row per exit of an ``exit_report``: exit, acc{t}, acc{t}_ens (the mean softmax of
-    exits 0..k; exit 0's own at k = 0), ece, macs, macs_all_heads, params, and the measured
-    ms_streaming and ms_latency where the report has them."""
-    costs = ['ece', 'macs', 'macs_all_heads', 'params'] + [c for c in TIME_COLUMNS
-                                                           if f'{c}_clf0' in report]
+    exits 0..k; exit 0's own at k = 0), ece, the temperature-scaled ece_ts and temperature,
+    macs, macs_all_heads, params, and the measured ms_streaming and ms_latency, each optional
+    column where the report has it."""
+    present = lambda columns: [c for c in columns if f'{c}_clf0' in report]
+    costs = (['ece'] + present(CALIBRATION_COLUMNS) + ['macs', 'macs_all_heads', 'params']
+             + present(TIME_COLUMNS))
     rows = []
     for k in range(n_exits):
         row = {'exit': k}
@@ -57,14 +67,18 @@ def anytime_frame(report, n_exits, acc_tops=(1, 5)):
 
 
 def per_exit_table(frame, acc_tops=(1, 5)):
-    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions, measured
-    times (where the frame has them) in ms per image."""
+    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions, and
+    where the frame has them the temperature-scaled ECE in % (``ECE TS %``) with its
+    temperature (``T``) and the measured times in ms per image."""
     times = [c for c in TIME_COLUMNS if c in frame]
+    scaled_ece = 'ece_ts' in frame
     head = (['exit'] + [f'top-{t} %' for t in acc_tops] + [f'ensemble top-{t} %' for t in acc_tops]
-            + ['ECE %', 'MMACs', 'MMACs all heads', 'Mparams']
+            + ['ECE %'] + (['ECE TS %', 'T'] if scaled_ece else [])
+            + ['MMACs', 'MMACs all heads', 'Mparams']
             + [c.replace('_', ' ') for c in times])
     pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + ['ece']
     rows = [[str(r.exit)] + [f'{100 * getattr(r, c):.2f}' for c in pct]
+            + ([f'{100 * r.ece_ts:.2f}', f'{r.temperature:.3f}'] if scaled_ece else [])
             + [f'{getattr(r, c) / 1e6:.2f}' for c in ('macs', 'macs_all_heads')]
             + [f'{r.params / 1e6:.3f}'] + [f'{getattr(r, c):.3f}' for c in times]
             for r in frame.itertuples()]
