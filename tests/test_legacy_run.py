@@ -33,8 +33,10 @@ def run(script, *args):
 def test_a_legacy_run_evaluates_with_the_same_numbers(legacy):
     _, expected = legacy
     result = run('eval', 'snapshot_name=1', 'time_repeats=0', 'data_dir=data').result
-    assert set(result) == set(expected['eval'])
-    assert result == pytest.approx(expected['eval'], rel=1e-6, abs=1e-9)
+    # the stored keys only: eval.py's later additions (post-hoc rules) have no stored value
+    assert set(expected['eval']) <= set(result)
+    stored = {key: result[key] for key in expected['eval']}
+    assert stored == pytest.approx(expected['eval'], rel=1e-6, abs=1e-9)
 
 
 def test_a_legacy_run_resumes_with_the_same_numbers(legacy):

@@ -41,8 +41,9 @@ def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None):
 
 def anytime_frame(report, n_exits, acc_tops=(1, 5)):
     """One row per exit of an ``exit_report``: exit, acc{t}, acc{t}_ens (the mean softmax of
-    exits 0..k; exit 0's own at k = 0), ece, macs, macs_all_heads, params, and the measured
-    ms_streaming and ms_latency where the report has them."""
+    exits 0..k; exit 0's own at k = 0), acc1_poe (``anytime_poe``) where the report has it, ece,
+    macs, macs_all_heads, params, and the measured ms_streaming and ms_latency where the report
+    has them."""
     costs = ['ece', 'macs', 'macs_all_heads', 'params'] + [c for c in TIME_COLUMNS
                                                            if f'{c}_clf0' in report]
     rows = []
@@ -51,19 +52,23 @@ def anytime_frame(report, n_exits, acc_tops=(1, 5)):
         row.update({f'acc{t}': report[f'acc{t}_clf{k}'] for t in acc_tops})
         row.update({f'acc{t}_ens': report[f'acc{t}_ens{k}' if k else f'acc{t}_clf0']
                     for t in acc_tops})
+        if f'acc1_poe{k}' in report:
+            row['acc1_poe'] = report[f'acc1_poe{k}']
         row.update({c: report[f'{c}_clf{k}'] for c in costs})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def per_exit_table(frame, acc_tops=(1, 5)):
-    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions, measured
-    times (where the frame has them) in ms per image."""
+    """Text table of an ``anytime_frame``: accuracies (Product Anytime's too where the frame has
+    it) and ECE in %, costs in millions, measured times (where the frame has them) in ms per
+    image."""
     times = [c for c in TIME_COLUMNS if c in frame]
+    poe = ['acc1_poe'] if 'acc1_poe' in frame else []
     head = (['exit'] + [f'top-{t} %' for t in acc_tops] + [f'ensemble top-{t} %' for t in acc_tops]
-            + ['ECE %', 'MMACs', 'MMACs all heads', 'Mparams']
+            + ['PoE top-1 %'] * len(poe) + ['ECE %', 'MMACs', 'MMACs all heads', 'Mparams']
             + [c.replace('_', ' ') for c in times])
-    pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + ['ece']
+    pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + poe + ['ece']
     rows = [[str(r.exit)] + [f'{100 * getattr(r, c):.2f}' for c in pct]
             + [f'{getattr(r, c) / 1e6:.2f}' for c in ('macs', 'macs_all_heads')]
             + [f'{r.params / 1e6:.3f}'] + [f'{getattr(r, c):.3f}' for c in times]
