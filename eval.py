@@ -6,8 +6,9 @@
     python3 eval.py with snapshot_name=old_ep300 cf_net.n_exits=11  # a file of the original code
     python3 eval.py with "snapshot_name=['3', '5']"   # several, overlaid in the figures
 
-Prints per exit top-1, top-5, ensemble accuracy, ECE (also temperature-scaled), cost, time per
-image measured on this device in both early-exit modes; fits early-exit thresholds on the
+Prints per exit top-1, top-5, ensemble accuracy, the top-1 of Product Anytime (Jazbec et al.
+2023's post-hoc product of experts), ECE (also temperature-scaled), cost, and the time per image
+measured on this device in both early-exit modes; fits early-exit thresholds on the
 training run's validation split and applies them to the test split (budgeted batch
 classification). Writes anytime.csv, budgeted.csv, anytime.png, budgeted.png and budgeted_ms.png
 to the evaluation's run folder in snapshots/. The sacred result (run.json) is the
@@ -24,7 +25,7 @@ from multiexit.early_exit import timing
 from multiexit.config import PAPER_NET
 from multiexit.early_exit.thresholds import budget_sweep
 from multiexit.errors import ConfigError, SnapshotError, reported_as_one_line
-from multiexit.evaluate import calibration, flops, plots
+from multiexit.evaluate import anytime_poe, calibration, flops, plots
 from multiexit.evaluate.passes import exit_logits, load_model
 from multiexit.evaluate.report import anytime_frame, exit_report, per_exit_table
 from multiexit.metrics import check_tops, default_tops
@@ -173,6 +174,7 @@ def evaluate_snapshot(snapshot, batch_size, device, timer=None):
     times = timer.exit_ms(model, snapshot['net'], (3, size, size)) if timer else None
     # per-exit temperatures fitted on the validation split, so the test ECE after scaling is fair
     report = exit_report(*test, costs, acc_tops, times, calibration.fit_temperatures(*val))
+    report.update(anytime_poe.poe_report(*test))
     anytime = anytime_frame(report, n_exits, acc_tops)
     print(per_exit_table(anytime, acc_tops))
     budgeted = budget_sweep(*val, *test, [c['macs_all_heads'] for c in costs], times)

@@ -6,7 +6,7 @@ import torch
 from helpers import SMALL_NET, assert_png
 from multiexit import models
 from multiexit.early_exit.thresholds import budget_sweep
-from multiexit.evaluate import flops, plots
+from multiexit.evaluate import anytime_poe, flops, plots
 from multiexit.evaluate.report import (anytime_frame, exit_report, expected_calibration_error,
                                        per_exit_table)
 from multiexit.metrics import metric_names
@@ -125,3 +125,25 @@ def test_figures_overlay_snapshots_named_by_their_labels(tmp_path, monkeypatch):
     plots.anytime_figure(anytime, tmp_path / 'plain.png')  # without labels: the snapshots
     assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ['dbt',
                                                                                   'standard']
+
+
+def test_product_anytime_is_a_column_of_the_frame_and_table_and_a_dashed_curve(tmp_path,
+                                                                            monkeypatch):
+    figures, savefig = [], plots.Figure.savefig
+    monkeypatch.setattr(plots.Figure, 'savefig',
+                        lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
+    logits, labels = random_logits()
+    report = exit_report(logits, labels, [{'macs': c, 'macs_all_heads': c, 'params': 1}
+                                          for c in (1e6, 2e6, 4e6)])
+    report.update(anytime_poe.poe_report(logits, labels))
+    frame = anytime_frame(report, 3)
+    assert frame['acc1_poe'].tolist() == [report[f'acc1_poe{k}'] for k in range(3)]
+    table = per_exit_table(frame).splitlines()
+    column = table[0].split('  ').index('PoE top-1 %')
+    assert table[1].split()[column] == f'{100 * frame["acc1_poe"][0]:.2f}'
+    plots.anytime_figure(frame.assign(snapshot='dbt'), tmp_path / 'anytime.png')
+    assert_png(tmp_path / 'anytime.png')
+    lines = figures[0].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ['dbt', 'dbt: product anytime']
+    assert lines[1].get_linestyle() == '--'
+    assert lines[1].get_ydata().tolist() == pytest.approx((100 * frame['acc1_poe']).tolist())

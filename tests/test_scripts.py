@@ -187,14 +187,15 @@ def test_resume_trains_with_the_settings_it_records(trained, workdir):
 
 
 PER_EXIT = {f'{m}_clf{k}' for m in ('ece', 'ece_ts', 'temperature', 'macs', 'macs_all_heads',
-                                    'params', 'ms_streaming', 'ms_latency') for k in range(3)}
+                                    'params', 'ms_streaming', 'ms_latency') for k in range(3)} | {
+    f'acc1_poe{k}' for k in range(3)}
 
 
 def test_eval_prints_table_and_returns_metrics(trained):
     snaps, procs = trained
     out = procs['eval'].stdout
     assert 'top-1 %' in out and 'ensemble top-1 %' in out and 'ECE %' in out and 'MMACs' in out
-    assert 'ECE TS %' in out
+    assert 'ECE TS %' in out and 'PoE top-1 %' in out
     assert 'ms streaming' in out and 'ms latency' in out
     eval_run = snaps / '4'
     result = read(eval_run / 'run.json')['result']
@@ -209,8 +210,9 @@ def test_eval_writes_anytime_and_budgeted_tables_and_figures(trained, workdir):
     anytime = pd.read_csv(eval_run / 'anytime.csv')
     assert anytime['exit'].tolist() == [0, 1, 2]
     for k, row in anytime.iterrows():
-        for col, key in (('acc1', 'acc1_clf'), ('ece', 'ece_clf'), ('macs', 'macs_clf'),
-                         ('ece_ts', 'ece_ts_clf'), ('temperature', 'temperature_clf')):
+        for col, key in (('acc1', 'acc1_clf'), ('acc1_poe', 'acc1_poe'), ('ece', 'ece_clf'),
+                         ('macs', 'macs_clf'), ('ece_ts', 'ece_ts_clf'),
+                         ('temperature', 'temperature_clf')):
             assert row[col] == pytest.approx(result[f'{key}{k}'])
     assert anytime['macs_all_heads'].is_monotonic_increasing
     for mode in ('streaming', 'latency'):  # measured time per image of each exit, in both modes

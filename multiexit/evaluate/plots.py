@@ -37,20 +37,24 @@ def _save(fig, axes, path):
     fig.savefig(path)
 
 
-def _anytime(ax, anytime, snapshot, color, cost='macs', **style):
+def _anytime(ax, anytime, snapshot, color, cost='macs', accuracy='acc1', **style):
     rows = anytime[anytime['snapshot'] == snapshot]
     column, _, unit, _ = COSTS[cost]
-    ax.plot(rows[column] / unit, 100 * rows['acc1'], color=color, **style)
+    ax.plot(rows[column] / unit, 100 * rows[accuracy], color=color, **style)
 
 
 def anytime_figure(anytime, path, labels=None):
-    """Top-1 accuracy of every exit against its cost, one curve per snapshot (``anytime.csv``).
-    ``labels``: {snapshot: its name in the legend} (default: the snapshot column)."""
+    """Top-1 accuracy of every exit against its cost, one curve per snapshot (``anytime.csv``),
+    and, where the frame has ``acc1_poe``, Product Anytime's (``anytime_poe``) dashed in the same
+    colour. ``labels``: {snapshot: its name in the legend} (default: the snapshot column)."""
     labels = labels or {}
     fig, (ax,) = _figure('Anytime prediction: accuracy of each exit')
     for i, snapshot in enumerate(anytime['snapshot'].unique()):
-        _anytime(ax, anytime, snapshot, f'C{i}', marker='o',
-                 label=labels.get(snapshot, str(snapshot)))
+        label = labels.get(snapshot, str(snapshot))
+        _anytime(ax, anytime, snapshot, f'C{i}', marker='o', label=label)
+        if 'acc1_poe' in anytime:
+            _anytime(ax, anytime, snapshot, f'C{i}', accuracy='acc1_poe', marker='s',
+                     linestyle='--', label=f'{label}: product anytime')
     _save(fig, [ax], path)
 
 

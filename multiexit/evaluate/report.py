@@ -49,9 +49,9 @@ def exit_report(logits, labels, costs, acc_tops=(1, 5), exit_times=None, tempera
 
 def anytime_frame(report, n_exits, acc_tops=(1, 5)):
     """One row per exit of an ``exit_report``: exit, acc{t}, acc{t}_ens (the mean softmax of
-    exits 0..k; exit 0's own at k = 0), ece, the temperature-scaled ece_ts and temperature,
-    macs, macs_all_heads, params, and the measured ms_streaming and ms_latency, each optional
-    column where the report has it."""
+    exits 0..k; exit 0's own at k = 0), acc1_poe (``anytime_poe``), ece, the temperature-scaled
+    ece_ts and temperature, macs, macs_all_heads, params, and the measured ms_streaming and
+    ms_latency, each optional column where the report has it."""
     present = lambda columns: [c for c in columns if f'{c}_clf0' in report]
     costs = (['ece'] + present(CALIBRATION_COLUMNS) + ['macs', 'macs_all_heads', 'params']
              + present(TIME_COLUMNS))
@@ -61,22 +61,25 @@ def anytime_frame(report, n_exits, acc_tops=(1, 5)):
         row.update({f'acc{t}': report[f'acc{t}_clf{k}'] for t in acc_tops})
         row.update({f'acc{t}_ens': report[f'acc{t}_ens{k}' if k else f'acc{t}_clf0']
                     for t in acc_tops})
+        if f'acc1_poe{k}' in report:
+            row['acc1_poe'] = report[f'acc1_poe{k}']
         row.update({c: report[f'{c}_clf{k}'] for c in costs})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def per_exit_table(frame, acc_tops=(1, 5)):
-    """Text table of an ``anytime_frame``: accuracies and ECE in %, costs in millions, and
-    where the frame has them the temperature-scaled ECE in % (``ECE TS %``) with its
-    temperature (``T``) and the measured times in ms per image."""
+    """Text table of an ``anytime_frame``: accuracies (Product Anytime's too where the frame has
+    it) and ECE in %, costs in millions, and where the frame has them the temperature-scaled ECE
+    in % (``ECE TS %``) with its temperature (``T``) and the measured times in ms per image."""
     times = [c for c in TIME_COLUMNS if c in frame]
+    poe = ['acc1_poe'] if 'acc1_poe' in frame else []
     scaled_ece = 'ece_ts' in frame
     head = (['exit'] + [f'top-{t} %' for t in acc_tops] + [f'ensemble top-{t} %' for t in acc_tops]
-            + ['ECE %'] + (['ECE TS %', 'T'] if scaled_ece else [])
+            + ['PoE top-1 %'] * len(poe) + ['ECE %'] + (['ECE TS %', 'T'] if scaled_ece else [])
             + ['MMACs', 'MMACs all heads', 'Mparams']
             + [c.replace('_', ' ') for c in times])
-    pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + ['ece']
+    pct = [f'acc{t}' for t in acc_tops] + [f'acc{t}_ens' for t in acc_tops] + poe + ['ece']
     rows = [[str(r.exit)] + [f'{100 * getattr(r, c):.2f}' for c in pct]
             + ([f'{100 * r.ece_ts:.2f}', f'{r.temperature:.3f}'] if scaled_ece else [])
             + [f'{getattr(r, c) / 1e6:.2f}' for c in ('macs', 'macs_all_heads')]

@@ -87,6 +87,7 @@ def test_eval_reports_every_exit_with_macs_at_224_pixels(trained):
     result = read(snaps / '5' / 'run.json')['result']
     per_exit = {f'{m}_clf{k}' for m in ('ece', 'ece_ts', 'temperature', 'macs', 'macs_all_heads',
                                          'params', 'ms_streaming', 'ms_latency') for k in range(3)}
+    per_exit |= {f'acc1_poe{k}' for k in range(3)}
     assert set(result) == set(metric_names(3, (1, 5))) | per_exit
     model, _, _ = load_model(next((snaps / '1').glob('ep*.pt')), 'cpu')
     costs = flops.exit_costs(model, (3, 224, 224))
