@@ -86,3 +86,19 @@ def test_the_table_and_frame_show_the_scaled_ece_beside_the_plain_one():
     assert columns[at - 1:at + 2] == ['ECE %', 'ECE TS %', 'T']
     assert rows[0].split()[at:at + 2] == [f'{100 * frame["ece_ts"][0]:.2f}',
                                           f'{temperatures[0]:.3f}']
+
+
+def test_a_fit_that_diverges_falls_back_to_the_nll_minimum_and_says_so(monkeypatch, capsys):
+    """The authors' L-BFGS step can take T below 0 (a smoke network's exits did, at their lr;
+    here a larger lr forces it): the NLL's minimum over [0.05, 20] is used, with one warning,
+    and never a T <= 0."""
+    import multiexit.evaluate.calibration as calibration
+    logits, labels = reference_inputs()
+    monkeypatch.setattr(calibration, 'LR', 20.0)
+    T = fit_temperature(logits[0], labels)
+    grid = torch.linspace(0.05, 3.0, 2000)
+    best = grid[torch.stack([torch.nn.functional.cross_entropy(logits[0] / t, labels)
+                             for t in grid]).argmin()].item()
+    assert T == pytest.approx(best, rel=2e-3)
+    warning, = capsys.readouterr().err.splitlines()
+    assert warning.startswith('warning: temperature scaling diverged (T=-')

@@ -10,13 +10,20 @@ in one ``step``. Their small lr makes each step a hundredth of L-BFGS's, so T ma
 the optimum when it lies far from 1.5; kept, as theirs (their fitted values are in
 tests/data/temperature_scaling_reference.json). Here each exit gets its own fit, unlabelled
 examples (IGNORE) are left out of the NLL, and the logits are taken as given (no forward pass).
+Their fit can also diverge (an L-BFGS step takes T below 0, seen on a smoke network's exits);
+where it does, the NLL's minimum over T in [0.05, 20] is found by a golden-section search on
+log T instead, with one warning line, rather than reporting a T <= 0 or stopping the evaluation.
 """
+import math
+import sys
+
 import torch
 from torch.nn import functional as F
 
 from ..losses import IGNORE
 
 INITIAL_T, LR, MAX_ITER = 1.5, 0.01, 200
+SEARCHED = (0.05, 20.0)  # where the fallback looks for T, when the authors' fit diverged
 
 
 def fit_temperature(logits, labels):
@@ -34,9 +41,27 @@ def fit_temperature(logits, labels):
 
     optimizer.step(nll)
     fitted = temperature.item()
-    if not fitted > 0:  # a T <= 0 would reverse or void the ranking: never report it
-        raise ValueError(f'temperature scaling diverged to T={fitted}')
-    return fitted
+    if fitted > 0 and math.isfinite(fitted):
+        return fitted
+    # a T <= 0 would reverse or void the ranking: never report it
+    searched = _searched(lambda t: F.cross_entropy(logits / t, labels, ignore_index=IGNORE))
+    print(f'warning: temperature scaling diverged (T={fitted:.4g}); T={searched:.4g}, the '
+          f'NLL minimum in {list(SEARCHED)}, is used instead', file=sys.stderr, flush=True)
+    return searched
+
+
+def _searched(nll, steps=60):
+    """The T in SEARCHED that minimises ``nll(T)``: a golden-section search on log T."""
+    lo, hi = map(math.log, SEARCHED)
+    ratio = (math.sqrt(5) - 1) / 2
+    with torch.no_grad():
+        for _ in range(steps):
+            a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+            if nll(math.exp(a)) <= nll(math.exp(b)):
+                hi = b
+            else:
+                lo = a
+    return math.exp((lo + hi) / 2)
 
 
 def fit_temperatures(logits, labels):
