@@ -350,6 +350,21 @@ def test_cells_that_differ_in_method_and_seed_share_packs():
     other = grid.plan(full, ['dbt'], [25], [0], 300, ['cf_opt.lr=0.05'])
     assert len(cells.packed(every[:1] + other, None)) == 2  # other settings: another pack
     assert grid.pack_size('auto', (), ['0']) is None and grid.pack_size('auto', (), []) == 1
+
+
+def test_cells_whose_loss_does_not_pack_train_alone():
+    full = grid.PRESETS['cifar100', False]
+    every = grid.plan(full, ['standard', 'distill_later', 'distill_next'], [25], full.seeds, 300)
+    units = cells.packed(every, None)
+    assert [len(u.cells) for u in units] == [3, 1, 1, 1, 1, 1, 1]
+    assert all(isinstance(u, grid.Cell) and u.method.startswith('distill_') for u in units[1:])
+
+
+def test_the_losses_that_train_alone_are_those_that_pack_refuses():
+    from multiexit.losses import REGISTRY
+    from multiexit.train.pack import PACKABLE
+    assert set(cells.ALONE) == {name for name, cls in REGISTRY.items()
+                                if not issubclass(cls, PACKABLE)}
     assert grid.pack_size('auto', ('gpu=-1',), ['0']) == 1 and grid.pack_size(3, (), []) == 3
 
 

@@ -127,9 +127,12 @@ def test_build_drops_keys_of_other_losses_left_by_a_merged_config():
 
 @pytest.mark.parametrize('make', [lambda n: losses.ClassificationOnlyLoss(n_exits=n),
                                   lambda n: losses.DistillationLossConstTemp(0.5, 4.0, n),
-                                  lambda n: dbt(n_exits=n)],
+                                  lambda n: dbt(n_exits=n),
+                                  lambda n: losses.DistillationFromLaterExits(n),
+                                  lambda n: losses.DistillationFromNextExit(n)],
                          ids=['ClassificationOnlyLoss', 'DistillationLossConstTemp',
-                              'DistillationBasedLoss'])
+                              'DistillationBasedLoss', 'DistillationFromLaterExits',
+                              'DistillationFromNextExit'])
 def test_a_loss_runs_its_ops_once_for_all_exits(make):
     """The exits are stacked: forward and backward launch as many kernels for 11 exits as
     for 3 (a loop over the exits cost ~25 ops per exit and step)."""

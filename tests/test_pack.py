@@ -303,6 +303,30 @@ def test_runs_that_cannot_share_a_pack_are_refused(fake_data, tmp_path, change, 
         PackedRuns(runs)
 
 
+@pytest.mark.parametrize('call', ['DistillationFromLaterExits', 'DistillationFromNextExit'])
+def test_a_loss_with_teachers_other_than_the_last_exit_trains_alone(call):
+    with pytest.raises(ConfigError, match=f'^run 2 of the pack trains with {call}, which does '
+                                          r'not pack \(its teachers are not the last exit\): '
+                                          r'train it alone$'):
+        PackLoss([losses.DistillationBasedLoss(0.5, 0.5, 3), losses.build(dict(call=call,
+                                                                                n_exits=3))])
+
+
+def test_distillation_from_later_exits_resumes_alone_exactly(fake_data, tmp_path):
+    """The loss has no state: epoch 1 resumed to epoch 2 ends where 2 epochs alone end."""
+    loss = dict(call='DistillationFromLaterExits', kd_weight=0.5)
+    with no_onednn():
+        straight = make_run(fake_data, tmp_path / 'straight', 0, loss)
+        train_alone(straight)
+        first = make_run(fake_data, tmp_path / 'first', 0, loss, n_epochs=1)
+        train_alone(first)
+        resumed = make_run(fake_data, tmp_path / 'resumed', 0, loss, parent=str(first.run_dir))
+        assert resumed.epoch == 1
+        train_alone(resumed)
+    mine, theirs = (checkpoint.load(r.run_dir / 'last.pt') for r in (resumed, straight))
+    assert mine['epoch'] == theirs['epoch'] == 2 and mine['loss'] == {}
+    assert same_state(mine['model'], theirs['model']) == []
+
 # --- train_pack.py: every member a sacred run of its own (in this process) ---
 
 SMOKE = ['smoke', 'cf_trn.n_per_class=3', 'cf_trn.nval_per_class=1', 'n_epochs=2']  # 3 steps

@@ -14,12 +14,15 @@ from torch import nn
 from ..config import PACK_SHARED, as_text, changed_settings
 from ..errors import ConfigError
 from ..evaluate.passes import evaluate
-from ..losses import (DistillationBasedLoss, DistillationLossConstTemp, distillation_loss,
-                      over_classes, teacher_confidence)
+from ..losses import (ClassificationOnlyLoss, DistillationBasedLoss, DistillationLossConstTemp,
+                      distillation_loss, over_classes, teacher_confidence)
 from ..models.fused import fuse, load_members, member_part, stack_members
 from .loop import train_epoch
 from .run import build_optimizer, scheduler_at, step_without_optimizer
 from .solo import build_steps
+
+# the losses that are distillation_loss with some C, global_scale and T
+PACKABLE = (ClassificationOnlyLoss, DistillationLossConstTemp)
 
 
 class PackedRuns:
@@ -119,7 +122,8 @@ class PackLoss(nn.Module):
     (``member_losses``, in order) up to the order of floating-point sums, with the same
     gradients.
 
-    The three losses are ``distillation_loss`` with per-member C, global_scale and T:
+    The three losses are ``distillation_loss`` with per-member C, global_scale and T (any other
+    loss, e.g. distillation from later exits, is refused):
     ClassificationOnlyLoss is C = 0 and global_scale = 1, DistillationLossConstTemp keeps its T,
     and DBT members raise theirs by their Tmult after a training call while their teacher's mean
     max-probability exceeds their maxprob. ``temperature`` (K,) float64 is each member's T.
@@ -127,6 +131,11 @@ class PackLoss(nn.Module):
 
     def __init__(self, member_losses):
         super().__init__()
+        for i, m in enumerate(member_losses, 1):
+            if not isinstance(m, PACKABLE):
+                raise ConfigError(f'run {i} of the pack trains with {type(m).__name__}, which '
+                                  f'does not pack (its teachers are not the last exit): train '
+                                  f'it alone')
         first = member_losses[0]
         self.n_exits, self.acc_tops = first.n_exits, first.acc_tops
         per_member = lambda get, dtype=torch.float64: torch.tensor(
