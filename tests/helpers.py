@@ -142,10 +142,6 @@ def run_in_process(script, *args, cwd, check=True, env=None):
     from multiexit.errors import EXIT_CODE_INTERRUPTED
 
     ex = importlib.import_module(Path(script).stem).ex
-    # what a refused run leaves on the experiment, which lives as long as this process
-    logging.getLogger(ex.path).setLevel(logging.NOTSET)
-    for observer in ex.observers:
-        vars(observer).pop('refused', None)
     argv = [script, *map(str, args)]
     out, err = io.StringIO(), io.StringIO()
     before = os.getcwd()
