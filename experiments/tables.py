@@ -29,8 +29,9 @@ def cell_rows(cell, train, test):
     covers = dict(data=f'{train.get("cf_trn.call")} in {train.get("data_dir")}',
                   network=train.get('network'), epochs=int(epochs) if pd.notna(epochs) else None)
     return [dict(method=cell.method, size=cell.size, seed=cell.seed, exit=k,
-                 acc1=test[f'result.acc1_clf{k}'], **covers, train_run=train['run'],
-                 eval_run=test['run']) for k in exits]
+                 acc1=test[f'result.acc1_clf{k}'],
+                 macs=test.get(f'result.macs_all_heads_clf{k}'), **covers,
+                 train_run=train['run'], eval_run=test['run']) for k in exits]
 
 
 def covered(results):
@@ -89,6 +90,14 @@ def write_markdown(results, methods, labels, path, description):
     text = ['# Test top-1 accuracy per exit (%)', '', f'{covered(results)}; {description}', '',
             'Mean ± standard deviation over seeds of each run\'s best-validation snapshot on the '
             'test split; `size`: training images per class.', '', _markdown(accuracy), '']
+    if has_costs(results):
+        cost = results.groupby(['method', 'exit'], observed=True)['macs'].mean() / 1e6
+        cost = cost.map('{:.2f}'.format).unstack('exit')
+        cost.columns = [f'exit {k}' for k in cost.columns]
+        cost = cost.reset_index().assign(method=lambda f: f['method'].map(labels))
+        text += ['## Cost per exit (millions of MACs)', '',
+                 'What an image that reaches the exit costs, every earlier head included.', '',
+                 _markdown(cost), '']
     if difference is not None:
         text += ['## Difference to standard training (percentage points)', '',
                  'Per seed (same data subset and initialisation), method minus standard; mean ± '
@@ -96,10 +105,22 @@ def write_markdown(results, methods, labels, path, description):
     path.write_text('\n'.join(text))
 
 
+def has_costs(results):
+    """Whether every row has its exit's MACs (runs evaluated before eval.py wrote them do not)."""
+    return 'macs' in results and results['macs'].notna().all()
+
+
 def write_figure(results, methods, labels, path, description):
+    """Accuracy per exit against its cost: the MACs of an image that reaches the exit (every
+    earlier head included, as in an early-exit cascade); against the exit's index for results
+    without costs."""
     sizes = list(results['size'].cat.categories)
-    stats = results.groupby(['size', 'method', 'exit'], observed=True)['acc1'].agg(
-        ['mean', 'std']).reset_index()
+    by_cost = has_costs(results)
+    x = 'macs' if by_cost else 'exit'
+    results = results.assign(macs=results['macs'] / 1e6) if by_cost else results
+    stats = results.groupby(['size', 'method', 'exit'], observed=True).agg(
+        mean=('acc1', 'mean'), std=('acc1', 'std'), **{x: (x, 'mean')} if by_cost else {})
+    stats = stats.reset_index()
     fig = Figure(figsize=(1 + 3.6 * len(sizes), 4.4), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
@@ -107,11 +128,13 @@ def write_figure(results, methods, labels, path, description):
         for i, method in enumerate(methods):
             line = stats[(stats['size'] == size) & (stats['method'] == method)]
             if len(line):
-                ax.errorbar(line['exit'], line['mean'], yerr=line['std'].fillna(0), marker='o',
+                ax.errorbar(line[x], line['mean'], yerr=line['std'].fillna(0), marker='o',
                             capsize=3, color=f'C{i}', label=labels[method])
         ax.set(title=f'{size} training images per class' if size != ALL else
-               'all training images', xlabel='exit')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+               'all training images',
+               xlabel='MACs to the exit, earlier heads included (millions)' if by_cost else 'exit')
+        if not by_cost:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('test top-1 accuracy (%)')
     axes[0].legend(fontsize='small')

@@ -30,3 +30,24 @@ def test_the_title_fits_inside_the_figure_above_the_panels(tmp_path, monkeypatch
     assert ' '.join(title.get_text().split()) == (
         'ImageNet in /datasets/imagenet/ILSVRC2012; network MsdNet; 90 epochs; seed 0; '
         + description)
+
+
+def test_accuracy_is_drawn_against_the_cost_of_each_exit_and_the_costs_are_tabled(tmp_path,
+                                                                                  monkeypatch):
+    figures, savefig = [], tables.Figure.savefig
+    monkeypatch.setattr(tables.Figure, 'savefig',
+                        lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
+    macs = [1.5e6, 4e6, 9e6]
+    rows = [dict(method=m, size=25, seed=seed, exit=k, acc1=0.4 + k / 10 + seed / 100,
+                 macs=macs[k], data='Cifar100 in data', network='MsdNet', epochs=1,
+                 train_run='1', eval_run='2')
+            for m in LABELS for seed in (0, 1) for k in range(3)]
+    tables.write_results(pd.DataFrame(rows), list(LABELS), LABELS, tmp_path, 'grid', 'quick')
+    [fig] = figures
+    [ax] = fig.axes
+    assert 'MACs' in ax.get_xlabel()
+    drawn = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in ax.containers}
+    assert drawn == {'standard': [1.5, 4.0, 9.0], 'DBT': [1.5, 4.0, 9.0]}
+    text = (tmp_path / 'grid.md').read_text()
+    assert '| DBT | 1.50 | 4.00 | 9.00 |' in text
+    assert '## Difference to standard training' in text
