@@ -209,7 +209,10 @@ class MsdNet(MultiExitNet):
                              f'12x12, but in_shape={in_shape} with n_scales={n_scales} gives '
                              f'{coarsest}x{coarsest} (use n_scales=3 for 32, 4 for 224)')
         self.n_exits, self.in_shape = n_exits, in_shape
-        self.gradient_equilibrium = bool(gradient_equilibrium)
+        if not isinstance(gradient_equilibrium, bool):
+            raise ValueError(f'MsdNet: gradient_equilibrium must be True or False, got '
+                             f'{gradient_equilibrium!r}')
+        self.gradient_equilibrium = gradient_equilibrium
         block_nlayers = [nlayers_to_exit] + [nlayers_between_exits] * (n_exits - 1)
         n_layers = 1 + sum(block_nlayers)
         tab = nplanes_table(n_scales, n_layers, nplanes_init, nplanes_mulv, nplanes_addh,
