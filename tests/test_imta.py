@@ -9,10 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DATA
+from multiexit.config import TrainConfig
+from multiexit.data.cifar import write_fake_cifar
 from multiexit import losses
 from multiexit.errors import ConfigError
 from multiexit.models import MsdNet, build
 from multiexit.models.fused import fuse, member_part
+from multiexit.train.api import train_alone
+from multiexit.train.run import Run
 
 REFERENCE = json.loads((DATA / 'imta_reference.json').read_text())
 SETTINGS = [(0.1, 1.0), (0.9, 3.0)]  # run_IMTA.sh's (the defaults), args.py's
@@ -136,8 +140,6 @@ def test_gradient_equilibrium_survives_fusing():
 
 
 def test_the_settings_pass_the_checks_and_bad_ones_are_one_line():
-    from multiexit.config import TrainConfig
-
     cf = dict(call='MsdNet', **REFERENCE['ge_net'], gradient_equilibrium=True)
     TrainConfig.check(dict(cf_net=cf, cf_loss=dict(call='IMTADistillation', gamma=0.1, T=1.0)))
     assert build(cf).gradient_equilibrium
@@ -145,3 +147,44 @@ def test_the_settings_pass_the_checks_and_bad_ones_are_one_line():
         build(dict(cf, gradient_equilibrium=1))
     with pytest.raises(ConfigError, match='cf_loss.gamma=1.5: expected a number in'):
         TrainConfig.check(dict(cf_loss=dict(call='IMTADistillation', gamma=1.5)))
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    """train_cifar.py's smoke configuration with GE and the IMTA loss (train_cifar.py with
+    cf_net.gradient_equilibrium=True cf_loss.call=IMTADistillation), on generated data."""
+    import train_cifar
+
+    config = dict(train_cifar.ex.run('print_config', named_configs=['smoke']).config)
+    data = tmp_path_factory.mktemp('data')
+    write_fake_cifar(data, 'Cifar100', n_train_per_class=30, n_test_per_class=2)
+    small = dict(n_per_class=3, nval_per_class=1)  # 3 steps an epoch
+    return dict(config, data_dir=str(data), seed=3, parent_snapshot=None,
+                cf_net=dict(config['cf_net'], gradient_equilibrium=True),
+                cf_loss=dict(config['cf_loss'], call='IMTADistillation'),
+                cf_trn=dict(config['cf_trn'], **small), cf_val=dict(config['cf_val'], **small))
+
+
+def trained(config, run_dir, starts_at=0, **changes):
+    run_dir.mkdir(parents=True)
+    config = dict(config, **changes)
+    (run_dir / 'config.json').write_text(json.dumps(config))  # what sacred records
+    run = Run(TrainConfig.of(config), run_dir, run_dir.parent, log=print)
+    assert run.epoch == starts_at
+    train_alone(run)
+    return run
+
+
+def test_ge_with_the_imta_loss_trains_and_resumes_exactly(smoke, tmp_path):
+    full = trained(smoke, tmp_path / 'full', n_epochs=2)
+    assert full.model.gradient_equilibrium and isinstance(full.loss_fn, losses.IMTADistillation)
+    trained(smoke, tmp_path / 'parent', n_epochs=1)
+    trained(smoke, tmp_path / 'resumed', starts_at=1, n_epochs=2,
+            parent_snapshot=str(tmp_path / 'parent'))
+    ref, resumed = (torch.load(tmp_path / name / 'last.pt', weights_only=True)
+                    for name in ('full', 'resumed'))
+    assert ref['epoch'] == resumed['epoch'] == 2
+    for k, v in ref['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    first = torch.load(tmp_path / 'parent' / 'last.pt', weights_only=True)['model']
+    assert any(not torch.equal(v, first[k]) for k, v in ref['model'].items())  # it trained
