@@ -69,7 +69,7 @@ PER_MEMBER = ('snapshot_name', 'seed', 'cf_trn.seed', 'cf_loss.')
 
 # the losses that train alone (train.pack.PackLoss refuses them; tests/test_grid.py keeps the
 # two in step), named here so that planning a grid imports no torch
-ALONE = ('DistillationFromLaterExits', 'DistillationFromNextExit')
+ALONE = ('DistillationFromLaterExits', 'DistillationFromNextExit', 'IMTADistillation')
 
 
 def _trains_alone(cell):

@@ -34,8 +34,8 @@ together as one pack (``cells.Pack``: one train_pack.py process, one fused netwo
 kernel does the K runs' work, each cell still a training run of its own); ``--pack auto``: all
 such cells in one pack where the training runs on a GPU, none on the CPU (which gains nothing:
 it is bound by the arithmetic, not by kernel launches). A pack is a unit of ``--jobs`` (one per
-GPU) and a task of ``--cluster``. The cells of distill_later and distill_next train alone (their
-losses do not pack). Grids that share a snapshots folder at the same time must have
+GPU) and a task of ``--cluster``. The cells of distill_later, distill_next and imta train alone
+(their losses do not pack). Grids that share a snapshots folder at the same time must have
 disjoint cells.
 
 Writes to ``--out`` (results/), after every cell that ran and at the end, ``<name>.md`` (test
@@ -96,6 +96,12 @@ METHODS = {
                             ('cf_loss.call=DistillationFromLaterExits',)),
     'distill_next': Method('distillation from the next exit',
                            ('cf_loss.call=DistillationFromNextExit',)),
+    # Li et al.: Gradient Equilibrium with the exits' cross-entropies (their main_GE.py), and
+    # IMTA in one run, GE with their distillation (whose cells train alone, cells.ALONE)
+    'ge': Method('Gradient Equilibrium', ('cf_net.gradient_equilibrium=True',
+                                          'cf_loss.call=ClassificationOnlyLoss')),
+    'imta': Method('IMTA (GE + one-for-all distillation)',
+                   ('cf_net.gradient_equilibrium=True', 'cf_loss.call=IMTADistillation')),
 }
 
 

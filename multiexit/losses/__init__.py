@@ -2,24 +2,26 @@
 logits, and their name registry (``cf_loss.call``): a module per method.
 
 - ``distillation``: the original code's three (standard, distillation at a constant T, DBT);
-- ``later_exits``: distillation from all later exits, and from the next exit (Kubaty et al.).
+- ``later_exits``: distillation from all later exits, and from the next exit (Kubaty et al.);
+- ``imta``: IMTA's one-for-all distillation from the last exit (Li et al.).
 
 ``terms`` holds what they are made of.
 """
 from .. import registry
 from .distillation import (ClassificationOnlyLoss, DistillationBasedLoss,
                            DistillationLossConstTemp, distillation_loss, teacher_confidence)
+from .imta import IMTADistillation, imta_loss
 from .later_exits import DistillationFromLaterExits, DistillationFromNextExit
 from .terms import IGNORE, cross_entropy, over_classes, soft_cross_entropy
 
 __all__ = ['IGNORE', 'cross_entropy', 'over_classes', 'soft_cross_entropy', 'distillation_loss',
            'teacher_confidence', 'ClassificationOnlyLoss', 'DistillationLossConstTemp',
            'DistillationBasedLoss', 'DistillationFromLaterExits', 'DistillationFromNextExit',
-           'REGISTRY', 'build']
+           'IMTADistillation', 'imta_loss', 'REGISTRY', 'build']
 
 REGISTRY = {cls.__name__: cls for cls in
             (ClassificationOnlyLoss, DistillationLossConstTemp, DistillationBasedLoss,
-             DistillationFromLaterExits, DistillationFromNextExit)}
+             DistillationFromLaterExits, DistillationFromNextExit, IMTADistillation)}
 
 
 def build(cf_loss):

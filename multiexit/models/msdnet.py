@@ -12,6 +12,7 @@ from torch import nn
 from ..accel import streams
 from .base import MultiExitNet, cat_channels
 from .batchnorm import BatchNorm2d
+from .equilibrium import rescale_gradient
 
 
 def conv_bn_relu(n_in, n_out, kernel_size, stride=1, padding=0):
@@ -187,14 +188,15 @@ def block_boundaries(block_nlayers, n_scales, prune, plane_reduction):
 class MsdNet(MultiExitNet):
     """Multi-scale dense network; ``forward`` returns one logits tensor per exit.
 
-    Keyword arguments are those of the original ``cf_net``. Exit ``k`` reads the coarsest scale
+    Keyword arguments are those of the original ``cf_net``, and ``gradient_equilibrium``: train
+    with Li et al.'s Gradient Equilibrium (``forward``). Exit ``k`` reads the coarsest scale
     after ``blocks[k]``.
     """
 
     def __init__(self, in_shape=32, out_dim=100, n_scales=3, n_exits=11, nlayers_to_exit=4,
                  nlayers_between_exits=2, nplanes_mulv=(6, 12, 24), nplanes_addh=1,
                  nplanes_init=1, prune='min', plane_reduction=0.5, exit_width=128,
-                 btneck_widths=(4, 4, 4)):
+                 btneck_widths=(4, 4, 4), gradient_equilibrium=False):
         super().__init__()
         if nlayers_to_exit < nlayers_between_exits:
             raise ValueError('MsdNet: nlayers_to_exit must be >= nlayers_between_exits')
@@ -207,6 +209,10 @@ class MsdNet(MultiExitNet):
                              f'12x12, but in_shape={in_shape} with n_scales={n_scales} gives '
                              f'{coarsest}x{coarsest} (use n_scales=3 for 32, 4 for 224)')
         self.n_exits, self.in_shape = n_exits, in_shape
+        if not isinstance(gradient_equilibrium, bool):
+            raise ValueError(f'MsdNet: gradient_equilibrium must be True or False, got '
+                             f'{gradient_equilibrium!r}')
+        self.gradient_equilibrium = gradient_equilibrium
         block_nlayers = [nlayers_to_exit] + [nlayers_between_exits] * (n_exits - 1)
         n_layers = 1 + sum(block_nlayers)
         tab = nplanes_table(n_scales, n_layers, nplanes_init, nplanes_mulv, nplanes_addh,
@@ -248,3 +254,20 @@ class MsdNet(MultiExitNet):
     def exit_features(h):
         """What an exit head reads of a block's output: the coarsest scale."""
         return h[-1]
+
+    def forward(self, x):
+        """Every exit's logits. With Gradient Equilibrium the values are the same, and the
+        gradient of the coarsest scale after block i (of n) is 1/(n-i) times the sum of exit i's
+        and n-i-1 times the later blocks' (finer scales keep theirs): as MSDNet.forward of
+        kalviny/IMTA, models/msdnet_ge.py, at a9378373241c3247db01f826e3cd8025702fa54b, which
+        rescales x[-1] by 1/(nBlocks-i) before classifier i and by nBlocks-i-1 after it."""
+        if not self.gradient_equilibrium:
+            return super().forward(x)
+        logits, n = [], len(self.blocks)
+        for i, (block, head) in enumerate(zip(self.blocks, self.exits)):
+            x = list(block(x))
+            x[-1] = rescale_gradient(x[-1], 1.0 / (n - i))
+            logits.append(streams.aside(head, self.exit_features(x)))
+            if i + 1 < n:  # the authors' scale 0 after the last exit reaches nothing
+                x[-1] = rescale_gradient(x[-1], n - i - 1)
+        return streams.join(logits)
