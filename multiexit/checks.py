@@ -22,6 +22,7 @@ REGISTRIES = {'cf_net': models.REGISTRY, 'cf_loss': losses.REGISTRY,
 MODULES = {'cf_opt': (torch.optim, torch.optim.Optimizer),
            'cf_scheduler': (torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)}
 SECTIONS = (*REGISTRIES, *MODULES)
+OPTIONS = {'cf_net': set(models.OPTIONS)}  # keys that every class of the section takes
 COMPILE_MODES = (False, None, 'default', 'reduce-overhead', 'max-autotune')
 
 
@@ -99,6 +100,10 @@ LOSS = {'C': number(0, 1), 'maxprob': number(0, 1), 'global_scale': number(0, lo
 OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': number(0, 1),
        'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
        'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}
+NET = {'boost_reweight': ('None, a number >= 0, or a list of them (1, 2 or one per exit)',
+                          lambda v: v is None or _is_number(v) and v >= 0 or (
+                              isinstance(v, (list, tuple)) and len(v) >= 1
+                              and all(_is_number(x) and x >= 0 for x in v)))}
 SCHEDULER = {'milestones': integers(0), 'gamma': number(0, low_open=True),
              'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)}
 
@@ -131,8 +136,9 @@ def _closest(word, options):
     return f' (did you mean {match[0]}?)' if match else ''
 
 
-def _arguments(cls):
-    return set(inspect.signature(cls).parameters) - {'self', 'params', 'optimizer'}
+def _arguments(cls, section=None):
+    return (set(inspect.signature(cls).parameters) - {'self', 'params', 'optimizer'}
+            | OPTIONS.get(section, set()))
 
 
 def classes(section):
@@ -155,12 +161,13 @@ def _check_calls_and_keys(section, cf):
                           f'known: {", ".join(sorted(family))}' if section in REGISTRIES else
                           f'{section}.call={call!r}: not a class of {MODULES[section][0].__name__}'
                           f'{_closest(str(call), family)}')
-    known = set().union(*map(_arguments, family.values()))  # others' keys: left behind, dropped
+    # others' keys: left behind, dropped
+    known = set().union(*(_arguments(cls, section) for cls in family.values()))
     for key in cf:
         if key != 'call' and key not in known:
             raise ConfigError(f'{section}.{key}: {call} takes no such setting'
                               f'{_closest(key, known)}; it takes '
-                              f'{", ".join(sorted(_arguments(family[call])))}')
+                              f'{", ".join(sorted(_arguments(family[call], section)))}')
 
 
 def ignored_keys(section, cf, keys):
@@ -168,4 +175,4 @@ def ignored_keys(section, cf, keys):
     not take, though another class of its kind does (``registry.build`` drops them)."""
     cls = classes(section).get(cf.get('call'))
     return [] if cls is None else sorted(k for k in keys if k != 'call' and k in cf
-                                         and k not in _arguments(cls))
+                                         and k not in _arguments(cls, section))
