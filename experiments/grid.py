@@ -96,6 +96,9 @@ METHODS = {
                             ('cf_loss.call=DistillationFromLaterExits',)),
     'distill_next': Method('distillation from the next exit',
                            ('cf_loss.call=DistillationFromNextExit',)),
+    # Yu et al.'s boosted exits (models.boosted), with their CIFAR-100 scripts' reweight
+    'boosted': Method('boosted', ('cf_loss.call=ClassificationOnlyLoss',
+                                  'cf_net.boost_reweight=0.5')),
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from recorded_graphs import RecordedGraphs
 
+from experiments import cells, grid
 from helpers import DATA, TINY, run_in_process
 from multiexit import data, losses, models
 from multiexit.checks import ignored_keys
@@ -26,6 +27,11 @@ from multiexit.models.base import MultiExitNet
 from multiexit.models.boosted import boosted_class, exit_weights
 from multiexit.models.fused import fuse
 from multiexit.runs import find
+from multiexit.runs.table import method_label
+from multiexit.train.api import train_alone
+from multiexit.train.loop import fit
+from multiexit.train.pack import PackedRuns
+from multiexit.train.run import Run
 from multiexit.train.step import GraphedTrainStep, TrainStep
 
 REFERENCE = json.loads((DATA / 'boosted_reference.json').read_text())
@@ -84,11 +90,11 @@ def test_early_exit_thresholds_are_the_authors_on_the_boosted_logits(name):
     net, y = reference_net(name)
     with torch.no_grad():
         conf, pred = confidences(torch.stack(net.eval()(torch.zeros(16, 3, 32, 32))))
-    for q, fit in REFERENCE[name]['thresholds'].items():
+    for q, authors in REFERENCE[name]['thresholds'].items():
         thresholds = fit_thresholds(conf, geometric_fractions(4, float(q)))
-        assert thresholds[:-1].tolist() == fit['thresholds'][:-1]
+        assert thresholds[:-1].tolist() == authors['thresholds'][:-1]
         acc, _, _ = outcome(conf, pred, y, thresholds, [1, 2, 3, 4])
-        assert acc * 100 == pytest.approx(fit['acc'])
+        assert acc * 100 == pytest.approx(authors['acc'])
 
 
 def test_the_training_rule_is_the_evaluation_rule_for_one_weight_but_not_for_a_linspace():
@@ -284,3 +290,54 @@ def test_eval_py_evaluates_the_boosted_predictions(trained):
     assert [result[f'acc1_clf{k}'] for k in range(3)] == pytest.approx(accuracy.tolist())
     assert [result[f'macs_clf{k}'] for k in range(3)] == [
         c['macs_all_heads'] for c in exit_costs(model)]
+
+
+def test_boosted_members_train_in_a_pack_as_alone(fake_data, tmp_path):
+    """Two boosted runs (standard and DBT losses, two seeds) as one fused network: each member's
+    weights after an epoch are its solo run's, within 1e-3 relative (oneDNN off, as in
+    tests/test_pack.py: the fused grouped convolutions then round as the solo ones)."""
+    net = dict(TINY['MsdNet'], out_dim=None, boost_reweight=[0.2, 1.0])
+    trn = dict(call='Cifar10', n_per_class=6, nval_per_class=2, augment=True)
+
+    def make(name, seed, loss):
+        (tmp_path / name).mkdir()
+        cfg = TrainConfig(cf_net=net, cf_loss=dict(loss, acc_tops=[1]),
+                          cf_trn=dict(trn, seed=seed), cf_val=dict(trn, seed=seed, augment=False),
+                          cf_opt=dict(call='SGD', lr=0.05, momentum=0.9),
+                          cf_scheduler=dict(call='MultiStepLR', milestones=[1]), batch_size=8,
+                          val_batch_size=20, n_epochs=1, data_dir=fake_data, gpu=-1, seed=seed)
+        return Run(cfg, tmp_path / name, log=lambda *a: None)
+
+    members = [(0, dict(call='ClassificationOnlyLoss')),
+               (1, dict(call='DistillationBasedLoss', C=0.5, maxprob=0.13, global_scale=10 / 3))]
+    saved, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+    try:
+        solo = [make(f'solo{seed}', seed, loss) for seed, loss in members]
+        for run in solo:
+            train_alone(run)
+        packed = [make(f'member{seed}', seed, loss) for seed, loss in members]
+        assert fit(PackedRuns(packed))[0] and [r.error for r in packed] == [None, None]
+    finally:
+        torch.backends.mkldnn.enabled = saved
+    for alone, member in zip(solo, packed):
+        assert type(member.model).__name__ == 'BoostedMsdNet'
+        mine = member.model.state_dict()
+        for name, value in alone.model.state_dict().items():
+            if value.is_floating_point():
+                assert float((mine[name] - value).norm() / value.norm().clamp(min=1e-12)) < 1e-3
+
+
+def test_the_grid_trains_boosted_cells_in_packs_of_their_own():
+    quick = grid.PRESETS['cifar100', True]
+    planned = grid.plan(quick, ['standard', 'boosted'], quick.sizes, (0, 1), 1)
+    boosted = [c for c in planned if c.method == 'boosted']
+    assert all({'cf_loss.call=ClassificationOnlyLoss', 'cf_net.boost_reweight=0.5'}
+               <= set(c.settings) for c in boosted)
+    for unit in cells.packed(planned, None):
+        assert len({c.method for c in unit.cells}) == 1 and len(unit.cells) == 2
+
+
+def test_the_runs_table_names_boosted_runs():
+    assert method_label({'cf_loss.call': 'ClassificationOnlyLoss',
+                         'cf_net.boost_reweight': 0.5}) == 'standard, boosted'
+    assert method_label({'cf_loss.call': 'ClassificationOnlyLoss'}) == 'standard'
