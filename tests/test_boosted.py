@@ -286,6 +286,15 @@ def test_eval_py_evaluates_the_boosted_predictions(trained):
     test = data.build(config['cf_trn'], 'test').loader(
         'test', snaps.parent / config['data_dir'], 250, torch.device('cpu'))
     logits, labels = exit_logits(model, test)
+    # the authors' F_i = o_i + 0.5 F_{i-1}, from the exits' own logits
+    with torch.inference_mode():
+        x = torch.cat([x for x, _ in test])
+        own = [head(model.exit_features(h)) for head, h in zip(model.exits,
+                                                                _block_outputs(model, x))]
+    expected = [own[0]]
+    for o in own[1:]:
+        expected.append(o + expected[-1] * 0.5)
+    torch.testing.assert_close(logits, torch.stack(expected))
     accuracy = (logits.argmax(-1) == labels).double().mean(dim=1)
     assert [result[f'acc1_clf{k}'] for k in range(3)] == pytest.approx(accuracy.tolist())
     assert [result[f'macs_clf{k}'] for k in range(3)] == [
