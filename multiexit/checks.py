@@ -82,6 +82,14 @@ def numbers(low, high, length):
                             and all(_is_number(x) and low <= x < high for x in v))
 
 
+def weights(low):
+    """None, a number >= ``low``, or a list of at least one."""
+    ok = lambda x: _is_number(x) and x >= low
+    return (f'None, a number >= {low} or a list of them',
+            lambda v: v is None or ok(v) or isinstance(v, (list, tuple)) and v and all(
+                map(ok, v)))
+
+
 def one_of(*values):
     return (' or '.join(map(repr, values)),
             lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values))
@@ -100,10 +108,7 @@ LOSS = {'C': number(0, 1), 'maxprob': number(0, 1), 'global_scale': number(0, lo
 OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': number(0, 1),
        'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
        'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}
-NET = {'boost_reweight': ('None, a number >= 0, or a list of them (1, 2 or one per exit)',
-                          lambda v: v is None or _is_number(v) and v >= 0 or (
-                              isinstance(v, (list, tuple)) and len(v) >= 1
-                              and all(_is_number(x) and x >= 0 for x in v)))}
+NET = {'boost_reweight': weights(0)}  # models.boosted: one, two (a linspace) or one per exit
 SCHEDULER = {'milestones': integers(0), 'gamma': number(0, low_open=True),
              'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)}
 

@@ -35,8 +35,8 @@ from ..errors import ConfigError
 def exit_weights(reweight, n_exits):
     """The per-exit weights of ``boost_reweight`` (a number, or a list of 1, 2 or ``n_exits``
     numbers), as floats, two values spread as numpy's linspace spreads them (args.py)."""
-    values = [float(reweight)] if isinstance(reweight, (int, float)) else [float(w) for w in
-                                                                           reweight]
+    values = [reweight] if isinstance(reweight, (int, float)) else list(reweight)
+    values = [float(w) for w in values]
     if len(values) == 1:
         return tuple(values * n_exits)
     if len(values) == 2:
