@@ -102,6 +102,10 @@ METHODS = {
                                           'cf_loss.call=ClassificationOnlyLoss')),
     'imta': Method('IMTA (GE + one-for-all distillation)',
                    ('cf_net.gradient_equilibrium=True', 'cf_loss.call=IMTADistillation')),
+    # Yu et al.'s boosted exits (models.boosted) on a GE MsdNet, as their CIFAR-100 scripts
+    'boosted': Method('boosted', ('cf_loss.call=ClassificationOnlyLoss',
+                                  'cf_net.boost_reweight=0.5',
+                                  'cf_net.gradient_equilibrium=True')),
 }
 
 

@@ -22,6 +22,7 @@ REGISTRIES = {'cf_net': models.REGISTRY, 'cf_loss': losses.REGISTRY,
 MODULES = {'cf_opt': (torch.optim, torch.optim.Optimizer),
            'cf_scheduler': (torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)}
 SECTIONS = (*REGISTRIES, *MODULES)
+OPTIONS = {'cf_net': set(models.OPTIONS)}  # keys that every class of the section takes
 COMPILE_MODES = (False, None, 'default', 'reduce-overhead', 'max-autotune')
 
 
@@ -81,6 +82,14 @@ def numbers(low, high, length):
                             and all(_is_number(x) and low <= x < high for x in v))
 
 
+def weights(low):
+    """None, a number >= ``low``, or a list of at least one."""
+    ok = lambda x: _is_number(x) and x >= low
+    return (f'None, a number >= {low} or a list of them',
+            lambda v: v is None or ok(v) or isinstance(v, (list, tuple)) and v and all(
+                map(ok, v)))
+
+
 def one_of(*values):
     return (' or '.join(map(repr, values)),
             lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values))
@@ -99,6 +108,7 @@ LOSS = {'C': number(0, 1), 'maxprob': number(0, 1), 'global_scale': number(0, lo
 OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': number(0, 1),
        'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
        'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}
+NET = {'boost_reweight': weights(0)}  # models.boosted: one, two (a linspace) or one per exit
 SCHEDULER = {'milestones': integers(0), 'gamma': number(0, low_open=True),
              'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)}
 
@@ -131,8 +141,9 @@ def _closest(word, options):
     return f' (did you mean {match[0]}?)' if match else ''
 
 
-def _arguments(cls):
-    return set(inspect.signature(cls).parameters) - {'self', 'params', 'optimizer'}
+def _arguments(cls, section=None):
+    return (set(inspect.signature(cls).parameters) - {'self', 'params', 'optimizer'}
+            | OPTIONS.get(section, set()))
 
 
 def classes(section):
@@ -155,12 +166,13 @@ def _check_calls_and_keys(section, cf):
                           f'known: {", ".join(sorted(family))}' if section in REGISTRIES else
                           f'{section}.call={call!r}: not a class of {MODULES[section][0].__name__}'
                           f'{_closest(str(call), family)}')
-    known = set().union(*map(_arguments, family.values()))  # others' keys: left behind, dropped
+    # others' keys: left behind, dropped
+    known = set().union(*(_arguments(cls, section) for cls in family.values()))
     for key in cf:
         if key != 'call' and key not in known:
             raise ConfigError(f'{section}.{key}: {call} takes no such setting'
                               f'{_closest(key, known)}; it takes '
-                              f'{", ".join(sorted(_arguments(family[call])))}')
+                              f'{", ".join(sorted(_arguments(family[call], section)))}')
 
 
 def ignored_keys(section, cf, keys):
@@ -168,4 +180,4 @@ def ignored_keys(section, cf, keys):
     not take, though another class of its kind does (``registry.build`` drops them)."""
     cls = classes(section).get(cf.get('call'))
     return [] if cls is None else sorted(k for k in keys if k != 'call' and k in cf
-                                         and k not in _arguments(cls))
+                                         and k not in _arguments(cls, section))

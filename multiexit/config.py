@@ -20,7 +20,8 @@ import torch
 
 from . import checks
 from .accel import cuda_defaults
-from .checks import DATA, LOSS, OPT, PATH, SCHEDULER, SWITCH, Section, integer, number, one_of
+from .checks import (DATA, LOSS, NET, OPT, PATH, SCHEDULER, SWITCH, Section, integer, number,
+                     one_of)
 from .errors import ConfigError
 
 PAPER_NET = dict(  # the paper's MsdNet (5,067,588 parameters, 11 exits)
@@ -66,7 +67,7 @@ def measured(name, rule, doc):
 class TrainConfig:
     """The settings of one training run, checked when made (``check``)."""
     # each training script's own, with its defaults and comments
-    cf_net: dict = setting(Section(), packed=True)
+    cf_net: dict = setting(Section(NET), packed=True)
     cf_loss: dict = setting(Section(LOSS))
     cf_trn: dict = setting(Section(DATA))
     cf_val: dict = setting(Section(DATA))

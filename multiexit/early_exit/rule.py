@@ -4,7 +4,9 @@ decides it on the full forward pass's confidences (a simulation); ``exit_step`` 
 and its exit head, as the runners (shrinking, streaming, latency) do.
 
 Uses the model contract of ``multiexit.models``: ``h = model.blocks[k](h)`` and
-``model.exits[k](model.exit_features(h))``.
+``model.exits[k](model.exit_features(h))``, or the model's ``exit_step`` where its exits
+combine the earlier exits' logits (boosted exits: the state carries their running ensemble, and
+an image leaves on the boosted logits' confidence, as the full forward pass decides).
 """
 import torch
 
@@ -40,8 +42,19 @@ def tree_map(fn, h, *others):
     return fn(h, *others)
 
 
-def exit_step(model, k, h):
-    """(block k's output, confidence and prediction of exit k) for block k's input ``h``."""
-    h = model.blocks[k](h)
-    conf, pred = confidences(model.exits[k](model.exit_features(h)))
-    return h, conf, pred
+def step(model, k, state):
+    """(the state that step k + 1 reads, exit k's logits) from ``state``, step k's input: block
+    k's input (the image for k = 0), or what the model's own ``exit_step`` carries (a model
+    whose exits combine the earlier exits' logits, ``models.boosted``)."""
+    if hasattr(model, 'exit_step'):
+        return model.exit_step(k, state)
+    h = model.blocks[k](state)
+    return h, model.exits[k](model.exit_features(h))
+
+
+def exit_step(model, k, state):
+    """(the state after step k, confidence and prediction of exit k) for step k's input
+    ``state`` (``step``)."""
+    state, logits = step(model, k, state)
+    conf, pred = confidences(logits)
+    return state, conf, pred

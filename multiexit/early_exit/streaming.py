@@ -13,19 +13,19 @@ import math
 import torch
 
 from .fixed_size import FixedSizeRunner
-from .rule import exit_step, tree_map
+from .rule import exit_step, step, tree_map
 
 HEAD, LENGTH = 0, 1  # columns of the queue counters: position of the oldest entry, entries
 
 
 def block_inputs(model, input_size, device):
-    """Per block, its input for one image (block 0: the image; block k: block k-1's output);
-    call without autograd."""
-    h = torch.zeros(1, *input_size, device=device)
-    inputs = [h]
-    for block in model.blocks[:-1]:
-        h = block(h)
-        inputs.append(h)
+    """Per block, its step's input for one image (block 0: the image; block k: what step k-1
+    leaves, ``rule.step``); call without autograd."""
+    state = torch.zeros(1, *input_size, device=device)
+    inputs = [state]
+    for k in range(len(model.blocks) - 1):
+        state, _ = step(model, k, state)
+        inputs.append(state)
     return inputs
 
 

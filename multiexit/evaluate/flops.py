@@ -43,8 +43,9 @@ def _count(module):
 
 @torch.no_grad()
 def exit_costs(model, input_size=(3, 32, 32)):
-    """Per exit k: ``params`` and ``macs`` of blocks 0..k + head k, and ``macs_all_heads`` of
-    blocks 0..k + heads 0..k (what an anytime prediction that evaluates every exit costs).
+    """Per exit k: ``params`` and ``macs`` of blocks 0..k + head k (heads 0..k where the model's
+    exits combine the earlier ones, boosted exits), and ``macs_all_heads`` of blocks 0..k +
+    heads 0..k (what an anytime prediction that evaluates every exit costs).
 
     Works for any model with ``blocks`` and ``exits`` where exit k reads blocks[k]'s output.
     """
@@ -60,12 +61,17 @@ def exit_costs(model, input_size=(3, 32, 32)):
         return sum(n for name, n in per_layer.items()
                    if name == own or name.startswith(own + '.'))
 
-    out, blocks_macs, heads_macs, blocks_params = [], 0, 0, 0
+    # boosted exits (models.boosted): exit k's prediction is made of heads 0..k
+    combined = getattr(model, 'combines_exits', False)
+    out, blocks_macs, heads_macs, blocks_params, heads_params = [], 0, 0, 0, 0
     for k in range(len(model.exits)):
         blocks_macs += macs('blocks', k)
         heads_macs += macs('exits', k)
         blocks_params += _count(model.blocks[k])
-        out.append({'exit': k, 'params': blocks_params + _count(model.exits[k]),
-                    'macs': blocks_macs + macs('exits', k),
+        heads_params += _count(model.exits[k])
+        out.append({'exit': k,
+                    'params': blocks_params + (heads_params if combined
+                                               else _count(model.exits[k])),
+                    'macs': blocks_macs + (heads_macs if combined else macs('exits', k)),
                     'macs_all_heads': blocks_macs + heads_macs})
     return out

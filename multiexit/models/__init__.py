@@ -8,19 +8,30 @@ Contract of a registered model (used by per-exit costs and early-exit inference)
 - every constructor argument is an explicit keyword argument (``registry.build`` relies on it);
 - its BatchNorms are ``batchnorm.BatchNorm2d``, whose step counters the training step advances
   once per epoch (``batchnorm.count_batches``).
+
+A model whose exits combine the earlier exits' logits (``boosted``: ``cf_net.boost_reweight``)
+also has ``exit_step(k, state)``, which the early-exit runners use instead of block k and exit
+head k alone (``early_exit.rule.exit_step``).
 """
 from .. import registry
+from . import boosted
 from .imagenet_resnet import ImageNetResNet
 from .msdnet import MsdNet
 from .resnet import ResNet, WideResNet
 
 REGISTRY = {'MsdNet': MsdNet, 'ResNet': ResNet, 'WideResNet': WideResNet,
             'ImageNetResNet': ImageNetResNet}
+OPTIONS = ('boost_reweight',)  # cf_net settings of every registered model, beside its own
 
 
 def build(cf_net):
-    """Build a registered model from a config dict whose ``call`` names it."""
-    return registry.build(REGISTRY, cf_net, 'net')
+    """Build a registered model from a config dict whose ``call`` names it; ``boost_reweight``
+    (None: off) gives it boosted exits (``boosted``)."""
+    cf_net = dict(cf_net)
+    reweight = cf_net.pop('boost_reweight', None)
+    if reweight is None:
+        return registry.build(REGISTRY, cf_net, 'net')
+    return boosted.build(REGISTRY, cf_net, reweight)
 
 
 def load_original_state_dict(model, state_dict):
@@ -32,5 +43,5 @@ def load_original_state_dict(model, state_dict):
     return model
 
 
-__all__ = ['MsdNet', 'ResNet', 'WideResNet', 'ImageNetResNet', 'REGISTRY', 'build',
+__all__ = ['MsdNet', 'ResNet', 'WideResNet', 'ImageNetResNet', 'REGISTRY', 'OPTIONS', 'build',
            'load_original_state_dict']

@@ -143,6 +143,8 @@ def method_label(row):
         return None
     T = row.get('cf_loss.T')
     label = METHODS.get(call, call).format(T=f'{T:g}' if isinstance(T, (int, float)) else '?')
+    if row.get('cf_net.boost_reweight') is not None:  # boosted exits (models.boosted)
+        label += ', boosted'
     unlabelled = row.get('cf_trn.n_unl_per_class')
     if isinstance(unlabelled, (int, float)) and unlabelled > 0:
         label += ' + unlabelled'
