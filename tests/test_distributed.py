@@ -21,6 +21,13 @@ NET = dict(call='MsdNet', in_shape=32, out_dim=10, n_scales=3, n_exits=3, nlayer
            prune='min', plane_reduction=0.5, exit_width=16, btneck_widths=[2, 2, 2])
 # maxprob 0: T grows at every step, so the loss depends on it from the second step on
 LOSS = dict(call='DistillationBasedLoss', n_exits=3, acc_tops=[1, 5], C=0.5, maxprob=0.0)
+# issue 34's methods under DDP: (network, loss) of each, trained as DBT is below
+METHODS = {
+    'imta': (dict(NET, gradient_equilibrium=True),
+             dict(call='IMTADistillation', n_exits=3, gamma=0.5, T=2.0)),
+    'boosted': (dict(NET, boost_reweight=0.5), dict(call='ClassificationOnlyLoss', n_exits=3)),
+    'distill_later': (NET, dict(call='DistillationFromLaterExits', n_exits=3)),
+}
 GLOBAL_BATCH, N_TRAIN, N_VAL = 16, 72, 37  # 4 steps and 8 examples dropped; an uneven last batch
 SPEC = cifar.DATASETS['Cifar10']
 
@@ -57,19 +64,21 @@ class Recorded(torch.nn.Module):
         return out
 
 
-def train_steps(rank, world_size):
-    """One epoch of the tiny MsdNet with DBT; with a group, DDP and sync_bn."""
+def train_steps(rank, world_size, net=NET, cf_loss=LOSS):
+    """One epoch of the tiny MsdNet with DBT (or ``net`` and ``cf_loss``); with a group, DDP
+    and sync_bn."""
     torch.manual_seed(0)
-    model = models.build(NET)
-    loss = Recorded(losses.build(LOSS))
+    model = models.build(net)
+    loss = Recorded(losses.build(cf_loss))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step_model = model
     if world_size > 1:
         model, step_model = distributed.wrap(model, torch.device('cpu'), sync_bn=True)
-    step = TrainStep(step_model, loss, opt, 3, (1, 5), 'cpu', T=loss.loss.temperature)
+    T = getattr(loss.loss, 'temperature', None)
+    step = TrainStep(step_model, loss, opt, 3, (1, 5), 'cpu', T=T)
     [mean_loss], [metrics], [bad] = train_epoch(step, train_loader(rank, world_size))
     return dict(losses=loss.values, mean_loss=mean_loss, metrics=metrics, bad=bad,
-                T=loss.loss.T, state=model.state_dict(), model=model)
+                T=None if T is None else loss.loss.T, state=model.state_dict(), model=model)
 
 
 def temperatures(rank):
@@ -96,6 +105,10 @@ def worker(rank, world_size, tmp):
         [out['val_sharded']] = evaluate(model, val_loader(rank, world_size), 3)
         [out['val_whole']] = evaluate(model, val_loader(), 3)
         out['T_disagreeing'] = temperatures(rank)
+        out['methods'] = {name: train_steps(rank, world_size, *method)
+                          for name, method in METHODS.items()}
+        for trained in out['methods'].values():
+            trained.pop('model')
         try:
             smoke = dict(call='Cifar100', n_per_class=20, nval_per_class=5)
             Run(TrainConfig(cf_net=NET, cf_loss=LOSS, cf_trn=smoke, cf_val=smoke,
@@ -122,7 +135,8 @@ def one_process():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: on 2 busy cores, 2 threads can be 100x slower
     try:
-        return train_steps(0, 1)
+        return dict(train_steps(0, 1), methods={name: train_steps(0, 1, *method)
+                                                for name, method in METHODS.items()})
     finally:
         torch.set_num_threads(threads)
 
@@ -149,6 +163,24 @@ def test_two_ranks_with_sync_bn_equal_one_process_with_the_global_batch(two_rank
     assert a['metrics']['acc1_avg'] == one_process['metrics']['acc1_avg']
     assert a['metrics']['avg_maxprob'] == pytest.approx(one_process['metrics']['avg_maxprob'],
                                                          rel=1e-4)
+
+
+@pytest.mark.parametrize('method', list(METHODS))
+def test_each_method_on_two_ranks_equals_one_process_with_the_global_batch(two_ranks,
+                                                                          one_process, method):
+    a, b = (ranks['methods'][method] for ranks in two_ranks)
+    alone = one_process['methods'][method]
+    global_losses = [(x + y) / 2 for x, y in zip(a['losses'], b['losses'])]
+    assert global_losses == pytest.approx(alone['losses'], rel=1e-4)
+    for k, v in alone['state'].items():
+        assert torch.equal(a['state'][k], b['state'][k]), k
+    # float sums in another order, grown by 4 steps of momentum SGD, compared over the whole
+    # network (boosted: 2e-5; a rank without the other's gradients is off in its loss already)
+    flat = lambda state: torch.cat([v.flatten().double() for v in state.values()
+                                    if v.is_floating_point()])
+    ranks, one = flat(a['state']), flat(alone['state'])
+    assert (ranks - one).norm() / one.norm() < 1e-4
+    assert a['metrics']['acc1_avg'] == alone['metrics']['acc1_avg']
 
 
 def test_temperature_follows_the_mean_confidence_of_the_ranks(two_ranks):
