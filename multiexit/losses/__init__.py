@@ -2,7 +2,8 @@
 logits, and their name registry (``cf_loss.call``): a module per method.
 
 - ``distillation``: the original code's three (standard, distillation at a constant T, DBT);
-- ``later_exits``: distillation from all later exits, and from the next exit (Kubaty et al.).
+- ``later_exits``: distillation from all later exits, and from the next exit (Kubaty et al.);
+- ``sdn``: SDN's weighted cross-entropy, its weights growing over the epochs (Kaya et al.).
 
 ``terms`` holds what they are made of.
 """
@@ -10,16 +11,17 @@ from .. import registry
 from .distillation import (ClassificationOnlyLoss, DistillationBasedLoss,
                            DistillationLossConstTemp, distillation_loss, teacher_confidence)
 from .later_exits import DistillationFromLaterExits, DistillationFromNextExit
+from .sdn import SdnWeightedLoss
 from .terms import IGNORE, cross_entropy, over_classes, soft_cross_entropy
 
 __all__ = ['IGNORE', 'cross_entropy', 'over_classes', 'soft_cross_entropy', 'distillation_loss',
            'teacher_confidence', 'ClassificationOnlyLoss', 'DistillationLossConstTemp',
            'DistillationBasedLoss', 'DistillationFromLaterExits', 'DistillationFromNextExit',
-           'REGISTRY', 'build']
+           'SdnWeightedLoss', 'REGISTRY', 'build']
 
 REGISTRY = {cls.__name__: cls for cls in
             (ClassificationOnlyLoss, DistillationLossConstTemp, DistillationBasedLoss,
-             DistillationFromLaterExits, DistillationFromNextExit)}
+             DistillationFromLaterExits, DistillationFromNextExit, SdnWeightedLoss)}
 
 
 def build(cf_loss):
