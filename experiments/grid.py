@@ -34,8 +34,7 @@ together as one pack (``cells.Pack``: one train_pack.py process, one fused netwo
 kernel does the K runs' work, each cell still a training run of its own); ``--pack auto``: all
 such cells in one pack where the training runs on a GPU, none on the CPU (which gains nothing:
 it is bound by the arithmetic, not by kernel launches). A pack is a unit of ``--jobs`` (one per
-GPU) and a task of ``--cluster``. The cells of distill_later and distill_next train alone (their
-losses do not pack). Grids that share a snapshots folder at the same time must have
+GPU) and a task of ``--cluster``. Grids that share a snapshots folder at the same time must have
 disjoint cells.
 
 Writes to ``--out`` (results/), after every cell that ran and at the end, ``<name>.md`` (test
@@ -91,11 +90,12 @@ METHODS = {
                        ('cf_loss.call=DistillationLossConstTemp', 'cf_loss.T=4.0')),
     'semisup': Method('DBT + unlabelled', ('cf_loss.call=DistillationBasedLoss',), ('semisup',),
                       unlabelled=True),
-    # Kubaty et al.'s baselines; they train alone, never in a pack (cells.ALONE)
+    # Kubaty et al.'s baselines
     'distill_later': Method('distillation from later exits',
                             ('cf_loss.call=DistillationFromLaterExits',)),
     'distill_next': Method('distillation from the next exit',
                            ('cf_loss.call=DistillationFromNextExit',)),
+    'sdn': Method('SDN weighted cross-entropy', ('cf_loss.call=SdnWeightedLoss',)),
 }
 
 

@@ -25,6 +25,10 @@ def ramp(final_weights, epoch, length):
     return [min(c, START + (epoch + 1) * (c / length)) for c in final_weights]
 
 
+def _is_weight(c):
+    return isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c < float('inf')
+
+
 def per_exit_cross_entropy(z, y):
     """Each exit's mean cross-entropy over the labelled examples, (exits,), for ``z`` of shape
     (exits, batch, classes); 0 where none is labelled."""
@@ -52,7 +56,8 @@ class SdnWeightedLoss(nn.Module):
 
     The weights are a float32 buffer ``weights`` (exits,) on the loss's device, set in place
     by ``set_epoch`` before each epoch (a captured CUDA graph reads them where they are); they
-    follow from the epoch, so they are not saved and a resumed run sets them again. Before any
+    follow from the epoch, so they are not saved and a resumed run sets them again (a resume
+    that changes n_epochs changes the ramp from then on; ``ramp_epochs`` keeps it). Before any
     ``set_epoch`` they are the final weights.
     """
 
@@ -60,13 +65,13 @@ class SdnWeightedLoss(nn.Module):
         super().__init__()
         self.n_exits = n_exits
         self.acc_tops = tuple(acc_tops)
-        self.final_weights = (default_final_weights(n_exits) if final_weights is None
-                              else tuple(final_weights))
-        if len(self.final_weights) != n_exits - 1 or not all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c < float('inf')
-                for c in self.final_weights):
-            raise ConfigError(f'cf_loss.final_weights={list(self.final_weights)!r}: expected '
-                              f'{n_exits - 1} numbers >= 0, one per early exit, or None')
+        weights = default_final_weights(n_exits) if final_weights is None else final_weights
+        if not (isinstance(weights, (list, tuple)) and len(weights) == n_exits - 1
+                and all(map(_is_weight, weights))):
+            shown = list(weights) if isinstance(weights, (list, tuple)) else weights
+            raise ConfigError(f'final_weights={shown!r}: expected {n_exits - 1} numbers >= 0, '
+                              'one per early exit, or None')
+        self.final_weights = tuple(weights)
         self.ramp_epochs = ramp_epochs
         self.register_buffer('weights', torch.tensor([*self.final_weights, 1.0]),
                              persistent=False)
