@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, assert_resumed_exactly
 from multiexit import losses, models
 from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from multiexit.models.fused import fuse, member_part
@@ -33,6 +33,14 @@ MEMBERS = [
     (0, dict(call='ClassificationOnlyLoss')),
     (1, dict(call='DistillationBasedLoss', C=0.5, maxprob=0.13, global_scale=10 / 3)),
     (2, dict(call='DistillationLossConstTemp', C=0.3, T=4.0, global_scale=2.0)),
+]
+# A pack whose members differ in method: two vectorised (distillation_loss) and two computed on
+# their own part of the logits, one of whose weights follow the epoch.
+MIXED = [
+    (0, dict(call='ClassificationOnlyLoss')),
+    (3, dict(call='DistillationFromLaterExits', kd_weight=0.5)),
+    (1, dict(call='DistillationBasedLoss', C=0.5, maxprob=0.13, global_scale=10 / 3)),
+    (4, dict(call='SdnWeightedLoss')),
 ]
 
 
@@ -97,17 +105,25 @@ def solo_and_packed(request, trained, fake_data, tmp_path_factory):
         return _trained(RESNET, fake_data, tmp_path_factory.mktemp('pack-ResNet'))
 
 
-def _trained(net, fake_data, tmp):
+@pytest.fixture(scope='module')
+def mixed(fake_data, tmp_path_factory):
+    """50 steps of each MIXED member alone, and of the four as a pack: MsdNet."""
+    with no_onednn():
+        return _trained(MSDNET, fake_data, tmp_path_factory.mktemp('pack-mixed'), MIXED)
+
+
+def _trained(net, fake_data, tmp, members=MEMBERS):
     solo = []
-    for seed, loss in MEMBERS:
+    for seed, loss in members:
         run = make_run(fake_data, tmp / f'solo{seed}', seed, loss, net)
         calls = recorded(run.loss_fn)
         train_alone(run)
         solo.append((run, calls))
-    runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net) for seed, loss in MEMBERS]
+    runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net) for seed, loss in members]
     packed = PackedRuns(runs)
     calls = recorded(packed.loss_fn)
-    assert [r.error for r in runs] == [None] * 3 and fit(packed)[0] and len(calls) == 50
+    assert [r.error for r in runs] == [None] * len(members) and fit(packed)[0]
+    assert len(calls) == 50
     return net, solo, runs, calls
 
 
@@ -115,6 +131,24 @@ def test_each_member_trains_as_its_solo_run(solo_and_packed):
     """Per-step loss within 1e-4 relative over 50 steps, the same temperatures, the weights and
     BatchNorm statistics after 50 steps within 1e-3 relative."""
     _, solo, runs, calls = solo_and_packed
+    assert_members_train_as_alone(solo, runs, calls)
+    dbt = [c[1][1] for c in calls]
+    assert dbt[0] == 1.05 and len(set(dbt)) > 2, 'the DBT member\'s temperature did not move'
+
+
+def test_members_of_different_methods_train_as_their_solo_runs(mixed):
+    """Standard, distillation from later exits, DBT and SDN in one pack: each as alone, as
+    above; the DBT member's temperature rises with its own teacher, and the SDN member's
+    weights follow the epochs (the pack's set_epoch reaches them)."""
+    _, solo, runs, calls = mixed
+    assert_members_train_as_alone(solo, runs, calls)
+    dbt = [c[1][2] for c in calls]
+    assert dbt[0] == 1.05 and len(set(dbt)) > 2, 'the DBT member\'s temperature did not move'
+    assert [c[1][k] for c in calls for k in (0, 1, 3)] == [1.0] * 150
+    assert runs[3].loss_fn.weights.tolist() == pytest.approx([0.45, 0.9, 1.0])  # epoch 2 of 2
+
+
+def assert_members_train_as_alone(solo, runs, calls):
     for k, ((run, solo_calls), member) in enumerate(zip(solo, runs)):
         assert len(solo_calls) == 50
         alone = np.array([c[0][0] for c in solo_calls])
@@ -125,8 +159,6 @@ def test_each_member_trains_as_its_solo_run(solo_and_packed):
         for name, value in theirs.items():
             if value.is_floating_point():
                 assert relative(mine[name], value) < 1e-3, (k, name)
-    dbt = [c[1][1] for c in calls]
-    assert dbt[0] == 1.05 and len(set(dbt)) > 2, 'the DBT member\'s temperature did not move'
 
 
 def test_members_are_ordinary_runs_on_disk(trained):
@@ -303,13 +335,24 @@ def test_runs_that_cannot_share_a_pack_are_refused(fake_data, tmp_path, change, 
         PackedRuns(runs)
 
 
-@pytest.mark.parametrize('call', ['DistillationFromLaterExits', 'DistillationFromNextExit'])
-def test_a_loss_with_teachers_other_than_the_last_exit_trains_alone(call):
-    with pytest.raises(ConfigError, match=f'^run 2 of the pack trains with {call}, which does '
-                                          r'not pack \(its teachers are not the last exit\): '
-                                          r'train it alone$'):
-        PackLoss([losses.DistillationBasedLoss(0.5, 0.5, 3), losses.build(dict(call=call,
-                                                                                n_exits=3))])
+def test_a_pack_of_different_methods_resumes_exactly(mixed, fake_data, tmp_path, monkeypatch):
+    """The MIXED pack stopped after epoch 1 of 2 and resumed: every member ends where the
+    uninterrupted pack's ends, to the bit (the SDN member's resumed epoch has epoch 2's
+    weights, the DBT member its temperature)."""
+    net, _, uninterrupted, _ = mixed
+    real = interrupt_epoch_2(monkeypatch, 'SIGINT')
+    first = [make_run(fake_data, tmp_path / f'first{seed}', seed, loss, net)
+             for seed, loss in MIXED]
+    with no_onednn():
+        fit(PackedRuns(first))
+    assert all(isinstance(r.error, TrainingInterrupted) and r.epoch == 1 for r in first)
+    monkeypatch.setattr(pack, 'train_epoch', real)
+    runs = [make_run(fake_data, tmp_path / f'r{seed}', seed, loss, net, parent=str(m.run_dir))
+            for (seed, loss), m in zip(MIXED, first)]
+    with no_onednn():
+        fit(PackedRuns(runs))
+    for run, ref in zip(runs, uninterrupted):
+        assert_resumed_exactly(run.run_dir / 'last.pt', ref.run_dir / 'last.pt', 2)
 
 
 def test_distillation_from_later_exits_resumes_alone_exactly(fake_data, tmp_path):
