@@ -6,14 +6,17 @@ import json
 import pytest
 import torch
 
-from helpers import DATA, SMALL_NET, assert_resumed_exactly, run_in_process
-from multiexit import losses
+from helpers import DATA, SMALL_NET, TINY, assert_resumed_exactly, run_in_process
+from multiexit import losses, models
 from multiexit.config import TrainConfig
 from multiexit.errors import ConfigError, TrainingInterrupted
 from multiexit.losses.sdn import default_final_weights, ramp
 from multiexit.train import solo
 from multiexit.train.api import train_alone
+from multiexit.train.loop import set_loss_epoch
 from multiexit.train.run import Run
+from multiexit.train.step import GraphedTrainStep, TrainStep
+from recorded_graphs import RecordedGraphs
 from tools.kernel_count import count_ops
 
 REFERENCE = json.loads((DATA / 'sdn_reference.json').read_text())
@@ -107,6 +110,39 @@ def test_build():
                              ramp_epochs=5, C=0.5))
     assert isinstance(loss, losses.SdnWeightedLoss) and loss.final_weights == (0.1, 0.2, 0.3)
     assert loss.ramp_epochs == 5 and loss.state_dict() == {}  # the weights follow the epoch
+
+
+def graphed_epochs(loss_fn, graphs=None, n_epochs=4):
+    """``n_epochs`` epochs of 3 steps of the tiny MsdNet with ``loss_fn``, eager or captured on
+    ``graphs`` (``RecordedGraphs``) after one eager step, setting the loss's epoch before each:
+    every step's loss and the weights at the end."""
+    torch.manual_seed(0)
+    model = models.build(dict(TINY['MsdNet'], out_dim=10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    args = (model, loss_fn, opt, 3, (1,), 'cpu')
+    step = TrainStep(*args) if graphs is None else GraphedTrainStep(*args, warmup=1,
+                                                                    graphs=graphs)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
+            for _ in range(3)]
+    out = []
+    for epoch in range(n_epochs):
+        set_loss_epoch(loss_fn, epoch, n_epochs)
+        for x, y in data:
+            step.start_epoch()
+            step(x, y)
+            out.append(step.finish_epoch()[0])
+    return out, model.state_dict()
+
+
+def test_a_captured_step_reads_each_epoch_s_weights():
+    """A CUDA graph (its CPU stand-in) replays the step's ops on the weights' buffer where it
+    lies: each epoch trains with its own weights, as the eager step does, to the bit."""
+    graphs = RecordedGraphs()
+    got, weights = graphed_epochs(losses.SdnWeightedLoss(3), graphs)
+    expected, eager_weights = graphed_epochs(losses.SdnWeightedLoss(3))
+    assert graphs.replays == 11 and got == expected
+    assert all(torch.equal(weights[k], v) for k, v in eager_weights.items())
 
 
 # --- a run: the weights of each epoch, and a resume ---

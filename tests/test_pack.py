@@ -15,9 +15,11 @@ from multiexit.models.fused import fuse, member_part
 from multiexit.config import TrainConfig
 from multiexit.train import checkpoint, pack
 from multiexit.train.api import train_alone
-from multiexit.train.loop import fit
+from multiexit.train.loop import fit, set_loss_epoch
 from multiexit.train.pack import PackedRuns, PackLoss
 from multiexit.train.run import Run
+from multiexit.train.step import GraphedTrainStep, TrainStep
+from recorded_graphs import RecordedGraphs
 from tools.kernel_count import count_ops
 
 MSDNET = dict(TINY['MsdNet'], out_dim=None)
@@ -225,6 +227,45 @@ def test_kernels_per_step_stay_those_of_one_model():
         x, y = torch.randn(2, 3 * k, 32, 32), torch.randint(0, 10, (k, 2))
         return count_ops(lambda: loss_fn(fused(x), y).sum().backward())[0]
     assert count(2) == count(5)
+
+
+def packed_epochs(graphs=None, n_epochs=3):
+    """``n_epochs`` epochs of 2 steps of the MIXED members' tiny MsdNets as one fused network,
+    eager or captured on ``graphs`` (``RecordedGraphs``) after one eager step, the pack's loss
+    told each epoch: every step's losses, the temperatures and the weights at the end."""
+    members = []
+    for seed, _ in MIXED:
+        torch.manual_seed(seed)
+        members.append(models.build(TINY['MsdNet']))
+    fused = fuse(members)
+    loss_fn = PackLoss([losses.build(dict(cf, n_exits=3)) for _, cf in MIXED])
+    opt = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
+    args = (fused, loss_fn, opt, 3, (1,), 'cpu')
+    kwargs = dict(T=loss_fn.temperature, members=len(MIXED))
+    step = (TrainStep(*args, **kwargs) if graphs is None else
+            GraphedTrainStep(*args, warmup=1, graphs=graphs, **kwargs))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3 * len(MIXED), 32, 32, generator=g),
+             torch.randint(0, 10, (len(MIXED), 4), generator=g)) for _ in range(2)]
+    out = []
+    for epoch in range(n_epochs):
+        set_loss_epoch(loss_fn, epoch, n_epochs)
+        for x, y in data:
+            step.start_epoch()
+            step(x, y)
+            out.append((step.finish_epoch()[0], loss_fn.temperature.tolist()))
+    return out, fused.state_dict()
+
+
+def test_a_captured_step_of_a_mixed_pack_trains_as_the_eager_one():
+    """A pack of members of different methods is one capturable step (its CPU stand-in: no host
+    sync, every buffer in place): the losses, temperatures (DBT's rising) and weights of the
+    eager step, to the bit, each epoch with the SDN member's weights of that epoch."""
+    graphs = RecordedGraphs()
+    got, weights = packed_epochs(graphs)
+    expected, eager_weights = packed_epochs()
+    assert graphs.replays == 5 and got == expected and got[-1][1][2] > 1.05 ** 5
+    assert all(torch.equal(weights[k], v) for k, v in eager_weights.items())
 
 
 def same_state(a, b):
