@@ -127,9 +127,11 @@ class PackLoss(nn.Module):
     their Tmult after a training call while their teacher's mean max-probability exceeds their
     maxprob. ``temperature`` (K,) float64 is each member's T; ``scatter`` copies it back into
     their losses. Every other loss (distillation from later exits, SDN's, ...) is its member's
-    own module, called on that member's part of the logits and labels: its state stays its
-    own, ``set_epoch`` reaches it, and its T, if it has one, is copied into ``temperature``
-    after each call (1 otherwise).
+    own module, called on that member's part of the logits (K, B, classes) -> (B, classes) and
+    labels: its state stays in it, ``set_epoch`` reaches it, and its entry of ``temperature``
+    follows its own T after each call where it has one (1 where it has none). A pack of
+    vectorised members only runs one ``distillation_loss``, the same kernels for any K; each
+    member of another method adds its own loss's.
     """
 
     def __init__(self, member_losses):
@@ -160,7 +162,7 @@ class PackLoss(nn.Module):
         self.register_buffer('Tmult', per_member(lambda m: m.Tmult if anneals(m) else 1.0))
 
     def forward(self, logits_list, y):
-        if not self.own:  # the same kernels for any K
+        if not self.own:
             return self._distillation(logits_list, y)
         losses = [None] * self.n_members
         if self.vectorised:
