@@ -20,8 +20,8 @@ def default_final_weights(n_exits):
 
 def ramp(final_weights, epoch, length):
     """The early exits' weights while the epoch ``epoch`` (0-based) of a ramp of ``length``
-    epochs trains: min(C_i, 0.01 + (epoch + 1) C_i / length), in the authors' float64 order
-    (their epochs count from 1)."""
+    epochs trains: min(C_i, 0.01 + (epoch + 1) C_i / length), in float64 in the authors' order
+    of operations (their epochs count from 1)."""
     return [min(c, START + (epoch + 1) * (c / length)) for c in final_weights]
 
 
@@ -54,8 +54,9 @@ class SdnWeightedLoss(nn.Module):
     default spreads 0.9 i / (M - 1) over M - 1 early exits (``default_final_weights``), which is
     theirs for six. Unlabelled examples (-100) add nothing.
 
-    The weights are a float32 buffer ``weights`` (exits,) on the loss's device, set in place
-    by ``set_epoch`` before each epoch (a captured CUDA graph reads them where they are); they
+    The weights are a float32 buffer ``weights`` (exits,) on the loss's device (their float64
+    values rounded once, as their Python float times a float32 loss is), set in place by
+    ``set_epoch`` before each epoch (a captured CUDA graph reads them where they are); they
     follow from the epoch, so they are not saved and a resumed run sets them again (a resume
     that changes n_epochs changes the ramp from then on; ``ramp_epochs`` keeps it). Before any
     ``set_epoch`` they are the final weights.
