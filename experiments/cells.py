@@ -67,16 +67,6 @@ class Cell:
 PER_MEMBER = ('snapshot_name', 'seed', 'cf_trn.seed', 'cf_loss.')
 
 
-# the losses that train alone (train.pack.PackLoss refuses them; tests/test_grid.py keeps the
-# two in step), named here so that planning a grid imports no torch
-ALONE = ('DistillationFromLaterExits', 'DistillationFromNextExit', 'IMTADistillation')
-
-
-def _trains_alone(cell):
-    calls = [u.partition('=')[2] for u in cell.settings if u.startswith('cf_loss.call=')]
-    return bool(calls) and calls[-1] in ALONE  # the last update is the one sacred keeps
-
-
 def _per_member(update):
     key = update.partition('=')[0]
     return any(key == p or p.endswith('.') and key.startswith(p) for p in PER_MEMBER)
@@ -98,11 +88,11 @@ class Pack:
 def packed(cells, size):
     """``cells`` as the units to run: Packs of up to ``size`` cells that can share one (the
     first of those of one script, named configs and other settings, in order), the rest alone.
-    ``size`` None: all that can share one. A cell whose loss does not pack (``ALONE``) is alone."""
+    ``size`` None: all that can share one. Their methods may differ (``train.pack.PackLoss``)."""
     groups = {}
     for cell in cells:
-        key = (cell.name,) if _trains_alone(cell) else (
-            cell.script, cell.named_configs, tuple(u for u in cell.settings if not _per_member(u)))
+        key = (cell.script, cell.named_configs,
+               tuple(u for u in cell.settings if not _per_member(u)))
         groups.setdefault(key, []).append(cell)
     units = []
     for group in groups.values():

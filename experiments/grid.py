@@ -34,8 +34,7 @@ together as one pack (``cells.Pack``: one train_pack.py process, one fused netwo
 kernel does the K runs' work, each cell still a training run of its own); ``--pack auto``: all
 such cells in one pack where the training runs on a GPU, none on the CPU (which gains nothing:
 it is bound by the arithmetic, not by kernel launches). A pack is a unit of ``--jobs`` (one per
-GPU) and a task of ``--cluster``. The cells of distill_later, distill_next and imta train alone
-(their losses do not pack). Grids that share a snapshots folder at the same time must have
+GPU) and a task of ``--cluster``. Grids that share a snapshots folder at the same time must have
 disjoint cells.
 
 Writes to ``--out`` (results/), after every cell that ran and at the end, ``<name>.md`` (test
@@ -91,13 +90,13 @@ METHODS = {
                        ('cf_loss.call=DistillationLossConstTemp', 'cf_loss.T=4.0')),
     'semisup': Method('DBT + unlabelled', ('cf_loss.call=DistillationBasedLoss',), ('semisup',),
                       unlabelled=True),
-    # Kubaty et al.'s baselines; they train alone, never in a pack (cells.ALONE)
+    # Kubaty et al.'s baselines
     'distill_later': Method('distillation from later exits',
                             ('cf_loss.call=DistillationFromLaterExits',)),
     'distill_next': Method('distillation from the next exit',
                            ('cf_loss.call=DistillationFromNextExit',)),
     # Li et al.: Gradient Equilibrium with the exits' cross-entropies (their main_GE.py), and
-    # IMTA in one run, GE with their distillation (whose cells train alone, cells.ALONE)
+    # IMTA in one run, GE with their distillation
     'ge': Method('Gradient Equilibrium', ('cf_net.gradient_equilibrium=True',
                                           'cf_loss.call=ClassificationOnlyLoss')),
     'imta': Method('IMTA (GE + one-for-all distillation)',
@@ -106,6 +105,8 @@ METHODS = {
     'boosted': Method('boosted', ('cf_loss.call=ClassificationOnlyLoss',
                                   'cf_net.boost_reweight=0.5',
                                   'cf_net.gradient_equilibrium=True')),
+    # Kaya et al.'s weighted cross-entropy, its weights growing over the epochs
+    'sdn': Method('SDN weighted cross-entropy', ('cf_loss.call=SdnWeightedLoss',)),
 }
 
 

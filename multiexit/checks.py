@@ -104,7 +104,8 @@ DATA = {'n_per_class': integer(1, optional=True), 'nval_per_class': integer(1),
         'n_workers': integer(0, optional=True)}
 LOSS = {'C': number(0, 1), 'maxprob': number(0, 1), 'global_scale': number(0, low_open=True),
         'T': number(0, low_open=True), 'Tmult': number(1), 'n_exits': integer(1, optional=True),
-        'acc_tops': integers(1, optional=True), 'kd_weight': number(0), 'gamma': number(0, 1)}
+        'acc_tops': integers(1, optional=True), 'kd_weight': number(0), 'gamma': number(0, 1),
+        'ramp_epochs': integer(1, optional=True)}
 OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': number(0, 1),
        'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
        'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}

@@ -211,10 +211,13 @@ def grid_run_config(settings):
 
 def assert_resumed_exactly(last, reference, epoch):
     """The training state ``last`` (a last.pt) of a resumed run is the uninterrupted run's
-    ``reference`` at ``epoch``: the same weights and temperature, to the bit."""
+    ``reference`` at ``epoch``: the same weights and loss state (DBT's temperature), to the
+    bit."""
     resumed = torch.load(last, weights_only=True)
     ref = torch.load(reference, weights_only=True)
     assert resumed['epoch'] == ref['epoch'] == epoch
     for k, v in ref['model'].items():
         assert torch.equal(v, resumed['model'][k]), k
-    assert torch.equal(resumed['loss']['temperature'], ref['loss']['temperature'])
+    assert resumed['loss'].keys() == ref['loss'].keys()
+    for k, v in ref['loss'].items():
+        assert torch.equal(resumed['loss'][k], v), k

@@ -1,5 +1,6 @@
 """What a pack's members rely on, each checked where a break would go unnoticed otherwise: a
-DBT member keeps its own temperature, members of other optimizer settings are refused, a failed
+DBT member keeps its own temperature (among members of other methods too), a member of another
+method its own loss state, members of other optimizer settings are refused, a failed
 member leaves the others' records their own, and the printed resume command of an interrupted
 ImageNet pack resumes it with train_imagenet.py. In this process, on tiny generated data."""
 import json
@@ -7,6 +8,7 @@ import shlex
 
 import pytest
 import torch
+from torch import nn
 
 from multiexit import losses
 from multiexit.config import TrainConfig
@@ -82,6 +84,47 @@ def test_an_over_confident_teacher_raises_only_its_own_members_temperature():
             alone.train()(([logit[k] for logit in logits]), torch.zeros(4, dtype=torch.long))
         assert loss.temperature.tolist() == [m.T for m in members], confidences
     assert [m.T for m in members] == [1.1 ** 2, 1.02 ** 2, 1.5]  # each rose, on its own steps
+
+
+def test_dbt_members_among_other_methods_keep_their_own_temperatures():
+    """DBT members on either side of a member of another method (distillation from later exits,
+    computed on its own part of the logits): each T is what its own loss alone gives, step after
+    step, and the other member's stays 1."""
+    members = [dbt(0.5, Tmult=1.1), losses.DistillationFromLaterExits(2), dbt(0.3, Tmult=1.02)]
+    loss = PackLoss(members).train()
+    y = torch.zeros(4, dtype=torch.long)
+    for confidences in ([0.4, 0.9, 0.95], [0.6, 0.99, 0.5], [0.99, 0.1, 0.1]):
+        logits = member_logits(confidences)
+        loss(logits, torch.zeros(3, 4, dtype=torch.long))
+        for k in (0, 2):
+            members[k].train()([logit[k] for logit in logits], y)
+        assert loss.temperature.tolist() == [members[0].T, 1.0, members[2].T], confidences
+    assert [members[0].T, members[2].T] == [1.1 ** 2, 1.02 ** 2]  # each rose on its own steps
+
+
+class Warming(nn.Module):
+    """A loss of another method with a temperature of its own, doubled by every call."""
+    n_exits, acc_tops = 2, (1,)
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('temperature', torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, logits_list, y):
+        self.temperature.mul_(2)
+        return logits_list[-1].sum() * 0
+
+
+def test_a_member_of_another_method_keeps_its_own_loss_state():
+    """Its own module computes its loss: its state (here a temperature) is its own, the pack's
+    temperature follows it (for adj_maxprob), and scattering the pack leaves it alone."""
+    members = [dbt(0.5), Warming()]
+    loss = PackLoss(members).train()
+    for _ in range(2):
+        loss(member_logits([0.99, 0.2]), torch.zeros(2, 4, dtype=torch.long))
+    assert loss.temperature.tolist() == [1.05 ** 2, 4.0]
+    loss.scatter(members)
+    assert members[0].T == 1.05 ** 2 and members[1].temperature.item() == 4.0
 
 
 def test_a_packed_dbt_member_ends_with_its_own_temperature(data, tmp_path):

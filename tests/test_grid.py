@@ -352,19 +352,15 @@ def test_cells_that_differ_in_method_and_seed_share_packs():
     assert grid.pack_size('auto', (), ['0']) is None and grid.pack_size('auto', (), []) == 1
 
 
-def test_cells_whose_loss_does_not_pack_train_alone():
+def test_cells_of_every_method_share_a_pack():
+    """A pack's members may differ in method (train.pack.PackLoss): distillation from later
+    exits and SDN's loss too."""
     full = grid.PRESETS['cifar100', False]
-    every = grid.plan(full, ['standard', 'distill_later', 'distill_next'], [25], full.seeds, 300)
+    methods = ['standard', 'distill_later', 'distill_next', 'sdn']
+    every = grid.plan(full, methods, [25], full.seeds, 300)
     units = cells.packed(every, None)
-    assert [len(u.cells) for u in units] == [3, 1, 1, 1, 1, 1, 1]
-    assert all(isinstance(u, grid.Cell) and u.method.startswith('distill_') for u in units[1:])
-
-
-def test_the_losses_that_train_alone_are_those_that_pack_refuses():
-    from multiexit.losses import REGISTRY
-    from multiexit.train.pack import PACKABLE
-    assert set(cells.ALONE) == {name for name, cls in REGISTRY.items()
-                                if not issubclass(cls, PACKABLE)}
+    assert len(units) == 1 and units[0].cells == tuple(every) and len(every) == 12
+    assert [len(u.cells) for u in cells.packed(every, 5)] == [5, 5, 2]
     assert grid.pack_size('auto', ('gpu=-1',), ['0']) == 1 and grid.pack_size(3, (), []) == 3
 
 

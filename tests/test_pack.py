@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, assert_resumed_exactly
 from multiexit import losses, models
 from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from multiexit.models.fused import fuse, member_part
 from multiexit.config import TrainConfig
 from multiexit.train import checkpoint, pack
 from multiexit.train.api import train_alone
-from multiexit.train.loop import fit
+from multiexit.train.loop import fit, set_loss_epoch
 from multiexit.train.pack import PackedRuns, PackLoss
 from multiexit.train.run import Run
+from multiexit.train.step import GraphedTrainStep, TrainStep
+from recorded_graphs import RecordedGraphs
 from tools.kernel_count import count_ops
 
 MSDNET = dict(TINY['MsdNet'], out_dim=None)
@@ -33,6 +35,14 @@ MEMBERS = [
     (0, dict(call='ClassificationOnlyLoss')),
     (1, dict(call='DistillationBasedLoss', C=0.5, maxprob=0.13, global_scale=10 / 3)),
     (2, dict(call='DistillationLossConstTemp', C=0.3, T=4.0, global_scale=2.0)),
+]
+# A pack whose members differ in method: two vectorised (distillation_loss) and two computed on
+# their own part of the logits, one of whose weights follow the epoch.
+MIXED = [
+    (0, dict(call='ClassificationOnlyLoss')),
+    (3, dict(call='DistillationFromLaterExits', kd_weight=0.5)),
+    (1, dict(call='DistillationBasedLoss', C=0.5, maxprob=0.13, global_scale=10 / 3)),
+    (4, dict(call='SdnWeightedLoss')),
 ]
 
 
@@ -97,17 +107,25 @@ def solo_and_packed(request, trained, fake_data, tmp_path_factory):
         return _trained(RESNET, fake_data, tmp_path_factory.mktemp('pack-ResNet'))
 
 
-def _trained(net, fake_data, tmp):
+@pytest.fixture(scope='module')
+def mixed(fake_data, tmp_path_factory):
+    """50 steps of each MIXED member alone, and of the four as a pack: MsdNet."""
+    with no_onednn():
+        return _trained(MSDNET, fake_data, tmp_path_factory.mktemp('pack-mixed'), MIXED)
+
+
+def _trained(net, fake_data, tmp, members=MEMBERS):
     solo = []
-    for seed, loss in MEMBERS:
+    for seed, loss in members:
         run = make_run(fake_data, tmp / f'solo{seed}', seed, loss, net)
         calls = recorded(run.loss_fn)
         train_alone(run)
         solo.append((run, calls))
-    runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net) for seed, loss in MEMBERS]
+    runs = [make_run(fake_data, tmp / f'member{seed}', seed, loss, net) for seed, loss in members]
     packed = PackedRuns(runs)
     calls = recorded(packed.loss_fn)
-    assert [r.error for r in runs] == [None] * 3 and fit(packed)[0] and len(calls) == 50
+    assert [r.error for r in runs] == [None] * len(members) and fit(packed)[0]
+    assert len(calls) == 50
     return net, solo, runs, calls
 
 
@@ -115,6 +133,24 @@ def test_each_member_trains_as_its_solo_run(solo_and_packed):
     """Per-step loss within 1e-4 relative over 50 steps, the same temperatures, the weights and
     BatchNorm statistics after 50 steps within 1e-3 relative."""
     _, solo, runs, calls = solo_and_packed
+    assert_members_train_as_alone(solo, runs, calls)
+    dbt = [c[1][1] for c in calls]
+    assert dbt[0] == 1.05 and len(set(dbt)) > 2, 'the DBT member\'s temperature did not move'
+
+
+def test_members_of_different_methods_train_as_their_solo_runs(mixed):
+    """Standard, distillation from later exits, DBT and SDN in one pack: each as alone, as
+    above; the DBT member's temperature rises with its own teacher, and the SDN member's
+    weights follow the epochs (the pack's set_epoch reaches them)."""
+    _, solo, runs, calls = mixed
+    assert_members_train_as_alone(solo, runs, calls)
+    dbt = [c[1][2] for c in calls]
+    assert dbt[0] == 1.05 and len(set(dbt)) > 2, 'the DBT member\'s temperature did not move'
+    assert [c[1][k] for c in calls for k in (0, 1, 3)] == [1.0] * 150
+    assert runs[3].loss_fn.weights.tolist() == pytest.approx([0.45, 0.9, 1.0])  # epoch 2 of 2
+
+
+def assert_members_train_as_alone(solo, runs, calls):
     for k, ((run, solo_calls), member) in enumerate(zip(solo, runs)):
         assert len(solo_calls) == 50
         alone = np.array([c[0][0] for c in solo_calls])
@@ -125,8 +161,6 @@ def test_each_member_trains_as_its_solo_run(solo_and_packed):
         for name, value in theirs.items():
             if value.is_floating_point():
                 assert relative(mine[name], value) < 1e-3, (k, name)
-    dbt = [c[1][1] for c in calls]
-    assert dbt[0] == 1.05 and len(set(dbt)) > 2, 'the DBT member\'s temperature did not move'
 
 
 def test_members_are_ordinary_runs_on_disk(trained):
@@ -193,6 +227,45 @@ def test_kernels_per_step_stay_those_of_one_model():
         x, y = torch.randn(2, 3 * k, 32, 32), torch.randint(0, 10, (k, 2))
         return count_ops(lambda: loss_fn(fused(x), y).sum().backward())[0]
     assert count(2) == count(5)
+
+
+def packed_epochs(graphs=None, n_epochs=3):
+    """``n_epochs`` epochs of 2 steps of the MIXED members' tiny MsdNets as one fused network,
+    eager or captured on ``graphs`` (``RecordedGraphs``) after one eager step, the pack's loss
+    told each epoch: every step's losses, the temperatures and the weights at the end."""
+    members = []
+    for seed, _ in MIXED:
+        torch.manual_seed(seed)
+        members.append(models.build(TINY['MsdNet']))
+    fused = fuse(members)
+    loss_fn = PackLoss([losses.build(dict(cf, n_exits=3)) for _, cf in MIXED])
+    opt = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
+    args = (fused, loss_fn, opt, 3, (1,), 'cpu')
+    kwargs = dict(T=loss_fn.temperature, members=len(MIXED))
+    step = (TrainStep(*args, **kwargs) if graphs is None else
+            GraphedTrainStep(*args, warmup=1, graphs=graphs, **kwargs))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3 * len(MIXED), 32, 32, generator=g),
+             torch.randint(0, 10, (len(MIXED), 4), generator=g)) for _ in range(2)]
+    out = []
+    for epoch in range(n_epochs):
+        set_loss_epoch(loss_fn, epoch, n_epochs)
+        for x, y in data:
+            step.start_epoch()
+            step(x, y)
+            out.append((step.finish_epoch()[0], loss_fn.temperature.tolist()))
+    return out, fused.state_dict()
+
+
+def test_a_captured_step_of_a_mixed_pack_trains_as_the_eager_one():
+    """A pack of members of different methods is one capturable step (its CPU stand-in: no host
+    sync, every buffer in place): the losses, temperatures (DBT's rising) and weights of the
+    eager step, to the bit, each epoch with the SDN member's weights of that epoch."""
+    graphs = RecordedGraphs()
+    got, weights = packed_epochs(graphs)
+    expected, eager_weights = packed_epochs()
+    assert graphs.replays == 5 and got == expected and got[-1][1][2] > 1.05 ** 5
+    assert all(torch.equal(weights[k], v) for k, v in eager_weights.items())
 
 
 def same_state(a, b):
@@ -303,13 +376,24 @@ def test_runs_that_cannot_share_a_pack_are_refused(fake_data, tmp_path, change, 
         PackedRuns(runs)
 
 
-@pytest.mark.parametrize('call', ['DistillationFromLaterExits', 'DistillationFromNextExit'])
-def test_a_loss_with_teachers_other_than_the_last_exit_trains_alone(call):
-    with pytest.raises(ConfigError, match=f'^run 2 of the pack trains with {call}, which does '
-                                          r'not pack \(its teachers are not the last exit\): '
-                                          r'train it alone$'):
-        PackLoss([losses.DistillationBasedLoss(0.5, 0.5, 3), losses.build(dict(call=call,
-                                                                                n_exits=3))])
+def test_a_pack_of_different_methods_resumes_exactly(mixed, fake_data, tmp_path, monkeypatch):
+    """The MIXED pack stopped after epoch 1 of 2 and resumed: every member ends where the
+    uninterrupted pack's ends, to the bit (the SDN member's resumed epoch has epoch 2's
+    weights, the DBT member its temperature)."""
+    net, _, uninterrupted, _ = mixed
+    real = interrupt_epoch_2(monkeypatch, 'SIGINT')
+    first = [make_run(fake_data, tmp_path / f'first{seed}', seed, loss, net)
+             for seed, loss in MIXED]
+    with no_onednn():
+        fit(PackedRuns(first))
+    assert all(isinstance(r.error, TrainingInterrupted) and r.epoch == 1 for r in first)
+    monkeypatch.setattr(pack, 'train_epoch', real)
+    runs = [make_run(fake_data, tmp_path / f'r{seed}', seed, loss, net, parent=str(m.run_dir))
+            for (seed, loss), m in zip(MIXED, first)]
+    with no_onednn():
+        fit(PackedRuns(runs))
+    for run, ref in zip(runs, uninterrupted):
+        assert_resumed_exactly(run.run_dir / 'last.pt', ref.run_dir / 'last.pt', 2)
 
 
 def test_distillation_from_later_exits_resumes_alone_exactly(fake_data, tmp_path):

@@ -1,7 +1,7 @@
 """The training loop, written once, over a job: a run alone (``train.solo.Solo``) or runs of one
-network fused into one (``train.pack.PackedRuns``). A job has ``runs``, a ``train_loader`` and
-``lr()``, and per epoch ``train_epoch``, ``next_epoch``, ``validate``, ``scatter`` and
-``rng_states``, each giving one entry per run; every run keeps its own checkpoints and log."""
+network fused into one (``train.pack.PackedRuns``). A job has ``runs``, a ``train_loader``, a
+``loss_fn`` and ``lr()``, and per epoch ``train_epoch``, ``next_epoch``, ``validate``, ``scatter``
+and ``rng_states``, each giving one entry per run; every run keeps its own checkpoints and log."""
 import contextlib
 import signal
 import threading
@@ -21,6 +21,15 @@ def train_epoch(step, loader, progress=None):
     for x, y in (progress(loader) if progress else loader):
         step(x, y)
     return step.finish_epoch(loader.world_size)  # host sync, once per epoch
+
+
+def set_loss_epoch(loss_fn, epoch, n_epochs):
+    """Tell a loss whose terms follow the epoch (one with ``set_epoch``, e.g. SDN's weights)
+    that the epoch ``epoch`` (0-based) of ``n_epochs`` trains next; before its first step, so
+    that a resumed run sets what its epoch needs. Other losses have nothing to set."""
+    set_epoch = getattr(loss_fn, 'set_epoch', None)
+    if set_epoch is not None:
+        set_epoch(epoch, n_epochs)
 
 
 def fit(job):
@@ -43,6 +52,7 @@ def fit(job):
             while active := [run for run in runs if run.training]:
                 start, epoch = time.time(), active[0].epoch
                 job.train_loader.set_epoch(epoch)
+                set_loss_epoch(job.loss_fn, epoch, lead.n_epochs)
                 lr = job.lr()
                 losses, trn, bad = job.train_epoch(progress(f'epoch {epoch + 1}/{lead.n_epochs}'))
                 for run, bad_step in zip(runs, bad):

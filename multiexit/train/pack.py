@@ -17,12 +17,13 @@ from ..evaluate.passes import evaluate
 from ..losses import (ClassificationOnlyLoss, DistillationBasedLoss, DistillationLossConstTemp,
                       distillation_loss, over_classes, teacher_confidence)
 from ..models.fused import fuse, load_members, member_part, stack_members
-from .loop import train_epoch
+from .loop import set_loss_epoch, train_epoch
 from .run import build_optimizer, scheduler_at, step_without_optimizer
 from .solo import build_steps
 
-# the losses that are distillation_loss with some C, global_scale and T
-PACKABLE = (ClassificationOnlyLoss, DistillationLossConstTemp)
+# the losses that are distillation_loss with some C, global_scale and T, which a pack computes
+# for all their members at once (exactly these classes: a subclass may compute otherwise)
+VECTORISED = (ClassificationOnlyLoss, DistillationLossConstTemp, DistillationBasedLoss)
 
 
 class PackedRuns:
@@ -86,9 +87,7 @@ class PackedRuns:
         load_members(self.model, models)
         optimizer_states_to_members(self.optimizer, self.model,
                                     [run.optimizer for run in self.runs], models)
-        for run, T in zip(self.runs, self.loss_fn.temperature.tolist()):  # host sync, per epoch
-            if hasattr(run.loss_fn, 'temperature'):
-                run.loss_fn.temperature.fill_(T)
+        self.loss_fn.scatter([run.loss_fn for run in self.runs])
 
     def rng_states(self):
         """Each run's RNG states after its build: a member draws no random numbers but its
@@ -120,32 +119,42 @@ class PackLoss(nn.Module):
     """The losses of a pack's K members as one: ``loss(logits_list, y)`` with every exit's logits
     (K, B, classes) and y (K, B) returns each member's loss (K,), as its own loss module would
     (``member_losses``, in order) up to the order of floating-point sums, with the same
-    gradients.
+    gradients. The members may differ in method.
 
-    The three losses are ``distillation_loss`` with per-member C, global_scale and T (any other
-    loss, e.g. distillation from later exits, is refused):
-    ClassificationOnlyLoss is C = 0 and global_scale = 1, DistillationLossConstTemp keeps its T,
-    and DBT members raise theirs by their Tmult after a training call while their teacher's mean
-    max-probability exceeds their maxprob. ``temperature`` (K,) float64 is each member's T.
+    The original's three losses (``VECTORISED``) are ``distillation_loss`` with per-member C,
+    global_scale and T, computed for all of them at once: ClassificationOnlyLoss is C = 0 and
+    global_scale = 1, DistillationLossConstTemp keeps its T, and DBT members raise theirs by
+    their Tmult after a training call while their teacher's mean max-probability exceeds their
+    maxprob. ``temperature`` (K,) float64 is each member's T; ``scatter`` copies it back into
+    their losses. Every other loss (distillation from later exits, SDN's, ...) is its member's
+    own module, called on that member's part of the logits (K, B, classes) -> (B, classes) and
+    labels: its state stays in it, ``set_epoch`` reaches it, and its entry of ``temperature``
+    follows its own T after each call where it has one (1 where it has none). A pack of
+    vectorised members only runs one ``distillation_loss``, the same kernels for any K; each
+    member of another method adds its own loss's.
     """
 
     def __init__(self, member_losses):
         super().__init__()
-        for i, m in enumerate(member_losses, 1):
-            if not isinstance(m, PACKABLE):
-                raise ConfigError(f'run {i} of the pack trains with {type(m).__name__}, which '
-                                  f'does not pack (its teachers are not the last exit): train '
-                                  f'it alone')
         first = member_losses[0]
         self.n_exits, self.acc_tops = first.n_exits, first.acc_tops
+        self.n_members = len(member_losses)
+        self.vectorised = [k for k, m in enumerate(member_losses) if type(m) in VECTORISED]
+        self.own = [k for k, m in enumerate(member_losses) if type(m) not in VECTORISED]
+        self.own_losses = nn.ModuleList(member_losses[k] for k in self.own)
+        # the vectorised members' positions, to pick theirs out of a mixed pack's logits
+        self.register_buffer('picked', torch.tensor(self.vectorised, dtype=torch.int64),
+                             persistent=False)
+        vectorised = [member_losses[k] for k in self.vectorised]
         per_member = lambda get, dtype=torch.float64: torch.tensor(
-            [get(m) for m in member_losses], dtype=dtype)
+            [get(m) for m in vectorised], dtype=dtype)
         distils = lambda m: isinstance(m, DistillationLossConstTemp)
         anneals = lambda m: isinstance(m, DistillationBasedLoss)
         self.register_buffer('C', per_member(lambda m: m.C if distils(m) else 0.0))
         self.register_buffer('global_scale', per_member(
             lambda m: m.global_scale if distils(m) else 1.0))
-        self.register_buffer('temperature', per_member(lambda m: m.T if distils(m) else 1.0))
+        self.register_buffer('temperature', torch.tensor(
+            [_temperature(m) for m in member_losses], dtype=torch.float64))
         # float32, as a solo DBT compares its float32 confidence with the float maxprob; 1 for
         # the members that keep their T, which no confidence exceeds
         self.register_buffer('maxprob', per_member(lambda m: m.maxprob if anneals(m) else 1.0,
@@ -153,12 +162,52 @@ class PackLoss(nn.Module):
         self.register_buffer('Tmult', per_member(lambda m: m.Tmult if anneals(m) else 1.0))
 
     def forward(self, logits_list, y):
-        T = self.temperature
+        if not self.own:
+            return self._distillation(logits_list, y)
+        losses = [None] * self.n_members
+        if self.vectorised:
+            picked = self.picked
+            part = self._distillation([z.index_select(0, picked) for z in logits_list],
+                                      y.index_select(0, picked), picked)
+            for k, loss in zip(self.vectorised, part.unbind()):
+                losses[k] = loss
+        for k, loss_fn in zip(self.own, self.own_losses):
+            losses[k] = loss_fn([z[k] for z in logits_list], y[k])
+            if torch.is_tensor(getattr(loss_fn, 'temperature', None)):
+                self.temperature[k].copy_(loss_fn.temperature)
+        return torch.stack(losses)
+
+    def _distillation(self, logits_list, y, picked=None):
+        """``distillation_loss`` of the vectorised members (all K, or those ``picked``)."""
+        T = self.temperature if picked is None else self.temperature.index_select(0, picked)
         loss = distillation_loss(logits_list, y, T, self.C, self.global_scale)
         if self.training:
             confidence = teacher_confidence(logits_list[-1], over_classes(T.float()))
-            self.temperature.copy_(torch.where(confidence > self.maxprob, T * self.Tmult, T))
+            T = torch.where(confidence > self.maxprob, T * self.Tmult, T)
+            if picked is None:
+                self.temperature.copy_(T)
+            else:
+                self.temperature.index_copy_(0, picked, T)
         return loss
+
+    def set_epoch(self, epoch, n_epochs):
+        """``set_epoch`` of every member's own loss that has one (``train.loop.set_loss_epoch``)."""
+        for loss_fn in self.own_losses:
+            set_loss_epoch(loss_fn, epoch, n_epochs)
+
+    def scatter(self, member_losses):
+        """Each vectorised member's temperature into its own loss (the others trained in
+        theirs)."""
+        temperatures = self.temperature.tolist()  # host sync, once per epoch
+        for k in self.vectorised:
+            if hasattr(member_losses[k], 'temperature'):
+                member_losses[k].temperature.fill_(temperatures[k])
+
+
+def _temperature(loss_fn):
+    """A member's T as the pack starts: 1 for a loss without one."""
+    T = getattr(loss_fn, 'temperature', None)
+    return float(T) if torch.is_tensor(T) else 1.0
 
 
 def _state_tensor(value, param):

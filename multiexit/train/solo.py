@@ -17,7 +17,8 @@ class Solo:
         trained = run.model
         if run.world_size > 1:
             run.model, trained = distributed.wrap(run.model, run.device, run.cfg.sync_bn)
-        self.model, self.T = run.model, getattr(run.loss_fn, 'temperature', None)
+        self.model, self.loss_fn = run.model, run.loss_fn
+        self.T = getattr(run.loss_fn, 'temperature', None)
         self.train_loader, self.val_loader = run.train_loader, run.val_loader
         self.step, self.eval_forward = build_steps(run, trained, run.loss_fn, run.optimizer)
 
