@@ -17,7 +17,7 @@ from ..checks import classes
 from ..data.order import check_divisible
 from ..errors import CheckpointWriteError, ConfigError, NonFiniteLossError
 from ..metrics import check_tops, default_tops
-from . import resume
+from . import regime, resume
 from .checkpoint import Checkpointer, model_snapshot
 from .log import EpochLog
 from .rng import rng_state
@@ -43,6 +43,9 @@ class Run:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         check_divisible(cfg.batch_size, self.world_size)
+        if self.world_size > 1 and cfg.cf_regime['call'] != 'joint':
+            raise ConfigError(f"cf_regime.call={cfg.cf_regime['call']!r} trains in one process: "
+                              'its phases change which parameters DDP would reduce')
         # rank 0's for all: a seed sacred drew differs per process; only rank 0 has a run dir
         seed, run_dir = distributed.from_main((cfg.seed, str(run_dir)))
         self.n_epochs, self.run_dir = cfg.n_epochs, Path(run_dir)
@@ -83,7 +86,8 @@ class Run:
         self.checkpointer = Checkpointer(self.run_dir, cfg.save_interval, writes=self.is_main)
         if parent:
             resume.restore(self, parent)
-        self.scheduler = scheduler_at(cfg.cf_scheduler, self.optimizer, self.epoch)
+        self.scheduler, self.train_loss = phased_schedule(cfg, self.model, self.optimizer,
+                                                          self.loss_fn, self.epoch)
         self.epoch_log = EpochLog(self.log, log_scalar if self.is_main else None, self.n_exits,
                                   first_epoch=self.epoch + 1 if parent else 1,
                                   records=records if self.is_main else None)
@@ -197,6 +201,14 @@ def build_optimizer(cf_opt, params, device):
             cf_opt):
         cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
     return registry.build(classes('cf_opt'), cf_opt, 'opt', params)
+
+
+def phased_schedule(cfg, model, optimizer, loss_fn, epoch):
+    """(scheduler, training loss) of ``cfg``'s regime (``train.regime``) at ``epoch``, for
+    ``model`` (a run's, or a pack's fused one), ``optimizer`` over its parameters and
+    ``loss_fn``: ``scheduler_at`` and ``loss_fn`` themselves for the joint regime."""
+    return regime.phased(cfg.cf_regime, cfg.n_epochs, cfg.cf_scheduler, scheduler_at, model,
+                         optimizer, loss_fn, epoch)
 
 
 def scheduler_at(cf_scheduler, optimizer, epoch):

@@ -19,7 +19,7 @@ class Solo:
             run.model, trained = distributed.wrap(run.model, run.device, run.cfg.sync_bn)
         self.model, self.T = run.model, getattr(run.loss_fn, 'temperature', None)
         self.train_loader, self.val_loader = run.train_loader, run.val_loader
-        self.step, self.eval_forward = build_steps(run, trained, run.loss_fn, run.optimizer)
+        self.step, self.eval_forward = build_steps(run, trained, run.train_loss, run.optimizer)
 
     def lr(self):
         return self.run.optimizer.param_groups[0]['lr']
