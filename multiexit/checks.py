@@ -101,8 +101,8 @@ OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': nu
        'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
        'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}
 REGIME = {'backbone_epochs': (
-    'an integer >= 1 (epochs) or a number in (0, 1) (a share of n_epochs)',
-    lambda v: (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1))}
+    'an integer >= 1 (epochs), a number in (0, 1) (a share of n_epochs) or None (joint)',
+    lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1))}
 SCHEDULER = {'milestones': integers(0), 'gamma': number(0, low_open=True),
              'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)}
 

@@ -100,7 +100,7 @@ class TrainConfig:
         'the rest the early exits alone on the frozen backbone (disjoint) or all (mixed); each '
         'phase starts a fresh optimizer state and runs cf_scheduler from cf_opt.lr, its epoch '
         'counts (milestones, step_size, T_max) scaled by its share of n_epochs',
-        dict(call='joint'), packed=True)
+        dict(call='joint', backbone_epochs=None), packed=True)
     save_interval: int = setting(
         integer(0), '0: keep the snapshot with the best validation acc1_avg; N: every N epochs', 0)
     amp: bool = measured(

@@ -53,6 +53,9 @@ class Disjoint:
     later = 'heads'
 
     def __init__(self, backbone_epochs):
+        if backbone_epochs is None:
+            raise ValueError('backbone_epochs=None: give the epochs of phase 1 (an integer) or '
+                             'their share of n_epochs (in (0, 1))')
         self.backbone_epochs = backbone_epochs
 
     def phases(self, n_epochs):
@@ -79,9 +82,9 @@ class Phase:
     def scaled(self, cf_scheduler, n_epochs):
         """``cf_scheduler`` (written for ``n_epochs``) compressed to this phase's length."""
         share = (self.end - self.start) / n_epochs
-        scale = lambda v: [max(round(x * share), 0) for x in v] if isinstance(v, list) else max(
-            round(v * share), 1)
-        return {k: scale(v) if k in EPOCH_KEYS else v for k, v in cf_scheduler.items()}
+        scale = lambda n: int(n * share + 0.5)  # rounded half up
+        scaled = lambda v: [scale(x) for x in v] if isinstance(v, list) else max(scale(v), 1)
+        return {k: scaled(v) if k in EPOCH_KEYS else v for k, v in cf_scheduler.items()}
 
 
 def split(model):
@@ -92,30 +95,28 @@ def split(model):
     return backbone, heads
 
 
-class Freezer:
-    """Freezes parts of ``model``: no gradient (``requires_grad=False``, so that no optimizer
-    updates them, not even by weight decay or momentum) and eval mode in training (their
-    BatchNorm normalises with, and keeps, its running statistics), as the authors' ``train(
-    'without_backbone')``. The training step sets the whole model to train mode each epoch; a
-    forward pre-hook puts the frozen modules back in eval mode before the first training pass
-    (in a CUDA graph: before the capture)."""
+def freeze(model, part):
+    """Let ``part`` of ``model`` ('all', 'backbone', 'heads') train and freeze the rest: no
+    gradient (``requires_grad=False``, so that no optimizer updates it, not even by weight decay
+    or momentum) and eval mode in training (its BatchNorm normalises with, and keeps, its
+    running statistics), as the authors' ``train('without_backbone')``. The training step sets
+    the whole model to train mode each epoch: a forward pre-hook puts the frozen parts back in
+    eval mode before a training pass (in a CUDA graph: before the capture). The hook reads the
+    parts' ``requires_grad``, so that a copy of the model (a pack's fused network) keeps it."""
+    backbone, heads = split(model)
+    frozen = {'all': [], 'backbone': heads, 'heads': backbone}[part]
+    for m in backbone + heads:
+        m.requires_grad_(all(m is not f for f in frozen))
+    if _frozen_in_eval not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_frozen_in_eval)
 
-    def __init__(self, model):
-        self.backbone, self.heads = split(model)
-        self.frozen = []
-        model.register_forward_pre_hook(self._keep_frozen_in_eval)
 
-    def train(self, part):
-        """Let ``part`` ('all', 'backbone', 'heads') train and freeze the rest."""
-        self.frozen = {'all': [], 'backbone': self.heads, 'heads': self.backbone}[part]
-        for m in self.backbone + self.heads:
-            m.requires_grad_(m not in self.frozen)
-
-    def _keep_frozen_in_eval(self, model, args):
-        if model.training:
-            for m in self.frozen:
-                if m.training:
-                    m.eval()
+def _frozen_in_eval(model, args):
+    if model.training:
+        for m in sum(split(model), []):
+            first = next(m.parameters(), None)
+            if m.training and first is not None and not first.requires_grad:
+                m.eval()
 
 
 class PhasedLoss(nn.Module):
@@ -139,23 +140,23 @@ class PhasedLoss(nn.Module):
 
 class PhasedSchedule:
     """The scheduler of a regime of several phases, at ``epoch``: stepped once per epoch like
-    torch's, it enters each phase at its first epoch: ``freezer`` and ``loss`` (a PhasedLoss)
-    set to what the phase trains and its loss, the optimizer's state dropped (a fresh optimizer,
+    torch's, it enters each phase at its first epoch: ``model`` and ``loss`` (a PhasedLoss)
+    set to what the phase trains (``freeze``) and its loss, the optimizer's state dropped (a fresh optimizer,
     as the authors' phase 2 builds), its lr back to cf_opt's and a scheduler of the phase
     (``make``: cf_scheduler, optimizer, epoch -> scheduler) from there. At a resume (``epoch``
     inside a phase), the restored optimizer state is kept and the phase's scheduler stepped to
     the epoch."""
 
-    def __init__(self, phases, make, optimizer, freezer, loss, epoch):
+    def __init__(self, phases, make, optimizer, model, loss, epoch):
         self.phases, self.make, self.optimizer = phases, make, optimizer
-        self.freezer, self.loss, self.epoch = freezer, loss, epoch
+        self.model, self.loss, self.epoch = model, loss, epoch
         self._enter(self._phase(epoch), epoch - self._phase(epoch).start)
 
     def _phase(self, epoch):
         return next(p for p in self.phases if p.start <= epoch < p.end or p is self.phases[-1])
 
     def _enter(self, phase, into):
-        self.freezer.train(phase.part)
+        freeze(self.model, phase.part)
         self.loss.last_exit_only = phase.part == 'backbone'
         for group in self.optimizer.param_groups:
             group['lr'] = group.get('initial_lr', group['lr'])
@@ -184,7 +185,7 @@ def phased(cf_regime, n_epochs, cf_scheduler, make, model, optimizer, loss, epoc
     for phase in phases:
         phase.cf_scheduler = phase.scaled(cf_scheduler, n_epochs)
     loss = PhasedLoss(loss)
-    return PhasedSchedule(phases, make, optimizer, Freezer(model), loss, epoch), loss
+    return PhasedSchedule(phases, make, optimizer, model, loss, epoch), loss
 
 
 def build(cf_regime):
