@@ -96,6 +96,15 @@ METHODS = {
                             ('cf_loss.call=DistillationFromLaterExits',)),
     'distill_next': Method('distillation from the next exit',
                            ('cf_loss.call=DistillationFromNextExit',)),
+    # Kubaty et al.'s training regimes, with standard training's loss: the first half of the
+    # epochs trains the backbone and last exit, the second the early exits on the frozen
+    # backbone (disjoint) or everything (mixed); two phases need --epochs 2 with --quick
+    'disjoint': Method('disjoint (backbone, then early exits)', (
+        'cf_loss.call=ClassificationOnlyLoss', 'cf_regime.call=disjoint',
+        'cf_regime.backbone_epochs=0.5')),
+    'mixed': Method('mixed (backbone, then all)', (
+        'cf_loss.call=ClassificationOnlyLoss', 'cf_regime.call=mixed',
+        'cf_regime.backbone_epochs=0.5')),
 }
 
 

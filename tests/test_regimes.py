@@ -200,6 +200,7 @@ def test_under_a_graph_the_phases_train_as_eagerly(smoke, tmp_path):
     (dict(call='mixed', backbone_epochs=3), 3, 'cf_regime.backbone_epochs=3 with n_epochs=3 '
                                                'gives phases of 3 + 0 epochs'),
     (dict(call='mixed', backbone_epochs=0.1), 3, 'gives phases of 0 + 3 epochs'),
+    (dict(call='mixed', backbone_epochs=0.5), 1, 'gives phases of 1 + 0 epochs'),
     (dict(call='joint', backbone_epochs='x'), 3, "cf_regime.backbone_epochs='x': expected"),
     (dict(call='disjoint', backbone_epochs=None), 3, 'cf_regime for disjoint: backbone_epochs='
                                                      'None: give the epochs of phase 1'),

@@ -49,7 +49,7 @@ class Joint:
 class Disjoint:
     """``backbone_epochs`` epochs of the backbone and last exit, then the early exits alone.
     ``backbone_epochs``: a number of epochs (an integer), or a share of n_epochs (in (0, 1),
-    rounded to the nearest epoch)."""
+    rounded half up to an epoch)."""
     later = 'heads'
 
     def __init__(self, backbone_epochs):
@@ -60,7 +60,7 @@ class Disjoint:
 
     def phases(self, n_epochs):
         n = self.backbone_epochs
-        first = n if isinstance(n, int) else round(n * n_epochs)
+        first = n if isinstance(n, int) else int(n * n_epochs + 0.5)  # rounded half up
         return [Phase(0, first, 'backbone'), Phase(first, n_epochs, self.later)]
 
 
