@@ -18,7 +18,7 @@ parameters that train (train.py, ``setup_optimization``: ``unfrozen_parameters``
 schedule of its own over phase 2's epochs (scripts/resnet50cifar10_*.py: ``epochs`` = N of phase
 1, then 200 - N with a fresh SGD and cosine schedule).
 
-Here both phases are one run of ``n_epochs`` (``Phases``): in phase 1 the training loss is the
+Here both phases are one run of ``n_epochs`` (``Phase``): in phase 1 the training loss is the
 cross-entropy of the last exit alone (``PhasedLoss``) and the early exits are frozen; at the
 boundary the optimizer's state is dropped and ``cf_scheduler`` starts again from cf_opt's lr
 (``PhasedSchedule``). Each phase runs the whole cf_scheduler compressed to its length: the keys
@@ -38,9 +38,6 @@ EPOCH_KEYS = ('milestones', 'step_size', 'T_max')
 
 class Joint:
     """Every exit trains from the first epoch to the last."""
-
-    def __init__(self):
-        self.backbone_epochs = 0
 
     def phases(self, n_epochs):
         return [Phase(0, n_epochs, 'all')]
@@ -78,6 +75,7 @@ class Phase:
 
     def __init__(self, start, end, part):
         self.start, self.end, self.part = start, end, part
+        self.cf_scheduler = None  # the run's, compressed to this phase (``scaled``)
 
     def scaled(self, cf_scheduler, n_epochs):
         """``cf_scheduler`` (written for ``n_epochs``) compressed to this phase's length."""
@@ -141,11 +139,11 @@ class PhasedLoss(nn.Module):
 class PhasedSchedule:
     """The scheduler of a regime of several phases, at ``epoch``: stepped once per epoch like
     torch's, it enters each phase at its first epoch: ``model`` and ``loss`` (a PhasedLoss)
-    set to what the phase trains (``freeze``) and its loss, the optimizer's state dropped (a fresh optimizer,
-    as the authors' phase 2 builds), its lr back to cf_opt's and a scheduler of the phase
-    (``make``: cf_scheduler, optimizer, epoch -> scheduler) from there. At a resume (``epoch``
-    inside a phase), the restored optimizer state is kept and the phase's scheduler stepped to
-    the epoch."""
+    set to what the phase trains (``freeze``) and its loss, the optimizer's state dropped (a
+    fresh optimizer, as the authors' phase 2 builds), its lr back to cf_opt's and a scheduler
+    of the phase (``make``: cf_scheduler, optimizer, epoch -> scheduler) from there. At a
+    resume (``epoch`` inside a phase), the restored optimizer state is kept and the phase's
+    scheduler stepped to the epoch."""
 
     def __init__(self, phases, make, optimizer, model, loss, epoch):
         self.phases, self.make, self.optimizer = phases, make, optimizer

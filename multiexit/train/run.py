@@ -36,7 +36,9 @@ class Run:
     (``run_dir`` may be None elsewhere), and only rank 0 logs and writes checkpoints. A parent
     snapshot (``cfg.parent_snapshot``, found in ``snapshot_dir``) is resumed with this run's
     settings (``train.resume``). ``records()`` writes the run's log and metrics to its files
-    (``train.log.EpochLog``)."""
+    (``train.log.EpochLog``). ``cfg.cf_regime`` says which parameters train in which epochs
+    (``train.regime``): ``scheduler`` enters its phases, and ``train_loss``, what the step
+    trains on, is ``loss_fn`` but in a phase that trains the backbone alone."""
 
     def __init__(self, cfg, run_dir, snapshot_dir='snapshots', log=print, log_scalar=None,
                  records=None):
