@@ -107,6 +107,15 @@ METHODS = {
                                   'cf_net.gradient_equilibrium=True')),
     # Kaya et al.'s weighted cross-entropy, its weights growing over the epochs
     'sdn': Method('SDN weighted cross-entropy', ('cf_loss.call=SdnWeightedLoss',)),
+    # Kubaty et al.'s training regimes, with standard training's loss: the first half of the
+    # epochs trains the backbone and last exit, the second the early exits on the frozen
+    # backbone (disjoint) or everything (mixed); two phases need --epochs 2 with --quick
+    'disjoint': Method('disjoint (backbone, then early exits)', (
+        'cf_loss.call=ClassificationOnlyLoss', 'cf_regime.call=disjoint',
+        'cf_regime.backbone_epochs=0.5')),
+    'mixed': Method('mixed (backbone, then all)', (
+        'cf_loss.call=ClassificationOnlyLoss', 'cf_regime.call=mixed',
+        'cf_regime.backbone_epochs=0.5')),
 }
 
 

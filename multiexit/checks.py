@@ -15,9 +15,10 @@ import torch
 
 from . import data, losses, models
 from .errors import ConfigError
+from .train import regime
 
 REGISTRIES = {'cf_net': models.REGISTRY, 'cf_loss': losses.REGISTRY,
-              'cf_trn': data.REGISTRY, 'cf_val': data.REGISTRY}
+              'cf_trn': data.REGISTRY, 'cf_val': data.REGISTRY, 'cf_regime': regime.REGISTRY}
 # torch's classes that cf_opt and cf_scheduler may name: (module, base class)
 MODULES = {'cf_opt': (torch.optim, torch.optim.Optimizer),
            'cf_scheduler': (torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)}
@@ -110,6 +111,9 @@ OPT = {'lr': number(0, low_open=True), 'momentum': number(0, 1), 'dampening': nu
        'weight_decay': number(0), 'nesterov': SWITCH, 'eps': number(0, low_open=True),
        'betas': numbers(0, 1, 2), 'alpha': number(0), 'amsgrad': SWITCH}
 NET = {'boost_reweight': weights(0)}  # models.boosted: one, two (a linspace) or one per exit
+REGIME = {'backbone_epochs': (
+    'an integer >= 1 (epochs), a number in (0, 1) (a share of n_epochs) or None (joint)',
+    lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1))}
 SCHEDULER = {'milestones': integers(0), 'gamma': number(0, low_open=True),
              'step_size': integer(1), 'T_max': integer(1), 'eta_min': number(0)}
 
@@ -126,6 +130,16 @@ class Section:
         for sub, rule in self.rules.items():
             if sub in cf:
                 check_value(f'{key}.{sub}', cf[sub], rule)
+
+
+def check_phases(cf_regime, n_epochs):
+    """ConfigError unless every phase of ``cf_regime`` has an epoch of the ``n_epochs``."""
+    phases = regime.build(cf_regime).phases(n_epochs)
+    if any(p.end <= p.start for p in phases):
+        lengths = ' + '.join(str(p.end - p.start) for p in phases)
+        raise ConfigError(f"cf_regime.backbone_epochs={cf_regime['backbone_epochs']!r} with "
+                          f'n_epochs={n_epochs} gives phases of {lengths} epochs: each needs '
+                          'at least one')
 
 
 def check_value(key, value, rule):

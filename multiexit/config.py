@@ -20,8 +20,8 @@ import torch
 
 from . import checks
 from .accel import cuda_defaults
-from .checks import (DATA, LOSS, NET, OPT, PATH, SCHEDULER, SWITCH, Section, integer, number,
-                     one_of)
+from .checks import (DATA, LOSS, NET, OPT, PATH, REGIME, SCHEDULER, SWITCH, Section, integer,
+                     number, one_of)
 from .errors import ConfigError
 
 PAPER_NET = dict(  # the paper's MsdNet (5,067,588 parameters, 11 exits)
@@ -47,9 +47,11 @@ def setting(rule=None, doc=None, default=dataclasses.MISSING, script=False, pack
     in print_config, for the settings that every script shares (those with a ``default``);
     ``script``: read by the scripts alone (not part of what a run is built from, nor of what a
     resume compares); ``packed``: the runs of a pack must agree on it (one network, optimizer,
-    schedule and loop)."""
-    return dataclasses.field(default=default, metadata=dict(rule=rule, doc=doc, script=script,
-                                                            packed=packed))
+    schedule and loop). A dict ``default`` is copied for each TrainConfig."""
+    metadata = dict(rule=rule, doc=doc, script=script, packed=packed)
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 DECIDED = cuda_defaults.load()  # the measured decisions of the CUDA speed switches
@@ -90,6 +92,15 @@ class TrainConfig:
     generate_fake_data: bool = setting(
         SWITCH, "write a small generated data set of cf_trn's kind to data_dir if absent", False,
         script=True)
+    cf_regime: dict = setting(
+        Section(REGIME),
+        "which parameters train when (Kubaty et al.): 'joint' (all, always); 'disjoint' or "
+        "'mixed' with backbone_epochs=N (epochs, or a share of n_epochs, e.g. 0.5): the first N "
+        'of n_epochs train the backbone and last exit alone (cross-entropy of the last exit), '
+        'the rest the early exits alone on the frozen backbone (disjoint) or all (mixed); each '
+        'phase starts a fresh optimizer state and runs cf_scheduler from cf_opt.lr, its epoch '
+        'counts (milestones, step_size, T_max) scaled by its share of n_epochs',
+        dict(call='joint', backbone_epochs=None), packed=True)
     save_interval: int = setting(
         integer(0), '0: keep the snapshot with the best validation acc1_avg; N: every N epochs', 0)
     amp: bool = measured(
@@ -136,6 +147,8 @@ class TrainConfig:
         for f in FIELDS:
             if f.name in config and f.metadata['rule'] is not None:
                 checks.check_value(f.name, config[f.name], f.metadata['rule'])
+        if 'cf_regime' in config and 'n_epochs' in config:
+            checks.check_phases(config['cf_regime'], config['n_epochs'])
         trn = config.get('cf_trn', {})
         if (trn.get('n_per_class') is not None
                 and trn.get('nval_per_class', 0) >= trn['n_per_class']):
@@ -155,12 +168,14 @@ class TrainConfig:
 FIELDS = dataclasses.fields(TrainConfig)
 RUN_SETTINGS = tuple(f.name for f in FIELDS if not f.metadata['script'])
 PACK_SHARED = tuple(f.name for f in FIELDS if f.metadata['packed'])
-SHARED = tuple(f.name for f in FIELDS if f.default is not dataclasses.MISSING)
+SHARED = tuple(f.name for f in FIELDS if f.default is not dataclasses.MISSING
+               or f.default_factory is not dataclasses.MISSING)
 
 
 def shared_defaults():
     """{name: default} of the settings that every training script has."""
-    return {f.name: f.default for f in FIELDS if f.name in SHARED}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in FIELDS if f.name in SHARED}
 
 
 def shared_docs():

@@ -129,13 +129,22 @@ def local_main_first():
 
 
 def wrap(model, device, sync_bn):
-    """(module, DDP wrapper) of ``model`` on ``device``: gradients are averaged over the ranks
-    and rank 0's parameters and buffers are copied to the others at construction. With
-    ``sync_bn``, BatchNorm normalises with the statistics of the global batch."""
-    if sync_bn:
-        model = sync_batchnorm.convert(model)
-    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    return model, ddp
+    """(module, DDP wrapper) of ``model`` on ``device`` (``convert_batchnorm``, ``ddp``)."""
+    model = convert_batchnorm(model, sync_bn)
+    return model, ddp(model, device)
+
+
+def convert_batchnorm(model, sync_bn):
+    """``model``, whose BatchNorm normalises with the statistics of the global batch with
+    ``sync_bn``."""
+    return sync_batchnorm.convert(model) if sync_bn else model
+
+
+def ddp(model, device):
+    """``model`` in DDP on ``device``: the gradients of the parameters that train now (those
+    with ``requires_grad``) are averaged over the ranks, and rank 0's parameters and buffers
+    are copied to the others here."""
+    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
 
 
 def mean_over_ranks(x):

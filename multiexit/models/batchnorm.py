@@ -25,8 +25,11 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 def count_batches(model, n):
     """Add ``n`` training batches to the counters of ``model``'s BatchNorm2d layers that
-    leave them aside, so that ``num_batches_tracked`` is what torch's BatchNorm2d would hold."""
+    leave them aside, so that ``num_batches_tracked`` is what torch's BatchNorm2d would hold:
+    not those whose weights a training regime froze (``train.regime``), which it keeps in eval
+    mode (a flag that a replayed CUDA graph does not set again, unlike ``requires_grad``)."""
     counters = [m.num_batches_tracked for m in model.modules()
-                if isinstance(m, BatchNorm2d) and m.track_running_stats and m.momentum is not None]
+                if isinstance(m, BatchNorm2d) and m.track_running_stats and m.momentum is not None
+                and (m.weight is None or m.weight.requires_grad)]
     if counters and n:
         torch._foreach_add_(counters, n)  # one kernel per chunk of counters on CUDA

@@ -18,7 +18,7 @@ from ..losses import (ClassificationOnlyLoss, DistillationBasedLoss, Distillatio
                       distillation_loss, over_classes, teacher_confidence)
 from ..models.fused import fuse, load_members, member_part, stack_members
 from .loop import set_loss_epoch, train_epoch
-from .run import build_optimizer, scheduler_at, step_without_optimizer
+from .run import build_optimizer, phased_schedule, step_without_optimizer
 from .solo import build_steps
 
 # the losses that are distillation_loss with some C, global_scale and T, which a pack computes
@@ -45,12 +45,13 @@ class PackedRuns:
         optimizer_states_from_members(self.optimizer, self.model,
                                       [run.optimizer for run in self.runs],
                                       [run.model for run in self.runs])
-        self.scheduler = scheduler_at(lead.cfg.cf_scheduler, self.optimizer, lead.epoch)
+        self.scheduler, train_loss = phased_schedule(lead.cfg, self.model, self.optimizer,
+                                                     self.loss_fn, lead.epoch)
         self.train_loader = MemberBatches([run.train_loader for run in self.runs], 'training')
         self.val_loader = MemberBatches([run.val_loader for run in self.runs], 'validation')
         self.train_loader.check()
         self.val_loader.check()
-        self.step, self.eval_forward = build_steps(lead, self.model, self.loss_fn,
+        self.step, self.eval_forward = build_steps(lead, self.model, train_loss,
                                                    self.optimizer, members=len(self.runs))
 
     def lr(self):

@@ -17,7 +17,7 @@ from ..checks import classes
 from ..data.order import check_divisible
 from ..errors import CheckpointWriteError, ConfigError, NonFiniteLossError
 from ..metrics import check_tops, default_tops
-from . import resume
+from . import regime, resume
 from .checkpoint import Checkpointer, model_snapshot
 from .log import EpochLog
 from .rng import rng_state
@@ -36,7 +36,9 @@ class Run:
     (``run_dir`` may be None elsewhere), and only rank 0 logs and writes checkpoints. A parent
     snapshot (``cfg.parent_snapshot``, found in ``snapshot_dir``) is resumed with this run's
     settings (``train.resume``). ``records()`` writes the run's log and metrics to its files
-    (``train.log.EpochLog``)."""
+    (``train.log.EpochLog``). ``cfg.cf_regime`` says which parameters train in which epochs
+    (``train.regime``): ``scheduler`` enters its phases, and ``train_loss``, what the step
+    trains on, is ``loss_fn`` but in a phase that trains the backbone alone."""
 
     def __init__(self, cfg, run_dir, snapshot_dir='snapshots', log=print, log_scalar=None,
                  records=None):
@@ -83,7 +85,8 @@ class Run:
         self.checkpointer = Checkpointer(self.run_dir, cfg.save_interval, writes=self.is_main)
         if parent:
             resume.restore(self, parent)
-        self.scheduler = scheduler_at(cfg.cf_scheduler, self.optimizer, self.epoch)
+        self.scheduler, self.train_loss = phased_schedule(cfg, self.model, self.optimizer,
+                                                          self.loss_fn, self.epoch)
         self.epoch_log = EpochLog(self.log, log_scalar if self.is_main else None, self.n_exits,
                                   first_epoch=self.epoch + 1 if parent else 1,
                                   records=records if self.is_main else None)
@@ -197,6 +200,14 @@ def build_optimizer(cf_opt, params, device):
             cf_opt):
         cf_opt = dict(cf_opt, fused=True)  # one kernel for the whole update
     return registry.build(classes('cf_opt'), cf_opt, 'opt', params)
+
+
+def phased_schedule(cfg, model, optimizer, loss_fn, epoch):
+    """(scheduler, training loss) of ``cfg``'s regime (``train.regime``) at ``epoch``, for
+    ``model`` (a run's, or a pack's fused one), ``optimizer`` over its parameters and
+    ``loss_fn``: ``scheduler_at`` and ``loss_fn`` themselves for the joint regime."""
+    return regime.phased(cfg.cf_regime, cfg.n_epochs, cfg.cf_scheduler, scheduler_at, model,
+                         optimizer, loss_fn, epoch)
 
 
 def scheduler_at(cf_scheduler, optimizer, epoch):

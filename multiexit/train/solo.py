@@ -10,17 +10,24 @@ from .step import build_step
 class Solo:
     """One run, trained alone. Under torchrun its model is wrapped in DDP for the training step
     (gradients averaged over the ranks), and stays the plain module in ``run.model`` to be
-    evaluated, saved and restored (converted to cross-rank BatchNorm with ``sync_bn``)."""
+    evaluated, saved and restored (converted to cross-rank BatchNorm with ``sync_bn``). DDP
+    reduces the parameters that train when it is built: a regime's new phase, which trains
+    others (``train.regime``), wraps the model again."""
 
     def __init__(self, run):
         self.runs, self.run = [run], run
-        trained = run.model
         if run.world_size > 1:
-            run.model, trained = distributed.wrap(run.model, run.device, run.cfg.sync_bn)
+            run.model = distributed.convert_batchnorm(run.model, run.cfg.sync_bn)
         self.model, self.loss_fn = run.model, run.loss_fn
         self.T = getattr(run.loss_fn, 'temperature', None)
         self.train_loader, self.val_loader = run.train_loader, run.val_loader
-        self.step, self.eval_forward = build_steps(run, trained, run.loss_fn, run.optimizer)
+        self._build_steps()
+
+    def _build_steps(self):
+        run = self.run
+        self.trains = trainable(run.model)
+        trained = distributed.ddp(run.model, run.device) if run.world_size > 1 else run.model
+        self.step, self.eval_forward = build_steps(run, trained, run.train_loss, run.optimizer)
 
     def lr(self):
         return self.run.optimizer.param_groups[0]['lr']
@@ -31,6 +38,8 @@ class Solo:
 
     def next_epoch(self, active):
         self.run.scheduler.step()
+        if self.run.world_size > 1 and trainable(self.model) != self.trains:
+            self._build_steps()
 
     def validate(self, progress=None):
         """[validation metrics], with rank 0's BatchNorm statistics (those that are saved)."""
@@ -45,6 +54,11 @@ class Solo:
         """[(the RNG states to save, every rank's under DDP)]."""
         state = rng_state()
         return [(state, distributed.gathered(state) if self.run.world_size > 1 else None)]
+
+
+def trainable(model):
+    """Which of ``model``'s parameters train (a regime's phase freezes some)."""
+    return tuple(p.requires_grad for p in model.parameters())
 
 
 def build_steps(lead, model, loss_fn, optimizer, members=1):

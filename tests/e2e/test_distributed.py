@@ -116,3 +116,22 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(ddp_run):
     assert (f'resuming {run}/last.pt at epoch 1; these settings change from epoch 2 on: '
             'n_epochs 50 -> 2\n') in out
     assert_resumed_exactly(snaps / '2' / 'last.pt', work / 'snapshots' / '1' / 'last.pt', 2)
+
+
+
+def test_a_regime_under_torchrun_reduces_what_each_phase_trains(tmp_path):
+    """disjoint under DDP: phase 2 trains the early exits, which phase 1 froze. DDP, built for
+    phase 1's parameters, is built again at the boundary, so every rank trains the same heads:
+    rank 0's checkpoint gives, in one process, the validation that the ranks' shards logged."""
+    regime = SMOKE + ['n_epochs=2', 'cf_regime.call=disjoint', 'cf_regime.backbone_epochs=1']
+    finished(torchrun(regime, tmp_path, tmp_path / 'snapshots'))
+    run = tmp_path / 'snapshots' / '1'
+    model, cf_net, _ = load_model(run / 'last.pt', 'cpu')
+    config = read(run / 'config.json')
+    loader, _ = cifar.build_split(config['cf_val'], 'val', tmp_path / 'data' / 'smoke', 250,
+                                  'cpu')
+    [val] = evaluate(model, loader, cf_net['n_exits'])
+    logged = read(run / 'metrics.json')
+    for name in ('acc1_clf0', 'acc1_clf1', 'acc5_clf0'):
+        assert val[name] == logged[f'val.{name}']['values'][-1], name
+    assert val['avg_maxprob'] == pytest.approx(logged['val.avg_maxprob']['values'][-1], rel=1e-6)
