@@ -81,6 +81,7 @@ class Method:
     settings: tuple  # config updates of the training script
     named_configs: tuple = ()
     unlabelled: bool = False  # the rest of each class's training images, without labels
+    min_epochs: int = 1  # a regime's phases need an epoch each
 
 
 METHODS = {
@@ -109,13 +110,13 @@ METHODS = {
     'sdn': Method('SDN weighted cross-entropy', ('cf_loss.call=SdnWeightedLoss',)),
     # Kubaty et al.'s training regimes, with standard training's loss: the first half of the
     # epochs trains the backbone and last exit, the second the early exits on the frozen
-    # backbone (disjoint) or everything (mixed); two phases need --epochs 2 with --quick
+    # backbone (disjoint) or everything (mixed)
     'disjoint': Method('disjoint (backbone, then early exits)', (
         'cf_loss.call=ClassificationOnlyLoss', 'cf_regime.call=disjoint',
-        'cf_regime.backbone_epochs=0.5')),
+        'cf_regime.backbone_epochs=0.5'), min_epochs=2),
     'mixed': Method('mixed (backbone, then all)', (
         'cf_loss.call=ClassificationOnlyLoss', 'cf_regime.call=mixed',
-        'cf_regime.backbone_epochs=0.5')),
+        'cf_regime.backbone_epochs=0.5'), min_epochs=2),
 }
 
 
@@ -201,6 +202,21 @@ def plan(preset, methods, sizes, seeds, epochs, extra=()):
                                   preset.named_configs + m.named_configs + extra_named,
                                   settings + extra_updates, preset.script))
     return cells
+
+
+def grid_epochs(epochs, preset, methods):
+    """The epochs of every cell: ``epochs`` (--epochs), else the preset's, raised to what the
+    methods need (--quick's 1 epoch cannot hold a regime's two phases: its grid trains every
+    cell 2, so that the methods compare at the same length)."""
+    need = max(METHODS[m].min_epochs for m in methods)
+    short = [m for m in methods if METHODS[m].min_epochs > (epochs or preset.epochs)]
+    if epochs is not None and short:
+        raise ConfigError(f'--epochs {epochs}: {" and ".join(short)} train in two phases of at '
+                          f'least an epoch each; give --epochs {need} or more')
+    if epochs is None and short:
+        print(f'{" and ".join(short)} train in two phases: {need} epochs for every cell, not '
+              f'{preset.epochs}', flush=True)
+    return epochs if epochs is not None else max(preset.epochs, need)
 
 
 def output_name(preset, methods, sizes, epochs, extra=()):
@@ -380,7 +396,7 @@ def run(args, extra, command):
     methods = list(args.methods or preset.methods)
     if args.semisup and 'semisup' not in methods:
         methods.append('semisup')
-    epochs = args.epochs if args.epochs is not None else preset.epochs
+    epochs = grid_epochs(args.epochs, preset, methods)
     sizes, seeds = args.sizes or preset.sizes, args.seeds or preset.seeds
     if 'semisup' in methods and preset.script != 'train_cifar.py':
         raise ConfigError('semisup: the semi-supervised cells are train_cifar.py\'s (its '

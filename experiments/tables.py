@@ -91,7 +91,8 @@ def write_markdown(results, methods, labels, path, description):
             'Mean ± standard deviation over seeds of each run\'s best-validation snapshot on the '
             'test split; `size`: training images per class.', '', _markdown(accuracy), '']
     if has_costs(results):
-        cost = results.groupby(['method', 'exit'], observed=True)['macs'].mean() / 1e6
+        cost = results.assign(method=pd.Categorical(results['method'], methods))
+        cost = cost.groupby(['method', 'exit'], observed=True)['macs'].mean() / 1e6
         cost = cost.map('{:.2f}'.format).unstack('exit')
         cost.columns = [f'exit {k}' for k in cost.columns]
         cost = cost.reset_index().assign(method=lambda f: f['method'].map(labels))

@@ -245,6 +245,8 @@ def test_the_output_of_a_cell_on_the_terminal_is_watched_for_its_error_line(capf
     (['--quick', '--resubmit'], 'error: --resubmit: no submission recorded in results/cluster'),
     (['--quick', '--out', 'README.md'], 'error: --out README.md: a file, not a folder'),
     (['--data', 'imagenet', '--semisup'], 'error: semisup: the semi-supervised cells are train_'),
+    (['--quick', '--methods', 'standard', 'mixed', '--epochs', '1'],
+     'error: --epochs 1: mixed train in two phases of at least an epoch each; give --epochs 2'),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -253,6 +255,16 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, message):
         grid.main(args + ['--dry-run'])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().startswith(message)
+
+
+def test_a_quick_grid_with_a_regime_trains_every_cell_two_epochs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_main(capsys, '--quick', '--methods', 'standard', 'disjoint', '--dry-run').stdout
+    assert 'disjoint train in two phases: 2 epochs for every cell, not 1' in out
+    assert '; 2 epochs' in out
+    assert grid.grid_epochs(None, QUICK, ['standard', 'dbt']) == 1
+    assert grid.grid_epochs(None, grid.PRESETS['cifar100', False], ['mixed']) == 300
+    assert grid.grid_epochs(3, QUICK, ['mixed']) == 3
 
 
 def test_no_sbatch_or_a_garbled_record_is_one_line(tmp_path, capsys, monkeypatch):
