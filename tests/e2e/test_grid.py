@@ -428,3 +428,21 @@ def test_a_preempted_cluster_task_is_requeued_and_resumes(tmp_path, reference):
     resumed_like_the_reference(tmp_path, reference)
     collected = run_grid(*args, cwd=tmp_path)
     assert f'[1/1] {DBT}: done' in collected.stdout
+
+
+def test_the_quick_grid_of_every_method_trains_evaluates_and_tables_each(tmp_path):
+    """Every training method of the harness from its command line, in packs where they share a
+    network and regime, evaluated, in one table and one figure of accuracy against cost."""
+    methods = list(grid.METHODS)
+    proc = run_grid('--quick', '--methods', *methods, '--sizes', '10', '--pack', str(len(methods)),
+                    cwd=tmp_path)
+    assert 'disjoint and mixed train in two phases: 2 epochs for every cell, not 1' in proc.stdout
+    [csv] = (tmp_path / 'results').glob('grid-quick_*_n10_2ep.csv')
+    rows = pd.read_csv(csv)
+    assert sorted(rows['method'].unique()) == sorted(methods)
+    assert rows.groupby('method').size().eq(3).all() and rows['macs'].gt(0).all()
+    table = csv.with_suffix('.md').read_text()
+    for m in methods:
+        assert f'| 10 | {grid.METHODS[m].label} | 1 |' in table, m
+        assert m == 'standard' or f'| 10 | {grid.METHODS[m].label} − standard | 1 |' in table, m
+    assert_png(csv.with_suffix('.png'))
