@@ -27,6 +27,7 @@ METHODS = {
              dict(call='IMTADistillation', n_exits=3, gamma=0.5, T=2.0)),
     'boosted': (dict(NET, boost_reweight=0.5), dict(call='ClassificationOnlyLoss', n_exits=3)),
     'distill_later': (NET, dict(call='DistillationFromLaterExits', n_exits=3)),
+    'sdn': (NET, dict(call='SdnWeightedLoss', n_exits=3, final_weights=[0.3, 0.6])),
 }
 GLOBAL_BATCH, N_TRAIN, N_VAL = 16, 72, 37  # 4 steps and 8 examples dropped; an uneven last batch
 SPEC = cifar.DATASETS['Cifar10']
