@@ -259,6 +259,15 @@ def test_the_table_fits_120_columns_and_an_evaluation_shows_what_it_tested(tmp_p
     ({'cf_loss.call': 'DistillationLossConstTemp', 'cf_loss.T': 4.0, 'cf_trn.n_unl_per_class': 0},
      'distillation, T=4', None),
     ({'cf_loss.call': 'MyLoss'}, 'MyLoss', None),
+    ({'cf_loss.call': 'IMTADistillation', 'cf_net.gradient_equilibrium': True},
+     'IMTA distillation, GE', None),
+    ({'cf_loss.call': 'ClassificationOnlyLoss', 'cf_net.gradient_equilibrium': False,
+      'cf_regime.call': 'joint'}, 'standard', None),
+    ({'cf_loss.call': 'ClassificationOnlyLoss', 'cf_net.gradient_equilibrium': True,
+      'cf_net.boost_reweight': 0.5}, 'standard, GE, boosted', None),
+    ({'cf_loss.call': 'SdnWeightedLoss', 'cf_regime.call': 'disjoint'},
+     'SDN weighted CE, disjoint', None),
+    ({'cf_loss.call': 'DistillationFromNextExit'}, 'distillation from the next exit', None),
 ])
 def test_method_and_network_labels(config, method, network):
     assert method_label(config) == method and network_label(config) == network

@@ -44,8 +44,11 @@ META = ['run', 'experiment', 'status', 'start_time', 'stop_time', 'duration_s', 
 KNOWN = ['run', 'experiment', 'status', 'snapshot_name', 'network', 'method', 'named_configs',
          'cf_loss.call', 'cf_trn.n_per_class', 'seed', 'final_epoch', 'best.val.acc1_avg',
          'result.acc1_avg']
-METHODS = {'ClassificationOnlyLoss': 'standard', 'DistillationBasedLoss': 'DBT',
-           'DistillationLossConstTemp': 'distillation, T={T}'}  # cf_loss.call -> method
+METHODS = {'ClassificationOnlyLoss': 'standard', 'DistillationBasedLoss': 'DBT',  # cf_loss.call
+           'DistillationLossConstTemp': 'distillation, T={T}',
+           'DistillationFromLaterExits': 'distillation from later exits',
+           'DistillationFromNextExit': 'distillation from the next exit',
+           'IMTADistillation': 'IMTA distillation', 'SdnWeightedLoss': 'SDN weighted CE'}
 
 
 class MalformedRun(SnapshotError):
@@ -137,14 +140,20 @@ def load_run(run_dir, with_metrics=True):
 
 def method_label(row):
     """The training method of a run's flat config: standard, DBT, distillation, T=4, ... with
+    the network options and regime that make a method (', GE', ', boosted', ', disjoint'), and
     ' + unlabelled' for semi-supervised training; None without cf_loss.call."""
     call = row.get('cf_loss.call')
     if not isinstance(call, str):
         return None
     T = row.get('cf_loss.T')
     label = METHODS.get(call, call).format(T=f'{T:g}' if isinstance(T, (int, float)) else '?')
+    if row.get('cf_net.gradient_equilibrium') is True:  # IMTA's, models.equilibrium
+        label += ', GE'
     if row.get('cf_net.boost_reweight') is not None:  # boosted exits (models.boosted)
         label += ', boosted'
+    regime = row.get('cf_regime.call')
+    if isinstance(regime, str) and regime != 'joint':  # train.regime
+        label += f', {regime}'
     unlabelled = row.get('cf_trn.n_unl_per_class')
     if isinstance(unlabelled, (int, float)) and unlabelled > 0:
         label += ' + unlabelled'
