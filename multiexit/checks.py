@@ -161,6 +161,13 @@ def _arguments(cls, section=None):
             | OPTIONS.get(section, set()))
 
 
+def takes(section, call):
+    """The settings that the class ``call`` of ``section`` (e.g. 'cf_loss',
+    'SdnWeightedLoss') takes; none for a call that names no class."""
+    cls = classes(section).get(call)
+    return set() if cls is None else _arguments(cls, section)
+
+
 def classes(section):
     """{call: class} of what the ``section`` ('cf_net', 'cf_opt', ...) may name."""
     if section in REGISTRIES:

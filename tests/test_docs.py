@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from helpers import ROOT
+from multiexit import checks
 
 PAGES = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
 SACRED_SCRIPTS = ('train_cifar.py', 'train_imagenet.py', 'eval.py')
@@ -82,14 +83,26 @@ def merged(config, update):
     return out
 
 
+def settable(config, key, settings):
+    """Whether ``key`` is in ``config``, or a setting that the class a section names takes
+    (``cf_loss.gamma`` with ``cf_loss.call=IMTADistillation`` on the same line)."""
+    if has_key(config, key):
+        return True
+    section, _, name = key.partition('.')
+    given = [w.split('=', 1)[1] for w in settings if w.startswith(f'{section}.call=')]
+    call = given[-1] if given else (config.get(section) or {}).get('call')
+    return section in checks.SECTIONS and name in checks.takes(section, call)
+
+
 def check_settings(script, settings):
-    """Every ``key=value`` names a key of ``script``'s config, given the named configs and
-    config files before it on the same line; every bare word is a named config."""
+    """Every ``key=value`` names a key of ``script``'s config, or a setting of the class its
+    section names, given the named configs and config files before it on the same line; every
+    bare word is a named config."""
     config, named = config_of(script)
     for word in settings:
         if '=' in word:
             key = word.split('=', 1)[0]
-            assert has_key(config, key), f'{script} has no config key {key!r}'
+            assert settable(config, key, settings), f'{script} has no config key {key!r}'
         elif word.endswith('.json') or word == '...':
             continue  # a run's config.json (its keys are the script's own), or a placeholder
         else:
@@ -130,6 +143,10 @@ def test_a_wrong_key_or_script_is_caught():
     check_settings('train_cifar.py', ['wrn28_10', 'cf_net.dropout=0.3'])  # added by wrn28_10
     with pytest.raises(AssertionError, match='no config key'):
         check_settings('train_cifar.py', ['cf_net.dropout=0.3'])  # MsdNet has no dropout
+    check_settings('train_cifar.py', ['cf_loss.call=IMTADistillation', 'cf_loss.gamma=0.2'])
+    with pytest.raises(AssertionError, match='no config key'):
+        check_settings('train_cifar.py', ['cf_loss.gamma=0.2'])  # DBT takes no gamma
+    check_settings('train_cifar.py', ['cf_net.boost_reweight=0.5'])  # every network takes it
     with pytest.raises(AssertionError, match='no train_nope.py'):
         test_documented_command_runs_something_that_exists('page', 'python3 train_nope.py')
     with pytest.raises(AssertionError, match='no module experiments.nope'):
