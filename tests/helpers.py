@@ -221,3 +221,17 @@ def assert_resumed_exactly(last, reference, epoch):
     assert resumed['loss'].keys() == ref['loss'].keys()
     for k, v in ref['loss'].items():
         assert torch.equal(resumed['loss'][k], v), k
+
+
+def train_epochs_of_steps(step, loss_fn, data, n_epochs, record=lambda losses: losses):
+    """Each batch of ``data`` as an epoch of its own of ``step``, for ``n_epochs`` epochs of
+    the loss (``set_epoch``): [record(each epoch's losses)], what the step tests compare."""
+    from multiexit.train.loop import set_loss_epoch
+    out = []
+    for epoch in range(n_epochs):
+        set_loss_epoch(loss_fn, epoch, n_epochs)
+        for x, y in data:
+            step.start_epoch()
+            step(x, y)
+            out.append(record(step.finish_epoch()[0]))
+    return out

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from helpers import DATA, SMALL_NET, TINY, assert_resumed_exactly, run_in_process
+from helpers import (DATA, SMALL_NET, TINY, assert_resumed_exactly, run_in_process,
+                     train_epochs_of_steps)
 from multiexit import losses, models
 from multiexit.config import TrainConfig
 from multiexit.errors import ConfigError, TrainingInterrupted
 from multiexit.losses.sdn import default_final_weights, ramp
 from multiexit.train import solo
 from multiexit.train.api import train_alone
-from multiexit.train.loop import set_loss_epoch
 from multiexit.train.run import Run
 from multiexit.train.step import GraphedTrainStep, TrainStep
 from recorded_graphs import RecordedGraphs
@@ -125,14 +125,7 @@ def graphed_epochs(loss_fn, graphs=None, n_epochs=4):
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
             for _ in range(3)]
-    out = []
-    for epoch in range(n_epochs):
-        set_loss_epoch(loss_fn, epoch, n_epochs)
-        for x, y in data:
-            step.start_epoch()
-            step(x, y)
-            out.append(step.finish_epoch()[0])
-    return out, model.state_dict()
+    return train_epochs_of_steps(step, loss_fn, data, n_epochs), model.state_dict()
 
 
 def test_a_captured_step_reads_each_epoch_s_weights():

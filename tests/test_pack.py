@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, assert_resumed_exactly
+from helpers import TINY, assert_resumed_exactly, train_epochs_of_steps
 from multiexit import losses, models
 from multiexit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from multiexit.models.fused import fuse, member_part
 from multiexit.config import TrainConfig
 from multiexit.train import checkpoint, pack
 from multiexit.train.api import train_alone
-from multiexit.train.loop import fit, set_loss_epoch
+from multiexit.train.loop import fit
 from multiexit.train.pack import PackedRuns, PackLoss
 from multiexit.train.run import Run
 from multiexit.train.step import GraphedTrainStep, TrainStep
@@ -247,14 +247,8 @@ def packed_epochs(graphs=None, n_epochs=3):
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(4, 3 * len(MIXED), 32, 32, generator=g),
              torch.randint(0, 10, (len(MIXED), 4), generator=g)) for _ in range(2)]
-    out = []
-    for epoch in range(n_epochs):
-        set_loss_epoch(loss_fn, epoch, n_epochs)
-        for x, y in data:
-            step.start_epoch()
-            step(x, y)
-            out.append((step.finish_epoch()[0], loss_fn.temperature.tolist()))
-    return out, fused.state_dict()
+    record = lambda losses: (losses, loss_fn.temperature.tolist())
+    return train_epochs_of_steps(step, loss_fn, data, n_epochs, record), fused.state_dict()
 
 
 def test_a_captured_step_of_a_mixed_pack_trains_as_the_eager_one():
