@@ -86,7 +86,7 @@ def paper_step(device, fused=False, amp=False, channels_last=False, cuda_graph=F
     loss_fn = losses.build(loss).to(device)
     opt = torch.optim.SGD(model.parameters(), **OPT, **(dict(fused=True) if fused else {}))
     step = build_step(model, loss_fn, opt, loss_fn.n_exits, (1, 5), device, amp=amp,
-                            T=loss_fn.temperature, cuda_graph=cuda_graph,
+                            T=getattr(loss_fn, 'temperature', None), cuda_graph=cuda_graph,
                             cuda_streams=cuda_streams, compile=compile)
     return model, loss_fn, step
 
@@ -184,6 +184,59 @@ def test_graph_replay_equals_the_eager_step(deterministic_cudnn):
     assert temps[2][-1] > 1.05  # T moved
     np.testing.assert_array_equal(temps[2], temps[0])
     np.testing.assert_allclose(loss_values[2], loss_values[0], rtol=max(1e-6, 10 * noise))
+
+
+# issue 34's methods on the paper's MsdNet: (network, loss)
+METHODS = {
+    'imta': (dict(PAPER_NET, gradient_equilibrium=True),
+             dict(call='IMTADistillation', n_exits=11, gamma=0.5, T=2.0)),
+    'boosted': (dict(PAPER_NET, gradient_equilibrium=True, boost_reweight=0.5),
+                dict(call='ClassificationOnlyLoss', n_exits=11)),
+    'sdn': (PAPER_NET, dict(call='SdnWeightedLoss', n_exits=11)),
+    'distill_later': (PAPER_NET, dict(call='DistillationFromLaterExits', n_exits=11)),
+}
+
+
+@pytest.mark.parametrize('method', sorted(METHODS))
+def test_each_method_s_graph_replay_equals_its_eager_step(deterministic_cudnn, method):
+    """As the graph test above, for the field's methods: Gradient Equilibrium's autograd
+    function, the boosted ensemble and the other losses captured and replayed."""
+    net, loss = METHODS[method]
+    batch = fixed_batch(CUDA)
+    weights, loss_values = [], []
+    for graphed in (False, False, True):
+        model, loss_fn, step = paper_step(CUDA, fused=True, cuda_graph=graphed, loss=loss,
+                                          net=net)
+        values = []
+        for _ in range(6):
+            step.start_epoch()
+            step(*batch)
+            [value], _, [bad] = step.finish_epoch()
+            assert bad is None
+            values.append(value)
+        if graphed:
+            assert step.captures == 1
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        loss_values.append(values)
+    noise = rel(weights[1], weights[0])
+    assert rel(weights[2], weights[0]) <= max(1e-6, 10 * noise), noise
+    np.testing.assert_allclose(loss_values[2], loss_values[0], rtol=max(1e-6, 10 * noise))
+
+
+def test_a_regime_on_the_default_cuda_path_freezes_what_its_phase_does_not_train(tmp_path):
+    """disjoint with the CUDA defaults (the step a graph): phase 2's new graph trains the
+    early exits and leaves the backbone, its BatchNorm statistics included, as phase 1 left
+    it."""
+    run_script('train_cifar.py', 'with', 'data_dir=data/gen', *SCRIPT_DATA, 'gpu=0',
+               'n_epochs=2', 'save_interval=1', 'cf_regime.call=disjoint',
+               'cf_regime.backbone_epochs=1', cwd=tmp_path, snapshots=tmp_path / 'snapshots')
+    one, two = (torch.load(tmp_path / 'snapshots' / '1' / f'ep{epoch}.pt',
+                           weights_only=True)['model'] for epoch in (1, 2))
+    n_exits = PAPER_NET['n_exits']
+    heads = [k for k in one if k.startswith('exits.') and
+             not k.startswith(f'exits.{n_exits - 1}.')]
+    assert heads and all(torch.equal(one[k], two[k]) for k in one if k not in heads)
+    assert not all(torch.equal(one[k], two[k]) for k in heads)
 
 
 def test_multi_stream_graph_step_equals_the_single_stream_eager_step(deterministic_cudnn):
