@@ -81,9 +81,14 @@ def test_a_ctrl_c_while_an_epoch_is_written_stops_after_its_checkpoint(work, mon
         os.kill(os.getpid(), signal.SIGINT)
         return save(self, epoch, *args)
     monkeypatch.setattr(Checkpointer, 'save', interrupted)
+    # as on a terminal, also where the tests started in the background (SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     ex = importlib.import_module('train_cifar').ex
-    with pytest.raises(KeyboardInterrupt):
-        ex.run_commandline(['train_cifar.py', 'with', *SMOKE])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.run_commandline(['train_cifar.py', 'with', *SMOKE])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     run = Path('snapshots') / '1'
     assert load(run / 'last.pt')['epoch'] == 1
     assert json.loads((run / 'run.json').read_text())['status'] == 'INTERRUPTED'
