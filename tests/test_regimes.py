@@ -19,7 +19,7 @@ from multiexit.errors import ConfigError
 from multiexit.train.api import train_alone, train_packs
 from multiexit.train.loop import fit
 from multiexit.train.run import Run, phased_schedule, step_without_optimizer
-from multiexit.train.solo import Solo
+from multiexit.train import solo
 from multiexit.train.step import GraphedTrainStep
 
 NETS = {'MsdNet': None, 'ResNet': dict(TINY['ResNet'], out_dim=None)}
@@ -173,20 +173,28 @@ def test_a_pack_trains_each_member_as_it_would_alone(smoke, tmp_path, no_onednn)
                 torch.testing.assert_close(state(p.run_dir, epoch)[k], v, rtol=1e-4, atol=1e-6)
 
 
-def test_under_a_graph_the_phases_train_as_eagerly(smoke, tmp_path):
-    """The training step captured and replayed (the CPU stand-in): the phase change captures the
-    step afresh (twice: the first step creates the heads' optimizer state), and the run trains
-    bit for bit as the eager one."""
-    cf = dict(n_epochs=3, cf_regime=dict(call='disjoint', backbone_epochs=1))
+@pytest.mark.parametrize('momentum', [0.9, 0.0])
+def test_under_a_graph_the_phases_train_as_eagerly(smoke, tmp_path, monkeypatch, momentum):
+    """The training step captured and replayed (the CPU stand-in): each phase's step is built and
+    captured afresh, since the parameters that train are a constant of the capture, and the run
+    trains bit for bit as the eager one. Plain SGD (momentum 0) keeps no optimizer state, so
+    only the parameters that train tell the phases apart."""
+    cf = dict(n_epochs=3, cf_regime=dict(call='disjoint', backbone_epochs=1),
+              cf_opt=dict(smoke['cf_opt'], momentum=momentum, nesterov=False))
     eager = built(smoke, tmp_path / 'eager', **cf)
     train_alone(eager)
     run = built(smoke, tmp_path / 'graphed', **cf)
-    solo, graphs = Solo(run), RecordedGraphs()
-    solo.step = GraphedTrainStep(run.model, run.train_loss, run.optimizer, run.n_exits,
-                                 run.acc_tops, run.device, T=run.loss_fn.temperature, warmup=1,
-                                 graphs=graphs)
-    fit(solo)
-    assert solo.step.captures == 3 and graphs.replays > 0 and not solo.step.eager_only
+    graphs, steps = RecordedGraphs(), []
+
+    def graphed(lead, model, loss_fn, optimizer, members=1):
+        steps.append(GraphedTrainStep(model, loss_fn, optimizer, lead.n_exits, lead.acc_tops,
+                                      lead.device, T=getattr(loss_fn, 'temperature', None),
+                                      warmup=1, graphs=graphs))
+        return steps[-1], None
+    monkeypatch.setattr(solo, 'build_steps', graphed)
+    fit(solo.Solo(run))
+    assert [s.captures for s in steps] == [1, 1] and graphs.replays > 0
+    assert not any(s.eager_only for s in steps)
     for k, v in eager.model.state_dict().items():
         assert torch.equal(v, run.model.state_dict()[k]), k
     backbone, _ = parts(run.model)

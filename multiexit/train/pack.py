@@ -19,7 +19,7 @@ from ..losses import (ClassificationOnlyLoss, DistillationBasedLoss, Distillatio
 from ..models.fused import fuse, load_members, member_part, stack_members
 from .loop import set_loss_epoch, train_epoch
 from .run import build_optimizer, phased_schedule, step_without_optimizer
-from .solo import build_steps
+from .solo import build_steps, phase_changed, trainable
 
 # the losses that are distillation_loss with some C, global_scale and T, which a pack computes
 # for all their members at once (exactly these classes: a subclass may compute otherwise)
@@ -45,13 +45,17 @@ class PackedRuns:
         optimizer_states_from_members(self.optimizer, self.model,
                                       [run.optimizer for run in self.runs],
                                       [run.model for run in self.runs])
-        self.scheduler, train_loss = phased_schedule(lead.cfg, self.model, self.optimizer,
-                                                     self.loss_fn, lead.epoch)
+        self.scheduler, self.train_loss = phased_schedule(lead.cfg, self.model, self.optimizer,
+                                                          self.loss_fn, lead.epoch)
         self.train_loader = MemberBatches([run.train_loader for run in self.runs], 'training')
         self.val_loader = MemberBatches([run.val_loader for run in self.runs], 'validation')
         self.train_loader.check()
         self.val_loader.check()
-        self.step, self.eval_forward = build_steps(lead, self.model, train_loss,
+        self._build_steps()
+
+    def _build_steps(self):
+        self.trains = trainable(self.model)
+        self.step, self.eval_forward = build_steps(self.runs[0], self.model, self.train_loss,
                                                    self.optimizer, members=len(self.runs))
 
     def lr(self):
@@ -66,6 +70,8 @@ class PackedRuns:
         self.scheduler.step()
         for run in active:  # the lr that its own optimizer's state records
             step_without_optimizer(run.scheduler)
+        if phase_changed(self.model, self.trains):
+            self._build_steps()
 
     def validate(self, progress=None):
         lead = self.runs[0]

@@ -10,9 +10,9 @@ from .step import build_step
 class Solo:
     """One run, trained alone. Under torchrun its model is wrapped in DDP for the training step
     (gradients averaged over the ranks), and stays the plain module in ``run.model`` to be
-    evaluated, saved and restored (converted to cross-rank BatchNorm with ``sync_bn``). DDP
-    reduces the parameters that train when it is built: a regime's new phase, which trains
-    others (``train.regime``), wraps the model again."""
+    evaluated, saved and restored (converted to cross-rank BatchNorm with ``sync_bn``). A
+    regime's new phase trains other parameters (``train.regime``): the steps are built again
+    (``phase_changed``)."""
 
     def __init__(self, run):
         self.runs, self.run = [run], run
@@ -38,7 +38,7 @@ class Solo:
 
     def next_epoch(self, active):
         self.run.scheduler.step()
-        if self.run.world_size > 1 and trainable(self.model) != self.trains:
+        if phase_changed(self.model, self.trains):
             self._build_steps()
 
     def validate(self, progress=None):
@@ -59,6 +59,16 @@ class Solo:
 def trainable(model):
     """Which of ``model``'s parameters train (a regime's phase freezes some)."""
     return tuple(p.requires_grad for p in model.parameters())
+
+
+def phase_changed(model, trains):
+    """Whether ``model`` trains other parameters than ``trains`` (``trainable`` when its steps
+    were built): a regime's new phase, for which the steps are built again, since the
+    parameters that train are a constant of both a captured CUDA graph (which gradients it
+    computes, which parameters its update writes) and DDP's reducer. Once per epoch: the
+    step itself reads no flag per batch. A new step warms up eagerly, which also creates the
+    optimizer state that the phase dropped, before it is captured."""
+    return trainable(model) != trains
 
 
 def build_steps(lead, model, loss_fn, optimizer, members=1):

@@ -96,8 +96,7 @@ class GraphedTrainStep(TrainStep):
     the step writes (weights, gradients, momentum, BatchNorm statistics, the loss temperature,
     the accumulators) keeps its address, so a replay is the eager step. The learning rate is a
     constant of the captured update, so a new one (the scheduler's milestones, a resumed run)
-    is captured afresh, as is a new set of parameters with an optimizer state (a phase of the
-    training regime: its first step, which creates the state, then the next). Batches must keep one shape (training drops the last incomplete
+    is captured afresh. Batches must keep one shape (training drops the last incomplete
     batch). If the capture fails, one warning line is printed and training goes on eagerly.
     """
 
@@ -107,13 +106,10 @@ class GraphedTrainStep(TrainStep):
             raise ValueError('GraphedTrainStep needs a CUDA device')
         self.graph = GraphedCall(self.step, 'the training step', 'training goes on eagerly '
                                  '(set cuda_graph=False to skip the attempt)', warmup=warmup,
-                                 key=self._constants, other_shapes='raise', graphs=graphs)
+                                 key=self._lrs, other_shapes='raise', graphs=graphs)
 
-    def _constants(self):
-        # a phase of the training regime (train.regime) drops the optimizer's state and trains
-        # other parameters: the parameters with a state are a constant of the captured step
-        return (tuple(float(group['lr']) for group in self.optimizer.param_groups),
-                len(self.optimizer.state))
+    def _lrs(self):
+        return tuple(float(group['lr']) for group in self.optimizer.param_groups)
 
     @property
     def captures(self):
