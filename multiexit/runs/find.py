@@ -149,8 +149,8 @@ def resolve(name, snapshot_dir='snapshots', say=None):
                               f'runs)')
     (run, status), others = usable[0], usable[1:]
     if say is not None:
-        newer = [f'run {r.name} ({s or "no status"})' for r, s in others
-                 if started(r) > started(run)]
+        chosen = started(run)
+        newer = [f'run {r.name} ({s or "no status"})' for r, s in others if started(r) > chosen]
         say(f'snapshot_name={name!r}: run {run.name} ({status or "no status"}'
             + (f', the newest COMPLETED of {len(usable)} runs with that name; newer but '
                f'unfinished: {", ".join(newer)}' if newer else
